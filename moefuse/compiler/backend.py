@@ -1,0 +1,102 @@
+"""The moefuse torch.compile backend.
+
+    import torch
+    model = torch.compile(model, backend="moefuse")                    # registered as an entry point
+    model = torch.compile(model, backend="moefuse", options={"inner": "eager"})
+    print(moefuse.last_report())                                       # what the last compile did
+
+Every MoE layer dynamo captured is replaced by one `moefuse::moe` call; the rest of the graph goes to the
+inner compiler (Inductor by default). A layer that cannot be lowered exactly runs as it was, and the report
+says why.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch.fx as fx
+
+from moefuse.compiler.options import Options, parse_options
+from moefuse.compiler.report import CompileReport, Explanation, Lowered
+from moefuse.compiler.verify import verify
+from moefuse.passes.canonicalize import canonicalize
+from moefuse.passes.detect import detect
+from moefuse.passes.region import Rejection, Reject
+from moefuse.passes.rewrite import rewrite
+from moefuse.runtime.op import kernels_for
+
+log = logging.getLogger("moefuse")
+
+
+def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) -> fx.GraphModule:
+    """The pass pipeline. Order matters:
+    canonicalize first, so each matcher sees one spelling per concept (no identity casts in the way);
+    detect next, on the canonical graph, producing regions and typed rejections;
+    verify each region before touching the graph, so a wrong detection is a rejection, never a wrong answer;
+    rewrite last, one region at a time (regions are disjoint, so the order among them does not matter).
+    """
+    canonicalize(gm)
+    regions, rejected = detect(gm)
+    report.rejected.extend(rejected)
+    for region in regions:
+        error = None
+        if options.verify:
+            try:
+                error = verify(gm, region)
+            except Reject as r:
+                report.rejected.append(Rejection(r.reason, r.node, region.module, r.detail))
+                continue
+        if not options.lower:
+            report.lowered.append(Lowered(region.module, "(not rewritten: lower=False)", region.spec, error))
+            continue
+        device = region.x.meta["example_value"].device
+        node = rewrite(gm, region)
+        report.lowered.append(Lowered(region.module, node.name, region.spec, error, kernels_for(region.spec, device)))
+    return gm
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
+    if inner == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+class Backend:
+    """A moefuse backend instance: `torch.compile(model, backend=Backend(options))`. Keeps its reports."""
+
+    def __init__(self, options: dict | Options | None = None):
+        self.options = None if options is None else parse_options(options)
+        self.explanation = Explanation()
+        self._lock = threading.Lock()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+        opts = parse_options(options) if options is not None else (self.options or parse_options(None))
+        if mode not in (None, "default"):
+            log.warning("moefuse: mode=%r is passed on to nothing; the inner compiler runs its defaults "
+                        "(set options={'inner': ...} to choose it)", mode)
+        report = CompileReport(graph=f"{len(self.explanation.reports)}", inner=opts.inner)
+        gm = run_pipeline(gm, opts, report)
+        with self._lock:
+            self.explanation.reports.append(report)
+        log.info("%s", report)
+        return _inner_compile(gm, example_inputs, opts.inner)
+
+    def reset(self) -> None:
+        self.explanation = Explanation()
+
+
+# The instance behind `backend="moefuse"` (the torch_dynamo_backends entry point).
+moefuse_backend = Backend()
+
+
+def last_report() -> CompileReport | None:
+    """The report of the most recent graph compiled with backend="moefuse"."""
+    reports = moefuse_backend.explanation.reports
+    return reports[-1] if reports else None
+
+
+def reports() -> Explanation:
+    """Every graph compiled with backend="moefuse" in this process."""
+    return moefuse_backend.explanation

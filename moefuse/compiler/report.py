@@ -1,0 +1,57 @@
+"""What the backend did to each graph: regions lowered (with their spec), regions rejected (with a reason)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moefuse.passes.region import Rejection
+from moefuse.spec import MoESpec
+
+
+@dataclass
+class Lowered:
+    module: str
+    node: str  # the moefuse::moe node that replaced the region
+    spec: MoESpec
+    verify_error: float | None  # worst relative error of the verification probe; None when verify was off
+    kernels: list[str] = field(default_factory=list)  # what will run it, per device kind
+
+    def __str__(self) -> str:
+        check = "not verified" if self.verify_error is None else f"verified (rel. err {self.verify_error:.1e})"
+        lines = [f"  LOWERED  {self.module} → {self.node}: {self.spec.describe()} [{check}]"]
+        lines += [f"           kernel: {k}" for k in self.kernels]
+        return "\n".join(lines)
+
+
+@dataclass
+class CompileReport:
+    """One graph compiled by the backend."""
+
+    graph: str
+    lowered: list[Lowered] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    inner: str = "inductor"
+
+    def __str__(self) -> str:
+        head = f"graph {self.graph}: {len(self.lowered)} MoE layer(s) lowered, {len(self.rejected)} rejected; rest → {self.inner}"
+        return "\n".join([head] + [str(r) for r in self.lowered] + [f"  REJECTED {r}" for r in self.rejected])
+
+
+@dataclass
+class Explanation:
+    """Every graph compiled in one `moefuse.explain` call (or kept by a backend)."""
+
+    reports: list[CompileReport] = field(default_factory=list)
+
+    @property
+    def lowered(self) -> list[Lowered]:
+        return [r for rep in self.reports for r in rep.lowered]
+
+    @property
+    def rejected(self) -> list[Rejection]:
+        return [r for rep in self.reports for r in rep.rejected]
+
+    def __str__(self) -> str:
+        if not self.reports:
+            return "moefuse: no graph was compiled"
+        total = f"moefuse: {len(self.lowered)} MoE layer(s) lowered, {len(self.rejected)} rejected, in {len(self.reports)} graph(s)"
+        return "\n".join([total] + [str(r) for r in self.reports])

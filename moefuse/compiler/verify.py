@@ -1,0 +1,99 @@
+"""verify: before a region is rewritten, run it as captured and as the fused op on the same random inputs.
+
+Structural matching pins down which values enter and leave the region; what happens in between (gate/up
+order, casts, where the weights multiply, how the combine sums) is what this step checks, at the captured
+shapes, once with uniform routing and once with every token on the same K experts (so capacity-style
+effects would show). A disagreement rejects the region: moefuse never guesses.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from moefuse.passes import fxutil as fu
+from moefuse.passes.region import Reason, Region, Reject
+from moefuse.runtime.cpu import moe_forward_cpu
+
+# Relative error (max |a-b| / max |b|) allowed between the captured region and the fused op. The op
+# accumulates in fp32 and applies the activation in fp32, the captured graph rounds each op to the dtype:
+# the gap is a few units of the dtype's last place, far below what any wrong layout or order produces (O(1)).
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def extract(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
+    """The region alone, as a GraphModule whose placeholders are `region.inputs`."""
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, n in enumerate(region.inputs):
+        env[n] = g.placeholder(f"in{i}_{n.name}")
+    for n in region.nodes:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(env[region.output])
+    return fx.GraphModule(gm, g)
+
+
+def _probe_inputs(region: Region, skewed: bool, gen: torch.Generator) -> list:
+    spec = region.spec
+    t = fu.shape(region.x)[0]
+    values = {}
+    dev = fu.tensor(region.x).device
+
+    def randn(node, scale):
+        v = fu.tensor(node)
+        return (torch.randn(fu.shape(node), generator=gen) * scale).to(device=dev, dtype=v.dtype)
+
+    values[region.x] = randn(region.x, 1.0)
+    e, k = spec.num_experts, spec.top_k
+    if skewed:
+        ids = torch.arange(k).expand(t, k)
+    else:
+        ids = torch.argsort(torch.rand(t, e, generator=gen), dim=1)[:, :k]
+    values[region.topk_ids] = ids.to(device=dev, dtype=fu.tensor(region.topk_ids).dtype).contiguous()
+    wv = fu.tensor(region.topk_weights)
+    values[region.topk_weights] = (torch.rand(t, k, generator=gen) + 0.1).to(device=dev, dtype=wv.dtype)
+    values[region.w1] = randn(region.w1, spec.hidden ** -0.5)
+    values[region.w2] = randn(region.w2, spec.intermediate ** -0.5)
+    for b in (region.b1, region.b2):
+        if b is not None:
+            values[b] = randn(b, 0.1)
+    for n in region.extra_inputs:
+        v = fu.value(n)
+        values[n] = fu.hint(v) if isinstance(v, torch.SymInt) else randn(n, 1.0) if isinstance(v, torch.Tensor) else v
+    return [values[n] for n in region.inputs]
+
+
+def verify(gm: fx.GraphModule, region: Region, seed: int = 0) -> float:
+    """Raises `Reject` unless the fused op matches the captured region; returns the worst relative error."""
+    sub = extract(gm, region)
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for skewed in (False, True):
+        args = _probe_inputs(region, skewed, gen)
+        x, ids, wts, w1, w2 = args[:5]
+        b1 = args[5] if region.b1 is not None else None
+        b2 = args[5 + (region.b1 is not None)] if region.b2 is not None else None
+        try:
+            with torch.no_grad():
+                expected = sub(*args)
+                got = moe_forward_cpu(
+                    region.spec,
+                    x.to(getattr(torch, region.spec.dtype)),
+                    ids, wts,
+                    w1.transpose(-2, -1) if region.w1_transposed else w1,
+                    w2.transpose(-2, -1) if region.w2_transposed else w2,
+                    b1, b2,
+                )
+        except Exception as exc:  # the region runs arbitrary user ops: any failure means "do not lower"
+            raise Reject(Reason.VERIFY_ERROR, region.output, f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(expected, torch.Tensor) or expected.shape != got.shape or expected.dtype != got.dtype:
+            raise Reject(Reason.VERIFY_MISMATCH, region.output,
+                         f"captured output {getattr(expected, 'shape', None)} {getattr(expected, 'dtype', None)}, "
+                         f"fused {tuple(got.shape)} {got.dtype}")
+        scale = expected.float().abs().max().clamp_min(1e-6)
+        err = ((expected.float() - got.float()).abs().max() / scale).item()
+        worst = max(worst, err)
+        if not err <= TOLERANCE[expected.dtype]:
+            routing = "skewed" if skewed else "uniform"
+            raise Reject(Reason.VERIFY_MISMATCH, region.output,
+                         f"relative error {err:.3g} > {TOLERANCE[expected.dtype]:g} with {routing} routing")
+    return worst

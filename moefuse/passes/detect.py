@@ -1,0 +1,395 @@
+"""detect: find each MoE layer in a dynamo graph and describe it as a `Region` with its `MoESpec`.
+
+Detection is anchored on the experts: a pair of expert matmuls (up, then down) whose weights are 3-D
+[E, ·, ·] tensors. A front end per expert form (`_FORMS`) finds, for its pair, the tokens X, the top-k ids
+and the two weight operands; everything after that is shared:
+  1. the activation between the matmuls is lifted into an expression over slices of the up-projection
+     (moefuse.passes.activation) — any elementwise activation, no fixed list;
+  2. the combine is followed from the down-projection to the first per-token [T, H] value after the
+     reduction over experts (the region's output), and the routing weights are found where it multiplies;
+  3. the region is every node between those inputs and the output: it must read nothing else (except
+     per-expert biases and symbolic sizes), and nothing inside it may be used outside it.
+The router itself (linear → softmax/sigmoid → top-k → normalise …) stays in the graph: the region starts at
+its results, which is what makes any routing rule work.
+
+Each front end either returns facts or raises `Reject`; a region that fails a check is reported with a
+typed reason and left untouched. Semantics the structure does not pin down (gate/up order, casts, the
+combine's arithmetic) are checked by the compiler's verification step before any rewrite.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from moefuse import expr as _expr
+from moefuse.passes import fxutil as fu
+from moefuse.passes.activation import UnsupportedActivation, lift_activation
+from moefuse.passes.region import Reason, Region, Reject, Rejection
+from moefuse.spec import Activation, MoESpec
+
+log = logging.getLogger("moefuse.detect")
+
+GROUPED_MM = {"transformers::grouped_mm_fallback", "aten::_grouped_mm", "torch._grouped_mm", "F.grouped_mm",
+              "torch.grouped_mm"}
+# Ops whose presence inside a region means data-dependent masking (capacity limits, EP sentinels) that the
+# fused op does not model; a region containing one is rejected rather than guessed at.
+_MASKING = {"operator.lt", "operator.le", "operator.gt", "operator.ge", "operator.eq", "operator.ne",
+            "torch.where", "method:masked_fill", "method:masked_fill_", "torch.masked_fill", "method:lt",
+            "method:gt", "method:ge", "method:le", "method:eq", "method:ne", "torch.lt", "torch.gt", "torch.ge",
+            "torch.le", "torch.eq", "torch.ne", "torch.nonzero", "method:nonzero", "torch.topk", "method:topk"}
+# Factories that read only the shape/dtype/device of their input: an external input of one is not a value
+# the region computes with.
+_SHAPE_ONLY = {"torch.zeros_like", "torch.empty_like", "torch.ones_like", "torch.full_like", "method:new_zeros",
+               "method:new_empty", "method:new_ones", "method:new_full"}
+_REDUCE_OVER_EXPERTS = {"method:sum", "torch.sum", "method:index_add_", "method:index_add", "torch.index_add",
+                        "method:scatter_add_", "method:scatter_add", "torch.scatter_add"}
+
+
+@dataclass
+class _Dispatch:
+    """What a front end establishes for one (up, down) pair of expert matmuls."""
+
+    form: str
+    x: fx.Node  # tokens [T, H]
+    topk_ids: fx.Node  # [T, K] int
+    w1: fx.Node  # weight operand of the up matmul as the graph holds it
+    w2: fx.Node
+    w1_transposed: bool  # True when that operand is [E, in, out]
+    w2_transposed: bool
+    up_out: fx.Node  # up-projection output; its last dim is the up rows N1
+    down_in: fx.Node  # the down matmul's activation operand
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Front ends, one per expert form
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _grouped_pairs(graph: fx.Graph):
+    """transformers' grouped_mm experts: sort ids → gather X → grouped mm → act → grouped mm (same offsets)."""
+    by_offs: dict[fx.Node, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if fu.op_name(n) in GROUPED_MM:
+            offs = fu.arg(n, 2, "offs")
+            if isinstance(offs, fx.Node):
+                by_offs.setdefault(offs, []).append(n)
+    for offs, mms in by_offs.items():
+        yield "grouped_mm", offs, mms
+
+
+def _match_grouped(offs: fx.Node, mms: list[fx.Node]) -> _Dispatch:
+    if len(mms) != 2:
+        raise Reject(Reason.UNSUPPORTED_FORM, mms[0], f"{len(mms)} grouped matmuls share offsets {offs.name}; expected 2")
+    up, down = mms  # graph order: the up projection comes first
+    gathered = fu.peel_casts(up.args[0])
+    if fu.op_name(gathered) != "getitem" or not isinstance(gathered.args[1], fx.Node):
+        raise Reject(Reason.NO_TOKENS, up, "the up projection does not read rows gathered from a token matrix")
+    x, row_index = gathered.args
+    if fu.op_name(row_index) != "operator.floordiv" or not isinstance(row_index.args[1], int):
+        raise Reject(Reason.NO_TOKENS, gathered, "rows are not gathered as x[perm // K]")
+    perm, k = row_index.args
+    if fu.op_name(perm) != "getitem" or perm.args[1] != 1 or fu.op_name(perm.args[0]) not in ("torch.sort", "method:sort"):
+        raise Reject(Reason.NO_ROUTING_IDS, row_index, "the gather index is not the permutation of a sort")
+    sort = perm.args[0]
+    ids = fu.peel_layout(sort.args[0])
+    if not fu.is_int(ids) or len(fu.shape(ids)) != 2 or fu.shape(ids)[1] != k:
+        raise Reject(Reason.NO_ROUTING_IDS, sort, f"the sorted ids do not come from a [T, {k}] integer tensor")
+    if sort not in fu.ancestors([offs]):
+        raise Reject(Reason.UNSUPPORTED_FORM, offs, "the grouped-mm offsets are not computed from the sorted ids")
+    return _Dispatch("grouped_mm", x, ids, fu.arg(up, 1, "weight"), fu.arg(down, 1, "weight"), True, True,
+                     up_out=up, down_in=fu.peel_casts(down.args[0]))
+
+
+def _dense_pairs(graph: fx.Graph):
+    """Every expert on every token: einsum('th,enh->ten', x, w1) … einsum('ten,ehn->teh', a, w2)."""
+    ups, downs = [], []
+    for n in graph.nodes:
+        if fu.op_name(n) == "torch.einsum" and len(n.args) == 3 and isinstance(n.args[0], str):
+            eq = n.args[0].replace(" ", "")
+            (lhs, w), out = eq.split("->")[0].split(","), eq.split("->")[1]
+            if len(lhs) == 2 and len(w) == 3 and len(out) == 3:
+                ups.append(n)
+            elif len(lhs) == 3 and len(w) == 3 and len(out) == 3:
+                downs.append(n)
+    for down in downs:
+        for up in reversed(ups):  # the nearest up projection before this down projection
+            if up in fu.ancestors([down]):
+                yield "dense_einsum", up, [up, down]
+                break
+
+
+def _match_dense(up: fx.Node, mms: list[fx.Node]) -> _Dispatch:
+    _, down = mms
+
+    def orientation(node, a_letters):
+        eq = node.args[0].replace(" ", "")
+        (a, w), out = eq.split("->")[0].split(","), eq.split("->")[1]
+        t, e = a[0], w[0]  # tokens lead x; the expert dim leads the weight
+        contract = next((c for c in w if c in a and c not in out), None)
+        out_dim = next((c for c in w if c not in (e, contract)), None)
+        if None in (contract, out_dim) or out != f"{t}{e}{out_dim}" or a != a_letters(t, e, contract):
+            raise Reject(Reason.UNSUPPORTED_FORM, node, f"einsum {eq!r} is not a per-expert x·Wᵀ")
+        return w == f"{e}{contract}{out_dim}"  # [E, in, out] → transposed
+
+    t1 = orientation(up, lambda t, e, c: f"{t}{c}")
+    t2 = orientation(down, lambda t, e, c: f"{t}{e}{c}")
+    x = up.args[1]
+    return _Dispatch("dense_einsum", x, None, up.args[2], down.args[2], t1, t2, up_out=up,
+                     down_in=fu.peel_casts(down.args[1]))
+
+
+_FORMS = [(_grouped_pairs, _match_grouped), (_dense_pairs, _match_dense)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared: activation, combine, region, spec
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _slice_of(node: fx.Node, up: fx.Node, n1: int):
+    """(offset, step, length) when `node` reads a slice of `up`'s last dim; None when it reads `up` whole."""
+    name = fu.op_name(node)
+    if name == "getitem" and isinstance(node.args[0], fx.Node) and fu.op_name(node.args[0]) in ("method:chunk", "torch.chunk"):
+        chunk = node.args[0]
+        parts, dim = fu.arg(chunk, 1, "chunks"), fu.arg(chunk, 2, "dim", 0)
+        if dim not in (-1, len(fu.shape(up)) - 1) or n1 % parts:
+            raise Reject(Reason.UNSUPPORTED_ACTIVATION, chunk, "chunk is not along the last dim in equal parts")
+        size = n1 // parts
+        return node.args[1] * size, 1, size
+    if name == "getitem" and isinstance(node.args[1], tuple):
+        idx = node.args[1]
+        last = idx[-1]
+        lead_ok = all(i is Ellipsis or i == slice(None) for i in idx[:-1])
+        if isinstance(last, slice) and lead_ok and (idx[0] is Ellipsis or len(idx) == len(fu.shape(up))):
+            start, stop, step = last.indices(n1)
+            return start, step, len(range(start, stop, step))
+    raise Reject(Reason.UNSUPPORTED_ACTIVATION, node, f"{name} reads the up-projection in a way moefuse cannot slice")
+
+
+def _activation(d: _Dispatch) -> tuple[Activation, int]:
+    up, n1 = d.up_out, fu.shape(d.up_out)[-1]
+    slices: dict[fx.Node, tuple[int, int, int]] = {}
+    whole = []
+    for user in up.users:
+        if fu.is_mutation(user):
+            continue  # a bias added in place; the region check accounts for it
+        if fu.op_name(user) in ("method:chunk", "torch.chunk"):
+            for g in user.users:
+                slices[g] = _slice_of(g, up, n1)
+        elif fu.op_name(user) == "getitem":
+            slices[user] = _slice_of(user, up, n1)
+        else:
+            whole.append(user)
+    if whole and slices:
+        raise Reject(Reason.UNSUPPORTED_ACTIVATION, up, "the up-projection is read both whole and in slices")
+    if whole:
+        variables = {up: (0, 1, n1)}
+    else:
+        variables = slices
+    lengths = {length for _, _, length in variables.values()}
+    if len(variables) > 2 or len(lengths) != 1:
+        raise Reject(Reason.UNSUPPORTED_ACTIVATION, up, f"{len(variables)} slices of lengths {sorted(lengths)}")
+    ordered = sorted(variables.items(), key=lambda kv: kv[1][0])
+    symbols = _expr.variables(len(ordered))
+    try:
+        e = lift_activation(d.down_in, {node: sym for (node, _), sym in zip(ordered, symbols)})
+    except UnsupportedActivation as exc:
+        raise Reject(Reason.UNSUPPORTED_ACTIVATION, getattr(exc, "node", d.down_in), str(exc)) from exc
+    activation = Activation(_expr.to_str(e), tuple((off, step) for _, (off, step, _) in ordered))
+    return activation, lengths.pop()
+
+
+def _combine(down: fx.Node, t: int, h: int) -> tuple[fx.Node, list[fx.Node]]:
+    """Follow the down projection's single-user chain to the per-token [T, H] output after the reduction."""
+    chain, cur, reduced = [], down, False
+    for _ in range(16):
+        users = [u for u in cur.users if not fu.is_mutation(u)]
+        if len(users) != 1:
+            raise Reject(Reason.NO_COMBINE, cur, f"{cur.name} has {len(users)} users before the combine ends")
+        cur = users[0]
+        chain.append(cur)
+        reduced = reduced or fu.op_name(cur) in _REDUCE_OVER_EXPERTS
+        if reduced and fu.shape(cur) == (t, h):
+            break
+    else:
+        raise Reject(Reason.NO_COMBINE, down, "no per-token [T, H] output within 16 ops of the down projection")
+    while len(cur.users) == 1 and fu.is_cast(next(iter(cur.users))) and fu.shape(next(iter(cur.users))) == (t, h):
+        cur = next(iter(cur.users))
+        chain.append(cur)
+    return cur, chain
+
+
+def _routing_weights(chain: list[fx.Node], t: int, k: int) -> tuple[fx.Node, fx.Node | None]:
+    """The [T, K] float routing weights multiplied into the expert outputs; for a dense combine, also the ids
+    scattered with them."""
+    for node in chain:
+        if fu.op_name(node) not in ("operator.mul", "torch.mul", "method:mul"):
+            continue
+        for other in node.args:
+            if not isinstance(other, fx.Node) or other in chain:
+                continue
+            cur, ids = other, None
+            for _ in range(8):
+                if fu.shape(cur) == (t, k) and fu.is_float(cur):
+                    return cur, ids
+                name = fu.op_name(cur)
+                if name in ("method:scatter", "torch.scatter"):
+                    ids, cur = fu.arg(cur, 2, "index"), fu.arg(cur, 3, "src")
+                elif fu.is_view(cur) or fu.is_cast(cur) or name == "getitem":
+                    cur = cur.args[0]
+                else:
+                    break
+                if not isinstance(cur, fx.Node):
+                    break
+    raise Reject(Reason.NO_ROUTING_WEIGHTS, chain[0], "no multiplication by [T, K] routing weights in the combine")
+
+
+def _close_region(output: fx.Node, boundary: list[fx.Node]) -> list[fx.Node]:
+    """Nodes computing `output` from the boundary values, plus in-place updates of those nodes."""
+    outside = set(boundary) | fu.ancestors(boundary)
+    inside = {n for n in fu.ancestors([output]) | {output} if n not in outside}
+    changed = True
+    while changed:  # mutations (a[i] = b, a.add_(b)) are not ancestors of anything: pull them in with their inputs
+        changed = False
+        for n in list(inside):
+            for u in n.users:
+                if u not in inside and fu.is_mutation(u) and u.args and u.args[0] is n:
+                    inside |= {u} | (fu.ancestors([u]) - outside)
+                    changed = True
+    graph_order = {n: i for i, n in enumerate(output.graph.nodes)}
+    return sorted(inside, key=graph_order.__getitem__)
+
+
+def _router_description(ids: fx.Node, weights: fx.Node) -> str:
+    steps, cur = [], weights
+    for _ in range(12):
+        name = fu.op_name(cur)
+        if not (fu.is_cast(cur) or fu.is_view(cur) or name == "getitem"):
+            steps.append(name.split(".")[-1].split(":")[-1])
+        if name in ("F.linear", "torch.matmul", "operator.matmul") or cur.op == "placeholder":
+            break
+        inputs = [a for a in cur.args if isinstance(a, fx.Node)]
+        if not inputs:
+            break
+        cur = inputs[0]
+    return "→".join(reversed(steps)) or "unknown"
+
+
+def _module_of(ids: fx.Node, output: fx.Node) -> str:
+    """The deepest module that contains both the router's result and the combine: the MoE block."""
+    a, b = fu.module_stack(ids), fu.module_stack(output)
+    common = [p for p, q in zip(a, b) if p == q]
+    return common[-1] if common else fu.module_path(output)
+
+
+def _match(d: _Dispatch, mms: list[fx.Node]) -> Region:
+    x_shape, w1_shape, w2_shape = fu.shape(d.x), fu.shape(d.w1), fu.shape(d.w2)
+    if x_shape is None or len(x_shape) != 2 or len(w1_shape or ()) != 3 or len(w2_shape or ()) != 3:
+        raise Reject(Reason.SHAPE, mms[0], f"x {x_shape}, w1 {w1_shape}, w2 {w2_shape}: expected 2-D x and 3-D weights")
+    t, h = x_shape
+    e = w1_shape[0]
+    n1 = w1_shape[1] if not d.w1_transposed else w1_shape[2]
+    w2_out, w2_in = (w2_shape[2], w2_shape[1]) if d.w2_transposed else (w2_shape[1], w2_shape[2])
+    activation, i = _activation(d)
+    if w2_shape[0] != e or w2_out != h or w2_in != i:
+        raise Reject(Reason.SHAPE, mms[1], f"down weights {w2_shape} do not map I={i} back to H={h} for E={e}")
+    output, chain = _combine(mms[1], t, h)
+    ids = d.topk_ids
+    k = fu.shape(ids)[1] if ids is not None else None
+    if k is None:  # dense form: ids arrive with the weights in the combine
+        k = _find_k(chain, t, e)
+    weights, scattered_ids = _routing_weights(chain, t, k)
+    ids = ids if ids is not None else scattered_ids
+    if ids is None or not fu.is_int(ids) or fu.shape(ids) != (t, k):
+        raise Reject(Reason.NO_ROUTING_IDS, output, "the combine's weights are not paired with [T, K] expert ids")
+    module = _module_of(ids, output)
+    boundary = [d.x, ids, weights, d.w1, d.w2]
+    nodes = _close_region(output, boundary)
+    b1 = b2 = None
+    extra: list[fx.Node] = []
+    inside = set(nodes)
+    for n in nodes:
+        if fu.op_name(n) in _MASKING:
+            raise Reject(Reason.UNSUPPORTED_OP, n, f"{fu.op_name(n)} masks or reroutes pairs inside the expert path")
+        for inp in n.all_input_nodes:
+            if inp in inside or inp in boundary or inp in extra or inp in (b1, b2):
+                continue
+            s = fu.shape(inp)
+            if inp.op == "placeholder" and s == (e, n1) and b1 is None and inp in fu.ancestors([d.down_in]) | {d.down_in}:
+                b1 = inp
+            elif inp.op == "placeholder" and s == (e, h) and b2 is None and inp not in fu.ancestors([d.down_in]):
+                b2 = inp
+            elif not isinstance(fu.value(inp), torch.Tensor) or fu.op_name(n) in _SHAPE_ONLY:
+                extra.append(inp)  # a symbolic size, or a tensor read for its shape only: kept, not replaced
+            else:
+                raise Reject(Reason.EXTERNAL_INPUT, n, f"{n.name} reads {inp.name} (shape {s})")
+    for n in nodes:
+        if n is output:
+            continue
+        escaping = [u for u in n.users if u not in inside]
+        if escaping and isinstance(fu.value(n), torch.Tensor):
+            raise Reject(Reason.INTERIOR_ESCAPES, n, f"{n.name} is also used by {escaping[0].name}")
+    out_val = fu.tensor(output)
+    if torch.is_grad_enabled() and any(
+        getattr(fu.tensor(v), "requires_grad", False) for v in (output, d.x, weights, d.w1, d.w2)
+    ):
+        raise Reject(Reason.NEEDS_GRAD, output, "the captured graph records gradients for this layer")
+    spec = MoESpec(
+        num_experts=e, top_k=k, hidden=h, intermediate=i, up_rows=n1, activation=activation,
+        dtype=_dtype_name(fu.tensor(d.w1).dtype), out_dtype=_dtype_name(out_val.dtype),
+        w1_bias=b1 is not None, w2_bias=b2 is not None, router=_router_description(ids, weights),
+    )
+    return Region(spec, module, output, nodes, d.x, ids, weights, d.w1, d.w2, d.w1_transposed, d.w2_transposed,
+                  b1, b2, extra)
+
+
+def _find_k(chain: list[fx.Node], t: int, e: int) -> int:
+    for node in chain:
+        for other in node.all_input_nodes:
+            cur = other
+            for _ in range(8):
+                if fu.op_name(cur) in ("method:scatter", "torch.scatter"):
+                    idx = fu.arg(cur, 2, "index")
+                    s = fu.shape(idx)
+                    if s and len(s) == 2 and s[0] == t and s[1] <= e:
+                        return s[1]
+                    break
+                if not (fu.is_view(cur) or fu.is_cast(cur)) or not isinstance(cur.args[0], fx.Node):
+                    break
+                cur = cur.args[0]
+    raise Reject(Reason.NO_ROUTING_IDS, chain[0], "a dense combine whose weights are not scattered from top-k ids")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in ("float32", "float16", "bfloat16"):
+        raise Reject(Reason.SHAPE, "-", f"expert weights in {name}; moefuse supports float32, float16, bfloat16")
+    return name
+
+
+def detect(gm: fx.GraphModule) -> tuple[list[Region], list[Rejection]]:
+    """Every MoE region of the graph, and every candidate that was not taken, with its reason."""
+    regions, rejections, claimed = [], [], set()
+    for find, match in _FORMS:
+        for form, anchor, mms in find(gm.graph):
+            if any(m in claimed for m in mms):
+                continue
+            try:
+                region = _match(match(anchor, mms), mms)
+            except Reject as r:
+                module = fu.module_path(mms[-1])
+                rejections.append(Rejection(r.reason, r.node, module, r.detail))
+                log.info("rejected %s candidate at %s: %s", form, module, r)
+                continue
+            if claimed & set(region.nodes):
+                rejections.append(Rejection(Reason.UNSUPPORTED_FORM, region.output.name, region.module,
+                                            "overlaps a region already taken"))
+                continue
+            claimed |= set(region.nodes)
+            regions.append(region)
+            log.info("found %s region at %s: %s", form, region.module, region.spec.describe())
+    return regions, rejections

@@ -1,0 +1,146 @@
+"""Small helpers over dynamo's torch-level FX graphs: op names, concrete shapes, peeling layout ops."""
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+import torch
+import torch.fx as fx
+
+
+def op_name(node: fx.Node) -> str:
+    """A stable name for what a node does: 'method:view', 'torch.sort', 'transformers::grouped_mm_fallback'."""
+    if node.op == "call_method":
+        return f"method:{node.target}"
+    if node.op != "call_function":
+        return node.op
+    t = node.target
+    if isinstance(t, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        return t._qualified_op_name if isinstance(t, torch._ops.OpOverloadPacket) else t.name()
+    if t is operator.getitem:
+        return "getitem"
+    if t is operator.setitem:
+        return "setitem"
+    mod = getattr(t, "__module__", None) or ""
+    name = getattr(t, "__name__", str(t))
+    if mod.startswith("torch._C._nn") or mod == "torch.nn.functional":
+        return f"F.{name}"
+    if mod == "_operator" or mod == "operator":
+        return f"operator.{name}"
+    if mod.startswith("torch"):
+        return f"torch.{name}"
+    return f"{mod}.{name}"
+
+
+def value(node) -> object:
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def tensor(node) -> torch.Tensor | None:
+    v = value(node)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def hint(s) -> int:
+    """A concrete int for a possibly symbolic size (its hint: the value seen while tracing)."""
+    if isinstance(s, int):
+        return s
+    if isinstance(s, torch.SymInt):
+        h = s.node.hint
+        if h is None:
+            h = s.node.shape_env.size_hint(s.node.expr)
+        return int(h)
+    return int(s)
+
+
+def shape(node) -> tuple[int, ...] | None:
+    t = tensor(node)
+    return None if t is None else tuple(hint(s) for s in t.shape)
+
+
+def is_float(node) -> bool:
+    t = tensor(node)
+    return t is not None and t.dtype.is_floating_point
+
+
+def is_int(node) -> bool:
+    t = tensor(node)
+    return t is not None and not t.dtype.is_floating_point and t.dtype != torch.bool
+
+
+_CASTS = {"method:to", "method:float", "method:half", "method:bfloat16", "method:type_as", "method:contiguous"}
+_VIEWS = {"method:view", "method:reshape", "method:flatten", "torch.reshape", "torch.flatten", "method:unsqueeze",
+          "method:squeeze", "torch.unsqueeze", "method:expand"}
+
+
+def is_cast(node: fx.Node) -> bool:
+    return op_name(node) in _CASTS
+
+
+def is_view(node: fx.Node) -> bool:
+    return op_name(node) in _VIEWS
+
+
+def peel(node, ops: Iterable[str]) -> fx.Node:
+    """Follow the first argument up through nodes whose op is in `ops`."""
+    ops = set(ops)
+    while isinstance(node, fx.Node) and op_name(node) in ops and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def peel_casts(node) -> fx.Node:
+    return peel(node, _CASTS)
+
+
+def peel_layout(node) -> fx.Node:
+    return peel(node, _CASTS | _VIEWS)
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def input_nodes(node: fx.Node) -> list[fx.Node]:
+    return list(node.all_input_nodes)
+
+
+def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """All nodes the given ones depend on (exclusive of the given ones unless reached again)."""
+    seen: set[fx.Node] = set()
+    stack = [i for n in nodes for i in n.all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def is_mutation(node: fx.Node) -> bool:
+    """In-place ops as dynamo records them: `a[i] = b` (setitem) and `a.add_(b)`-style method calls."""
+    name = op_name(node)
+    return name == "setitem" or (name.startswith("method:") and name.endswith("_") and not name.endswith("__"))
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<top>"
+    path, _cls = list(stack.values())[-1]
+    return _clean_path(path)
+
+
+def module_stack(node: fx.Node) -> list[str]:
+    return [_clean_path(p) for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def _clean_path(path: str) -> str:
+    # dynamo spells module paths as "L['self'].model.layers[0].mlp"; show the user's "model.layers.0.mlp".
+    for prefix in ("L['self'].", "L['self']", "L['fn']."):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+            break
+    return path.replace("[", ".").replace("]", "").replace("'", "") or "<top>"

@@ -1,0 +1,100 @@
+"""What detection produces: a `Region` to lower, or a `Rejection` saying why not (typed, with a fix-it hint)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from moefuse.spec import MoESpec
+
+
+class Reason(enum.Enum):
+    """Why a candidate MoE region was left untouched. Each value carries the hint shown to the user."""
+
+    UNSUPPORTED_FORM = "the expert matmuls are not in a form moefuse recognises yet"
+    NO_TOKENS = "could not find the token matrix the experts read"
+    NO_ROUTING_IDS = "could not find the top-k expert ids that drive the dispatch"
+    NO_ROUTING_WEIGHTS = "could not find the routing weights applied in the combine"
+    NO_COMBINE = "could not find where the expert outputs are summed back per token"
+    UNSUPPORTED_ACTIVATION = "the activation between the expert matmuls is not elementwise-liftable"
+    UNSUPPORTED_OP = "the region contains an op whose semantics the fused op does not model"
+    EXTERNAL_INPUT = "the region reads a value that is not tokens, routing, expert weights or biases"
+    INTERIOR_ESCAPES = "an intermediate value of the region is used outside it"
+    SHAPE = "shapes inside the region are inconsistent with one MoE layer"
+    NEEDS_GRAD = "the region needs gradients; moefuse lowers inference-only regions until training lands"
+    VERIFY_MISMATCH = "the fused op disagreed with the captured region on random inputs"
+    VERIFY_ERROR = "running the captured region or the fused op on random inputs raised an error"
+
+    @property
+    def hint(self) -> str:
+        return _HINTS[self]
+
+
+_HINTS = {
+    Reason.UNSUPPORTED_FORM: "file an issue with the printed graph; meanwhile moefuse.convert(model) may apply",
+    Reason.NO_TOKENS: "file an issue with the printed graph",
+    Reason.NO_ROUTING_IDS: "file an issue with the printed graph",
+    Reason.NO_ROUTING_WEIGHTS: "file an issue with the printed graph",
+    Reason.NO_COMBINE: "file an issue with the printed graph",
+    Reason.UNSUPPORTED_ACTIVATION: "express the activation with elementwise torch ops (see moefuse.passes.activation)",
+    Reason.UNSUPPORTED_OP: "this layer runs unchanged; file an issue if it should be fused",
+    Reason.EXTERNAL_INPUT: "this layer runs unchanged; file an issue if it should be fused",
+    Reason.INTERIOR_ESCAPES: "do not return or reuse intermediate expert values outside the MoE block",
+    Reason.SHAPE: "file an issue with the printed graph",
+    Reason.NEEDS_GRAD: "run inference under torch.no_grad() or torch.inference_mode()",
+    Reason.VERIFY_MISMATCH: "this is a detection bug caught before it could change your results: please report it",
+    Reason.VERIFY_ERROR: "set MOEFUSE_VERIFY=0 only if you know the region is correct; please report it",
+}
+
+
+@dataclass
+class Rejection:
+    reason: Reason
+    node: str  # the FX node the problem was found at
+    module: str  # module path of the MoE block, as far as known
+    detail: str = ""
+
+    def __str__(self) -> str:
+        detail = f": {self.detail}" if self.detail else ""
+        return f"[{self.reason.name}] {self.module} at node {self.node!r}: {self.reason.value}{detail} (hint: {self.reason.hint})"
+
+
+class Reject(Exception):
+    """Raised inside a matcher; the pass turns it into a `Rejection`."""
+
+    def __init__(self, reason: Reason, node: fx.Node | str, detail: str = ""):
+        super().__init__(f"{reason.name}: {detail}")
+        self.reason = reason
+        self.node = node if isinstance(node, str) else node.name
+        self.detail = detail
+
+
+@dataclass
+class Region:
+    """One MoE layer found in the graph, ready to be replaced by `moefuse::moe`.
+
+    The op's arguments are graph values outside the region (`x`, `topk_ids`, `topk_weights`, the expert weight
+    operands and biases); `output` is the region's only value used outside it.
+    """
+
+    spec: MoESpec
+    module: str
+    output: fx.Node
+    nodes: list[fx.Node]  # every node the rewrite removes, in graph order (output last among users)
+    x: fx.Node
+    topk_ids: fx.Node
+    topk_weights: fx.Node
+    w1: fx.Node  # as the graph holds it, see `w1_transposed`
+    w2: fx.Node
+    w1_transposed: bool  # the graph's operand is [E, in, out]: the op's w1 is its transpose
+    w2_transposed: bool
+    b1: fx.Node | None = None
+    b2: fx.Node | None = None
+    extra_inputs: list[fx.Node] = field(default_factory=list)  # symbolic sizes the region reads
+
+    @property
+    def inputs(self) -> list[fx.Node]:
+        """The values outside the region that it reads, in a fixed order (the probe's placeholders)."""
+        nodes = [self.x, self.topk_ids, self.topk_weights, self.w1, self.w2, self.b1, self.b2]
+        return [n for n in nodes if n is not None] + self.extra_inputs

@@ -1,0 +1,43 @@
+"""rewrite: replace one detected region by a single `moefuse::moe` call, then delete the region.
+
+Postconditions (checked): the graph lints; the region's output has no users left; no node of the region
+remains. The new node takes the output's place in graph order and its metadata (so later passes and
+AOTAutograd see the same value); no value that existed before is aliased by the new node.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from moefuse.passes.region import Region
+
+# Importing the runtime registers torch.ops.moefuse.moe.
+from moefuse.runtime import op as _op  # noqa: F401
+
+
+def rewrite(gm: fx.GraphModule, region: Region) -> fx.Node:
+    graph, out = gm.graph, region.output
+    spec = region.spec
+    with graph.inserting_before(out):
+        x = region.x
+        if str(x.meta["example_value"].dtype).removeprefix("torch.") != spec.dtype:
+            x = graph.call_method("to", (x, getattr(torch, spec.dtype)))
+        w1 = graph.call_method("transpose", (region.w1, -2, -1)) if region.w1_transposed else region.w1
+        w2 = graph.call_method("transpose", (region.w2, -2, -1)) if region.w2_transposed else region.w2
+        new = graph.call_function(
+            torch.ops.moefuse.moe.default,
+            (x, region.topk_ids, region.topk_weights, w1, w2, region.b1, region.b2, spec.to_key()),
+        )
+    new.meta.update({k: v for k, v in out.meta.items() if k in ("example_value", "nn_module_stack", "stack_trace",
+                                                                  "source_fn_stack", "val")})
+    new.meta["moefuse_spec"] = spec
+    out.replace_all_uses_with(new)
+    for node in reversed(region.nodes):
+        if node.users and not isinstance(node.meta.get("example_value"), torch.Tensor):
+            continue  # a symbolic size the rest of the graph also reads: it stays
+        if node.users:
+            raise AssertionError(f"moefuse rewrite: {node.name} still has users {list(node.users)} after rewrite")
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return new

@@ -1,0 +1,103 @@
+"""MoESpec: the one contract between the passes that find an MoE layer and the kernels that run it.
+
+It says everything the kernels need and nothing about FX. It is frozen and hashable (it keys the kernel
+cache) and round-trips through a string (`to_key` / `from_key`), which is how it travels as an argument of
+the `moefuse::moe` custom op. This module imports nothing else of moefuse.
+
+Layout conventions (logical shapes; any strides are accepted by the runtime):
+  x        [T, H]      tokens
+  topk_ids [T, K]      int, expert of each (token, slot) pair
+  topk_w   [T, K]      float, routing weight of each pair (applied to the expert *output*)
+  w1       [E, N1, H]  up-projection, out × in (N1 = rows the activation reads, e.g. 2·I for a GLU)
+  b1       [E, N1]     optional
+  w2       [E, H, I]   down-projection, out × in
+  b2       [E, H]      optional
+  y        [T, H]      Σ_k topk_w[t,k] · expert_{ids[t,k]}(x[t])
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Activation:
+    """The expert's activation as an elementwise expression over slices of the up-projection output.
+
+    `expr` is a sympy-parsable expression (see `moefuse.expr`) over the variables x0, x1, …; variable x_j
+    reads, for output column n in [0, I), the up-projection row `slices[j][0] + slices[j][1] * n`.
+    SwiGLU with weights stored [gate; up] is `silu(x0)*x1` with slices ((0, 1), (I, 1)); GPT-OSS's
+    interleaved layout is slices ((0, 2), (1, 2)); a plain MLP `relu(x0)` has slices ((0, 1),).
+    """
+
+    expr: str
+    slices: tuple[tuple[int, int], ...]
+
+    def __post_init__(self):
+        if not 1 <= len(self.slices) <= 2:
+            raise ValueError(f"an activation reads 1 or 2 slices of the up-projection, got {len(self.slices)}")
+        for off, step in self.slices:
+            if off < 0 or step < 1:
+                raise ValueError(f"bad slice (offset={off}, step={step}): offset >= 0 and step >= 1 required")
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.slices)
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """One MoE layer, as the kernels see it. E experts, top-K routing, hidden H, expert width I."""
+
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+    up_rows: int  # N1: rows of w1 per expert (2·I for a GLU stored [gate; up])
+    activation: Activation
+    dtype: str  # dtype of x and the expert weights
+    out_dtype: str  # dtype of y
+    w1_bias: bool = False
+    w2_bias: bool = False
+    router: str = "unknown"  # how the routing was computed, for the report (the router stays in the graph)
+
+    def __post_init__(self):
+        for name in ("num_experts", "top_k", "hidden", "intermediate", "up_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MoESpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        for name in ("dtype", "out_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"MoESpec.{name}={getattr(self, name)!r}; expected one of {_DTYPES}")
+        last = max(off + step * (self.intermediate - 1) for off, step in self.activation.slices)
+        if last >= self.up_rows:
+            raise ValueError(
+                f"activation slices {self.activation.slices} read row {last} of an up-projection "
+                f"with {self.up_rows} rows"
+            )
+
+    @property
+    def glu(self) -> bool:
+        return self.activation.num_inputs == 2
+
+    def to_key(self) -> str:
+        """A canonical string; `MoESpec.from_key(spec.to_key()) == spec`."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_key(cls, key: str) -> MoESpec:
+        d = json.loads(key)
+        act = d.pop("activation")
+        activation = Activation(act["expr"], tuple(tuple(s) for s in act["slices"]))
+        return cls(activation=activation, **d)
+
+    def describe(self) -> str:
+        bias = "+".join(n for n, b in (("b1", self.w1_bias), ("b2", self.w2_bias)) if b) or "no bias"
+        return (
+            f"E={self.num_experts} K={self.top_k} H={self.hidden} I={self.intermediate} {self.dtype} "
+            f"act={self.activation.expr} slices={list(self.activation.slices)} {bias} router={self.router}"
+        )
