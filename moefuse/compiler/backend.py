@@ -83,8 +83,8 @@ class Backend:
         log.info("%s", report)
         return _inner_compile(gm, example_inputs, opts.inner)
 
-    def reset(self) -> None:
-        self.explanation = Explanation()
+    # No `reset` method on purpose: torch._dynamo.reset() calls `backend.reset()`, and the reports must
+    # outlive a reset (moefuse.explain resets dynamo after compiling).
 
 
 # The instance behind `backend="moefuse"` (the torch_dynamo_backends entry point).

@@ -385,11 +385,12 @@ def detect(gm: fx.GraphModule) -> tuple[list[Region], list[Rejection]]:
                 rejections.append(Rejection(r.reason, r.node, module, r.detail))
                 log.info("rejected %s candidate at %s: %s", form, module, r)
                 continue
-            if claimed & set(region.nodes):
+            owned = {n for n in region.nodes if isinstance(fu.value(n), torch.Tensor)}  # sizes may be shared
+            if claimed & owned:
                 rejections.append(Rejection(Reason.UNSUPPORTED_FORM, region.output.name, region.module,
                                             "overlaps a region already taken"))
                 continue
-            claimed |= set(region.nodes)
+            claimed |= owned
             regions.append(region)
             log.info("found %s region at %s: %s", form, region.module, region.spec.describe())
     return regions, rejections
