@@ -74,9 +74,9 @@ def kernels_for(spec: MoESpec, device: torch.device) -> list[str]:
     layer's activation epilogue now, so a codegen problem shows at compile time rather than at first call."""
     if not _use_triton(torch.empty(0, device=device)):
         return ["cpu: torch plan (stable argsort routing, per-expert matmuls, fp32 activation, fp32 combine)"]
-    from moefuse.kernels.codegen import activation_path
+    from moefuse.kernels.codegen import load_activation
 
-    path = activation_path(spec.activation.expr, spec.activation.num_inputs)
+    path = load_activation(spec.activation.expr, spec.activation.num_inputs).fn.__code__.co_filename
     return [
         "triton routing metadata: per-block histogram → scan → stable scatter (no host sync)",
         f"triton grouped GEMM (up): x rows gathered in the load, epilogue act = {spec.activation.expr} "

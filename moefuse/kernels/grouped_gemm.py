@@ -1,0 +1,261 @@
+"""The varlen-M grouped GEMM of both expert projections: C[rows of e] = act(A[rows of e] · W[e]ᵀ + b[e]).
+
+Rows are the expert-sorted pairs of a `RoutingPlan`: expert e owns rows offsets[e] .. offsets[e] + counts[e].
+One kernel, specialised by constexprs:
+  - up-projection:   GATHER=True, A rows are gathered from x inside the load (row r of expert e is token
+                     sorted_pairs[offsets[e] + r] // K; the gathered X is never written to memory);
+                     NUM_INPUTS=2 for a GLU, the epilogue applies the activation.
+  - down-projection: GATHER=False, A = [S, I] already in sorted order; NUM_INPUTS=1, identity epilogue.
+
+Tiles never straddle experts and an expert's partial last tile is masked, so no padded rows exist. The grid is
+sized by an upper bound on the M-tiles (cdiv(S, BLOCK_M) + E) and each program finds its (expert, first row)
+from `counts` on the device, so nothing waits on the host and a new token count never recompiles.
+
+Weights are logical [E, N_ROWS, KDIM] (out × in) with arbitrary strides: a weight stored transposed is the same
+kernel with swapped strides, never a copy. Accumulator j of output column n reads weight row OFF_j + STEP_j·n,
+which covers SwiGLU stored [gate; up] ((0, 1), (I, 1)), [up; gate] ((I, 1), (0, 1)) and interleaved
+((0, 2), (1, 2)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from moefuse.kernels.routing import RoutingPlan
+
+
+@triton.jit
+def identity(x):
+    """The epilogue of a projection without activation (the down-projection)."""
+    return x
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    # Pointers
+    a_ptr,  # GATHER: x [T, KDIM]; else A [S, KDIM] in expert-sorted order; fp16/bf16/fp32
+    w_ptr,  # [E, N_ROWS, KDIM] out × in, any strides, dtype of a
+    bias_ptr,  # [E, N_ROWS] any float dtype, any strides; read only if HAS_BIAS
+    c_ptr,  # [S, N] out, expert-sorted order; rows of dropped pairs (>= offsets[E]) are not written
+    counts_ptr,  # [E] int32, rows of each expert
+    offsets_ptr,  # [E + 1] int32, first sorted row of each expert
+    sorted_pairs_ptr,  # [S] int32, pair t·TOP_K + k of each sorted row; read only if GATHER
+    # Sizes
+    N, KDIM, E, TOP_K,
+    # Strides
+    stride_am, stride_ak,
+    stride_we, stride_wn, stride_wk,
+    stride_be, stride_bn,
+    stride_cm, stride_cn,
+    # Epilogue: accumulator j of output column n reads weight (and bias) row OFF_j + STEP_j·n
+    OFF0: tl.constexpr, STEP0: tl.constexpr,
+    OFF1: tl.constexpr, STEP1: tl.constexpr,
+    NUM_INPUTS: tl.constexpr,  # 1, or 2 for a GLU
+    ACTIVATION: tl.constexpr,  # @triton.jit fn of NUM_INPUTS fp32 tiles -> fp32 tile
+    HAS_BIAS: tl.constexpr,
+    GATHER: tl.constexpr,
+    # Meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,  # power of two >= E
+):
+    """Grid: (cdiv(S, BLOCK_M) + E, cdiv(N, BLOCK_N)). Program (i, j) owns output tile j (BLOCK_N columns) of
+    the i-th M-tile in expert order: BLOCK_M rows of one expert's segment. Programs past the real tile count
+    exit at once."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+
+    # ---- Locate this M-tile: expert e and its first row inside e's segment ----
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
+    tiles = tl.cdiv(counts, BLOCK_M)
+    tiles_end = tl.cumsum(tiles, axis=0)  # M-tiles of experts 0..e
+    if pid_m >= tl.sum(tiles, axis=0):
+        return
+    expert = tl.sum((tiles_end <= pid_m).to(tl.int32), axis=0)
+    first_tile = tl.sum(tl.where(experts == expert, tiles_end - tiles, 0), axis=0)
+    rows_of_expert = tl.sum(tl.where(experts == expert, counts, 0), axis=0)
+    segment = tl.load(offsets_ptr + expert)
+
+    # ---- Row and column indices; int64 wherever a product can pass 2**31 (S·KDIM, S·N, E·N_ROWS·KDIM) ----
+    rm = (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < rows_of_expert
+    sorted_row = (segment + rm).to(tl.int64)
+    if GATHER:
+        pair = tl.load(sorted_pairs_ptr + sorted_row, mask=m_mask, other=0)
+        a_row = (pair // TOP_K).to(tl.int64)
+    else:
+        a_row = sorted_row
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rk = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + rk[None, :] * stride_ak
+    w_expert = w_ptr + expert.to(tl.int64) * stride_we
+    w_row0 = (OFF0 + STEP0 * rn).to(tl.int64)
+    w_ptrs0 = w_expert + w_row0[None, :] * stride_wn + rk[:, None] * stride_wk
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if NUM_INPUTS == 2:
+        w_row1 = (OFF1 + STEP1 * rn).to(tl.int64)
+        w_ptrs1 = w_expert + w_row1[None, :] * stride_wn + rk[:, None] * stride_wk
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    # ---- Main loop: one A tile feeds NUM_INPUTS weight tiles ----
+    # fp32 accumulation always; "ieee" keeps fp32 inputs out of TF32 (10-bit mantissa, ~1e-3 relative error)
+    # so fp32 results match a float64 reference to ~1e-5. It is ignored for fp16/bf16 inputs.
+    for k0 in range(0, KDIM, BLOCK_K):
+        k_mask = rk < KDIM - k0
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w0 = tl.load(w_ptrs0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc0 = tl.dot(a, w0, acc0, input_precision="ieee")
+        if NUM_INPUTS == 2:
+            w1 = tl.load(w_ptrs1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc1 = tl.dot(a, w1, acc1, input_precision="ieee")
+            w_ptrs1 += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs0 += BLOCK_K * stride_wk
+
+    # ---- Epilogue: bias, activation in fp32, one rounding to the output dtype ----
+    if HAS_BIAS:
+        b_expert = bias_ptr + expert.to(tl.int64) * stride_be
+        acc0 += tl.load(b_expert + w_row0 * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if NUM_INPUTS == 2:
+            acc1 += tl.load(b_expert + w_row1 * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if NUM_INPUTS == 2:
+        out = ACTIVATION(acc0, acc1)
+    else:
+        out = ACTIVATION(acc0)
+    c_ptrs = c_ptr + sorted_row[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and launch options of one grouped-GEMM launch.
+
+    num_stages is Triton's software pipelining depth: the loads of the next num_stages-1 K-steps are in flight
+    (cp.async) while the current one multiplies.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"GemmConfig.{name}={value}: tl.dot needs a power of two >= 16")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"GemmConfig.num_warps={self.num_warps}: expected one of 1, 2, 4, 8, 16")
+        if self.num_stages < 1:
+            raise ValueError(f"GemmConfig.num_stages={self.num_stages}: expected >= 1")
+
+    @classmethod
+    def default(cls, dtype: torch.dtype) -> GemmConfig:
+        """An untuned config that compiles without spills for sm_80 and sm_90, and uses wgmma on sm_90.
+
+        fp16/bf16: BLOCK_M=64 with 4 warps is one warpgroup, the shape wgmma needs. Shared memory per stage
+        with a GLU's two weight tiles: (64·64 + 2·64·64)·2 B = 24 KiB; ptxas (H = I = 128, GLU up GEMM):
+        sm_90 128 registers, 72 KiB shared; sm_80 199 registers, 48 KiB; no spills.
+        fp32 ("ieee", so FMA, not tensor cores): 4 warps spilled the GLU's two 64×64 fp32 accumulators
+        (255 registers + 8-16 B spilled); 8 warps: 128-160 registers, no spills.
+        """
+        if dtype == torch.float32:
+            return cls(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=3)
+        if dtype in (torch.float16, torch.bfloat16):
+            return cls(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
+        raise ValueError(f"no default GemmConfig for dtype {dtype}; expected float32, float16 or bfloat16")
+
+
+def gemm_constexprs(
+    *,
+    slices: tuple[tuple[int, int], ...],
+    activation,
+    has_bias: bool,
+    gather: bool,
+    num_experts: int,
+    config: GemmConfig,
+) -> dict:
+    """The constexpr arguments of one grouped-GEMM specialisation (shared by the launch and compile-only builds)."""
+    if not 1 <= len(slices) <= 2:
+        raise ValueError(f"slices: expected 1 or 2 (offset, step) pairs, got {slices}")
+    (off0, step0), (off1, step1) = slices[0], slices[-1]
+    return dict(
+        OFF0=off0, STEP0=step0, OFF1=off1, STEP1=step1,
+        NUM_INPUTS=len(slices), ACTIVATION=activation, HAS_BIAS=has_bias, GATHER=gather,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        BLOCK_E=triton.next_power_of_2(num_experts),
+    )
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    plan: RoutingPlan,
+    *,
+    out_cols: int,
+    slices: tuple[tuple[int, int], ...] = ((0, 1),),
+    activation=identity,
+    bias: torch.Tensor | None = None,
+    gather: bool = False,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """C [S, out_cols] (dtype of a) in expert-sorted order: C[r] = activation(A[r] · W[e]ᵀ[rows of slices] + b).
+
+    a: x [T, KDIM] if `gather` (rows gathered through plan.sorted_pairs), else [S, KDIM] sorted.
+    w: [E, N_ROWS, KDIM], any strides. bias: [E, N_ROWS] or None. Rows of dropped pairs are left unwritten.
+    """
+    # ---- Check ----
+    E, K = plan.num_experts, plan.top_k
+    S = plan.num_pairs
+    if a.dim() != 2:
+        raise ValueError(f"a: expected a 2-D tensor, got shape {tuple(a.shape)}")
+    kdim = a.shape[1]
+    if gather and a.shape[0] * K != S:
+        raise ValueError(f"a: expected [T, KDIM] with T·{K} = {S} pairs, got shape {tuple(a.shape)}")
+    if not gather and a.shape[0] != S:
+        raise ValueError(f"a: expected [{S}, KDIM] (one row per sorted pair), got shape {tuple(a.shape)}")
+    if w.dim() != 3 or w.shape[0] != E or w.shape[2] != kdim:
+        raise ValueError(f"w: expected shape [{E}, N_ROWS, {kdim}], got {tuple(w.shape)}")
+    if w.dtype != a.dtype:
+        raise ValueError(f"w: expected dtype {a.dtype} (that of a), got {w.dtype}")
+    last_row = max(off + step * (out_cols - 1) for off, step in slices)
+    if last_row >= w.shape[1]:
+        raise ValueError(f"slices {slices} read weight row {last_row} but w has {w.shape[1]} rows: {tuple(w.shape)}")
+    if bias is not None and tuple(bias.shape) != (E, w.shape[1]):
+        raise ValueError(f"bias: expected shape ({E}, {w.shape[1]}), got {tuple(bias.shape)}")
+    config = config or GemmConfig.default(a.dtype)
+
+    # ---- Allocate ----
+    c = torch.empty(S, out_cols, dtype=a.dtype, device=a.device)
+    if S == 0 or out_cols == 0:
+        return c
+
+    # ---- Launch ----
+    meta = gemm_constexprs(slices=slices, activation=activation, has_bias=bias is not None, gather=gather,
+                           num_experts=E, config=config)
+    bias_arg = bias if bias is not None else c  # never read: HAS_BIAS=False compiles the loads away
+    bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    # Σ_e cdiv(counts[e], BLOCK_M) <= cdiv(S, BLOCK_M) + E, and never more than S (a tile holds >= 1 row).
+    max_tiles = min(S, triton.cdiv(S, config.block_m) + E)
+    grid = (max_tiles, triton.cdiv(out_cols, config.block_n))
+    grouped_gemm_kernel[grid](
+        a, w, bias_arg, c, plan.counts, plan.offsets, plan.sorted_pairs,
+        out_cols, kdim, E, K,
+        a.stride(0), a.stride(1),
+        w.stride(0), w.stride(1), w.stride(2),
+        *bias_strides,
+        c.stride(0), c.stride(1),
+        **meta, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return c

@@ -1,0 +1,210 @@
+"""The forward of one MoE layer on Triton kernels: routing plan → up GEMM → down GEMM → combine.
+
+  plan = routing_plan(topk_ids, E)                               counts, offsets, sorted_pairs, pair_pos
+  A    = act(gather(x) · w1[e]ᵀ + b1[e])      [S, I]  dtype of x  (gather inside the load, GLU in the epilogue)
+  Y    = A · w2[e]ᵀ + b2[e]                   [S, H]  dtype of x  (expert-sorted order)
+  y    = Σ_k topk_w[t, k] · Y[pair_pos[t·K + k]]  [T, H]  spec.out_dtype, summed in fp32
+
+Every step runs on the device without a host sync. `kernel_sources` lists the same kernels with the same
+specialisations, for compile-only builds on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from triton.compiler import ASTSource
+from triton.runtime.jit import KernelInterface
+
+from moefuse.kernels import routing
+from moefuse.kernels.combine import NUM_WARPS as COMBINE_WARPS
+from moefuse.kernels.combine import combine, combine_block_h, combine_kernel
+from moefuse.kernels.grouped_gemm import GemmConfig, gemm_constexprs, grouped_gemm, grouped_gemm_kernel, identity
+from moefuse.kernels.routing import RoutingMeta, routing_plan
+from moefuse.spec import MoESpec
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+                  torch.int32: "*i32", torch.int64: "*i64"}
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(tensor.shape)}")
+
+
+def _check_dtype(name: str, tensor: torch.Tensor, expected: tuple[torch.dtype, ...]) -> None:
+    if tensor.dtype not in expected:
+        names = " or ".join(str(d) for d in expected)
+        raise ValueError(f"{name}: expected dtype {names}, got {tensor.dtype}")
+
+
+def moe_forward(
+    spec: MoESpec,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_w: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    *,
+    activation: KernelInterface,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """y [T, H] in spec.out_dtype for the layouts of `moefuse.spec` (any strides).
+
+    activation: a @triton.jit function of spec.activation.num_inputs fp32 tiles, applied in the up-projection's
+    epilogue. config: tile config of both GEMMs (default: `GemmConfig.default(dtype)`).
+    """
+    # ---- Check ----
+    E, K, H, I, N1 = spec.num_experts, spec.top_k, spec.hidden, spec.intermediate, spec.up_rows
+    dtype, out_dtype = _TORCH_DTYPES[spec.dtype], _TORCH_DTYPES[spec.out_dtype]
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor [T, {H}], got shape {tuple(x.shape)}")
+    T = x.shape[0]
+    _check_shape("x", x, (T, H))
+    _check_shape("topk_ids", topk_ids, (T, K))
+    _check_shape("topk_w", topk_w, (T, K))
+    _check_shape("w1", w1, (E, N1, H))
+    _check_shape("w2", w2, (E, H, I))
+    _check_dtype("x", x, (dtype,))
+    _check_dtype("w1", w1, (dtype,))
+    _check_dtype("w2", w2, (dtype,))
+    _check_dtype("topk_ids", topk_ids, (torch.int32, torch.int64))
+    _check_dtype("topk_w", topk_w, tuple(_TORCH_DTYPES.values()))
+    for name, bias, wanted, shape in (("b1", b1, spec.w1_bias, (E, N1)), ("b2", b2, spec.w2_bias, (E, H))):
+        if (bias is not None) != wanted:
+            raise ValueError(f"{name}: the spec says w{name[1]}_bias={wanted} but {name} is "
+                             f"{'given' if bias is not None else 'None'}")
+        if bias is not None:
+            _check_shape(name, bias, shape)
+            _check_dtype(name, bias, tuple(_TORCH_DTYPES.values()))
+    tensors = {"x": x, "topk_ids": topk_ids, "topk_w": topk_w, "w1": w1, "w2": w2, "b1": b1, "b2": b2}
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (that of x), got {tensor.device}")
+    if not isinstance(activation, KernelInterface):
+        raise ValueError(f"activation: expected a @triton.jit function, got {type(activation).__name__}")
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"x: the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}")
+
+    # ---- Allocate / launch ----
+    if T == 0:
+        return torch.empty(0, H, dtype=out_dtype, device=x.device)
+    plan = routing_plan(topk_ids, E)
+    a = grouped_gemm(x, w1, plan, out_cols=I, slices=spec.activation.slices, activation=activation, bias=b1,
+                     gather=True, config=config)
+    y_sorted = grouped_gemm(a, w2, plan, out_cols=H, bias=b2, config=config)
+    return combine(y_sorted, topk_w, plan, out_dtype=out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile-only builds
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """One kernel specialisation as `moe_forward` launches it: what `triton.compile(ASTSource(fn, signature,
+    constexprs), target, options={"num_warps": ..., "num_stages": ...})` needs."""
+
+    name: str
+    fn: KernelInterface
+    signature: dict[str, str]  # argument name -> "*fp16" / "i32" / "constexpr" …
+    constexprs: dict[str, object]
+    num_warps: int
+    num_stages: int
+
+    @property
+    def options(self) -> dict[str, int]:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    @property
+    def attrs(self) -> dict[tuple[int, ...], list]:
+        """Divisibility by 16 of every pointer and of the H/I-sized ints, as a launch on aligned tensors with
+        H, I multiples of 16 specialises them. Without it the K-mask has no known constancy, Triton cannot
+        vectorise the loads into the >= 4-byte cp.async copies that software pipelining is built from, and
+        num_stages is silently ignored (measured: 16 KiB shared, no cp.async, on sm_80 fp16)."""
+        arg_names = self.fn.arg_names
+        return {
+            (arg_names.index(name),): [["tt.divisibility", 16]]
+            for name, kind in self.signature.items()
+            if kind.startswith("*") or (kind == "i32" and name in _ALIGNED_INTS)
+        }
+
+    def ast_source(self) -> ASTSource:
+        return ASTSource(self.fn, self.signature, self.constexprs, self.attrs)
+
+
+# Sizes and outer strides that are multiples of 16 whenever H, I and N1 are (every real model); not the ones
+# that scale with TOP_K or E.
+_ALIGNED_INTS = frozenset({"N", "KDIM", "H", "stride_am", "stride_we", "stride_wn", "stride_be", "stride_cm",
+                           "stride_ym", "stride_ot"})
+
+
+def _with_constexprs(runtime_args: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
+    return {**runtime_args, **{name: "constexpr" for name in constexprs}}
+
+
+def kernel_sources(
+    spec: MoESpec,
+    activation: KernelInterface,
+    config: GemmConfig | None = None,
+    ids_dtype: torch.dtype = torch.int32,
+) -> list[KernelSource]:
+    """Every kernel `moe_forward(spec, …, activation=activation, config=config)` launches, in launch order.
+
+    Inner strides are fixed to 1 as constexprs, which is how Triton specialises a launch on contiguous
+    tensors (and what lets it vectorise the loads)."""
+    dtype, out_dtype = _TORCH_DTYPES[spec.dtype], _TORCH_DTYPES[spec.out_dtype]
+    config = config or GemmConfig.default(dtype)
+    E = spec.num_experts
+    ptr, out_ptr, ids_ptr, i32p = _POINTER_TYPES[dtype], _POINTER_TYPES[out_dtype], _POINTER_TYPES[ids_dtype], "*i32"
+    sources = []
+
+    # ---- Routing ----
+    meta = RoutingMeta.for_experts(E)
+    warps = routing.NUM_WARPS
+    sizes = {"S": "i32", "E": "i32", "TOP_K": "i32"}
+    hist_consts = {"stride_ik": 1, "BLOCK_S": meta.block_s, "BLOCK_E": meta.block_e}
+    sources.append(KernelSource(
+        "routing_histogram", routing.routing_histogram_kernel,
+        _with_constexprs({"topk_ids_ptr": ids_ptr, "hist_ptr": i32p, **sizes, "stride_it": "i32"}, hist_consts),
+        hist_consts, warps, 1))
+    scan_consts = {"BLOCK_B": meta.block_b, "BLOCK_C": meta.block_c}
+    sources.append(KernelSource(
+        "routing_scan", routing.routing_scan_kernel,
+        _with_constexprs({"hist_ptr": i32p, "block_start_ptr": i32p, "totals_ptr": i32p, "NB": "i32", "E": "i32"},
+                         scan_consts),
+        scan_consts, warps, 1))
+    sources.append(KernelSource(
+        "routing_scatter", routing.routing_scatter_kernel,
+        _with_constexprs({"topk_ids_ptr": ids_ptr, "block_start_ptr": i32p, "totals_ptr": i32p, "offsets_ptr": i32p,
+                          "sorted_pairs_ptr": i32p, "pair_pos_ptr": i32p, **sizes, "stride_it": "i32"}, hist_consts),
+        hist_consts, warps, 1))
+
+    # ---- Grouped GEMMs: up (gather + activation), down (identity) ----
+    gemm_args = {"a_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "c_ptr": ptr, "counts_ptr": i32p, "offsets_ptr": i32p,
+                 "sorted_pairs_ptr": i32p, "N": "i32", "KDIM": "i32", "E": "i32", "TOP_K": "i32",
+                 "stride_am": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_be": "i32",
+                 "stride_cm": "i32"}
+    unit_strides = {"stride_ak": 1, "stride_wk": 1, "stride_bn": 1, "stride_cn": 1}
+    for name, kwargs in (
+        ("up_gemm", dict(slices=spec.activation.slices, activation=activation, has_bias=spec.w1_bias, gather=True)),
+        ("down_gemm", dict(slices=((0, 1),), activation=identity, has_bias=spec.w2_bias, gather=False)),
+    ):
+        consts = {**unit_strides, **gemm_constexprs(**kwargs, num_experts=E, config=config)}
+        sources.append(KernelSource(name, grouped_gemm_kernel, _with_constexprs(gemm_args, consts), consts,
+                                    config.num_warps, config.num_stages))
+
+    # ---- Combine ----
+    combine_consts = {"stride_yh": 1, "stride_oh": 1, "BLOCK_H": combine_block_h(spec.hidden)}
+    sources.append(KernelSource(
+        "combine", combine_kernel,
+        _with_constexprs({"y_ptr": ptr, "topk_w_ptr": "*fp32", "pair_pos_ptr": i32p, "offsets_ptr": i32p,
+                          "out_ptr": out_ptr, "H": "i32", "E": "i32", "TOP_K": "i32", "stride_ym": "i32",
+                          "stride_wt": "i32", "stride_wk": "i32", "stride_ot": "i32"}, combine_consts),
+        combine_consts, COMBINE_WARPS, 1))
+    return sources

@@ -1,0 +1,136 @@
+"""Compile every forward kernel for sm_80 and sm_90 on a machine without a GPU, and check the generated code.
+
+The compile runs in a subprocess: with TRITON_INTERPRET=1 (set by conftest.py for the interpreter tests)
+`triton.jit` returns interpreter functions, which `ASTSource` cannot compile, and the variable is read when a
+kernel is defined, so it has to be absent from the start of the process that imports the kernels.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CAPABILITIES = (80, 90)
+GEMMS = ("up_gemm", "up_gemm_plain", "down_gemm")
+# Per-block shared memory a kernel may use (the opt-in maximum): A100 163 KiB, H100 227 KiB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+SCRIPT = r'''
+import json, os, re, subprocess, sys, tempfile
+
+assert os.environ.get("TRITON_INTERPRET") != "1"
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+
+from moefuse.kernels.moe import kernel_sources
+from moefuse.spec import Activation, MoESpec
+
+
+@triton.jit
+def silu_mul(gate, up):
+    return gate * tl.sigmoid(gate) * up
+
+
+@triton.jit
+def relu(x):
+    return tl.maximum(x, 0.0)
+
+
+def spill_bytes(ptx, cap):
+    """Spill stores + loads reported by `ptxas -v` (the ptxas that ships with Triton)."""
+    arch = f"sm_{cap}a" if cap >= 90 else f"sm_{cap}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([knobs.nvidia.ptxas.path, "-v", f"--gpu-name={arch}", path, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out.stderr))
+
+
+H = I = 128
+records = []
+for dtype in ("float16", "bfloat16", "float32"):
+    glu = MoESpec(8, 2, H, I, 2 * I, Activation("silu(x0)*x1", ((0, 1), (I, 1))), dtype, dtype, True, True)
+    plain = MoESpec(8, 2, H, I, I, Activation("relu(x0)", ((0, 1),)), dtype, "float32")
+    sources = [(s.name, s) for s in kernel_sources(glu, silu_mul) if not s.name.startswith("routing")]
+    sources += [("up_gemm_plain", s) for s in kernel_sources(plain, relu) if s.name == "up_gemm"]
+    if dtype == "float16":  # the routing kernels have no float operand: once per ids dtype and E
+        for E, ids_dtype in ((8, torch.int32), (8, torch.int64), (256, torch.int32)):
+            spec = MoESpec(E, 2, H, I, 2 * I, glu.activation, dtype, dtype)
+            sources += [(s.name, s) for s in kernel_sources(spec, silu_mul, ids_dtype=ids_dtype)
+                        if s.name.startswith("routing")]
+    for cap in (80, 90):
+        for name, src in sources:
+            kernel = triton.compile(src.ast_source(), target=GPUTarget("cuda", cap, 32), options=src.options)
+            ptx = kernel.asm.get("ptx", "")
+            records.append(dict(
+                kernel=name, dtype=dtype, cap=cap,
+                ids=src.signature.get("topk_ids_ptr"), block_e=src.constexprs.get("BLOCK_E"),
+                ptx_bytes=len(ptx), wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx,
+                cp_async="cp.async" in ptx, shared=kernel.metadata.shared, spill_bytes=spill_bytes(ptx, cap),
+            ))
+print(json.dumps(records))
+'''
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compile_only")
+    script = tmp / "compile_kernels.py"  # a file, not `-c`: triton.jit needs the source of the activations
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # a fresh cache: the test compiles, it never reads a hit
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def select(records, **where):
+    found = [r for r in records if all(r[k] == v for k, v in where.items())]
+    assert found, f"no compiled kernel matches {where}"
+    return found
+
+
+def test_every_kernel_compiles_to_ptx(records):
+    names = {r["kernel"] for r in records}
+    assert names == {"routing_histogram", "routing_scan", "routing_scatter", *GEMMS, "combine"}
+    for cap in CAPABILITIES:
+        for dtype in ("float16", "bfloat16", "float32"):
+            assert {r["kernel"] for r in select(records, cap=cap, dtype=dtype)} >= {*GEMMS, "combine"}
+        scatter = select(records, cap=cap, kernel="routing_scatter")
+        assert {r["ids"] for r in scatter} == {"*i32", "*i64"}
+        assert {r["block_e"] for r in scatter} == {16, 512}  # E = 8 and E = 256 (DeepSeek-V3's)
+    for r in records:
+        assert r["ptx_bytes"] > 0, r
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("kernel", GEMMS)
+def test_gemms_use_tensor_cores(records, kernel, dtype):
+    # sm_90: warpgroup MMA (the default config is one warpgroup over BLOCK_M=64 rows); sm_80: mma.sync.
+    (hopper,) = select(records, kernel=kernel, dtype=dtype, cap=90)
+    (ampere,) = select(records, kernel=kernel, dtype=dtype, cap=80)
+    assert hopper["wgmma"], hopper
+    assert ampere["mma_sync"] and not ampere["wgmma"], ampere
+
+
+@pytest.mark.parametrize("kernel", GEMMS)
+def test_gemms_are_software_pipelined(records, kernel):
+    # num_stages > 1 only takes effect if the loads became cp.async copies into a multi-buffered ring.
+    for r in select(records, kernel=kernel):
+        assert r["cp_async"], r
+
+
+def test_no_spills_and_shared_memory_fits(records):
+    for r in records:
+        assert r["spill_bytes"] == 0, r
+        assert r["shared"] <= SHARED_LIMIT[r["cap"]], r
