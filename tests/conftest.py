@@ -1,7 +1,11 @@
 import os
 
 # The kernel tests run Triton under its interpreter, and `triton.jit` reads TRITON_INTERPRET when a kernel is
-# *defined*. pytest may import another test module (and through it moefuse's kernels) before
-# test_kernels.py, so the variable is set here, before any test module is collected. The compile-only tests
-# build real GPU code in a subprocess that removes it again.
+# *defined* — triton.language's own jit functions (tl.sum, tl.cumsum, …) included, which are defined when
+# triton is first imported. So the variable is set, and triton imported, here: before any test module is
+# collected and before torch may import triton while a test has the variable removed (the CPU-path tests
+# remove it so that moefuse::moe takes its torch path). The compile-only tests build real GPU code in a
+# subprocess that removes it again.
 os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402,F401

@@ -43,14 +43,18 @@ def moe_forward_cpu(
     if T == 0:
         return x.new_zeros((0, spec.hidden), dtype=out_dtype)
     act = _activation(spec)
+    e_count = spec.num_experts
     flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=spec.num_experts).tolist()
+    # Ids outside [0, E) belong to no expert and contribute nothing (as in the kernels): they get the key E,
+    # which sorts after every expert, and their rows stay zero.
+    key = torch.where((flat >= 0) & (flat < e_count), flat, e_count)
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=e_count + 1).tolist()
     xs = x[order // K]
     a = x.new_empty((T * K, spec.intermediate))
-    y_sorted = x.new_empty((T * K, spec.hidden))
+    y_sorted = x.new_zeros((T * K, spec.hidden))
     start = 0
-    for e, c in enumerate(counts[: spec.num_experts]):
+    for e, c in enumerate(counts[:e_count]):
         if c == 0:
             continue
         rows = slice(start, start + c)
