@@ -556,3 +556,23 @@ def torch_fn(expr: sympy.Expr | str, n_inputs: int) -> Callable[..., torch.Tenso
     before calling for fp32 math). Cached per canonical expression string."""
     key = to_str(expr) if isinstance(expr, sympy.Basic) else to_str(parse(expr))
     return _torch_fn_cached(key, n_inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Derivatives (the fused backward's epilogue is generated from these)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def gradient(expr: sympy.Expr | str, n_inputs: int) -> tuple[sympy.Expr, ...]:
+    """∂expr/∂x_j for j < n_inputs, each again an expression of the language.
+
+    Kinks follow torch's autograd: the derivative of a step (Heaviside, sign) is 0 everywhere — sympy says
+    DiracDelta, which only the second derivative of Max/Min/Abs/clamp can produce — and at a kink itself the
+    value is whatever sympy's Heaviside(0) convention gives (checked against torch in tests).
+    """
+    e = parse(expr) if isinstance(expr, str) else expr
+    grads = []
+    for x in variables(n_inputs):
+        d = sympy.diff(e, x).replace(lambda a: isinstance(a, sympy.DiracDelta), lambda a: sympy.S.Zero)
+        grads.append(parse(to_str(d)))
+    return tuple(grads)
