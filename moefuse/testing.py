@@ -15,6 +15,28 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=96, moe_intermediate_size=32, num_experts=8,
                                          num_experts_per_tok=2, norm_topk_prob=True)),
     "olmoe": ("OlmoeConfig", dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2)),
+    # A shared expert beside the routed ones (sigmoid-gated in Qwen2-MoE, plain in DeepSeek-V3 and GLM4-MoE)
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=96, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2)),
+    # Sigmoid scores + correction bias + group-limited top-k + renormalisation + routed_scaling_factor
+    "deepseek_v3": ("DeepseekV3Config", dict(intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
+                                             n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=16,
+                                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8,
+                                             routed_scaling_factor=2.5)),
+    # Transposed, interleaved gate_up_proj with biases; clamped (up+1)·gate·σ(1.702·gate); top-k → softmax
+    "gpt_oss": ("GptOssConfig", dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                                     layer_types=["full_attention", "full_attention"])),
+    "glm4_moe": ("Glm4MoeConfig", dict(intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                                       num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
+                                       n_group=1, topk_group=1)),
+    "phimoe": ("PhimoeConfig", dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
+    "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
+    "minimax": ("MiniMaxConfig", dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                                      layer_types=["full_attention", "full_attention"])),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(intermediate_size=96, moe_intermediate_size=32, moe_num_experts=8,
+                                                moe_k=2, moe_layer_start_index=0, moe_num_shared_experts=1)),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(intermediate_size=32, num_experts=8, moe_topk=2)),
 }
 
 

@@ -261,7 +261,23 @@ def _close_region(output: fx.Node, boundary: list[fx.Node]) -> list[fx.Node]:
                     inside |= {u} | (fu.ancestors([u]) - outside)
                     changed = True
     graph_order = {n: i for i, n in enumerate(output.graph.nodes)}
-    return sorted(inside, key=graph_order.__getitem__)
+    # Graph inputs (parameters, buffers, sizes) are never part of a region: they are read, as biases or sizes.
+    return sorted((n for n in inside if n.op not in ("placeholder", "get_attr")), key=graph_order.__getitem__)
+
+
+def _bias_role(param: fx.Node, up: fx.Node, down: fx.Node) -> str | None:
+    """"b1" / "b2" when `param` (per expert, possibly gathered by expert id) is added to the output of the up /
+    down matmul, in place or not; None otherwise."""
+    frontier = [param]
+    for _ in range(4):
+        frontier = [u for n in frontier for u in n.users]
+        for n in frontier:
+            if fu.op_name(n) in ("operator.add", "operator.iadd", "torch.add", "method:add", "method:add_"):
+                if up in n.args:
+                    return "b1"
+                if down in n.args:
+                    return "b2"
+    return None
 
 
 def _router_description(ids: fx.Node, weights: fx.Node) -> str:
@@ -319,9 +335,10 @@ def _match(d: _Dispatch, mms: list[fx.Node]) -> Region:
             if inp in inside or inp in boundary or inp in extra or inp in (b1, b2):
                 continue
             s = fu.shape(inp)
-            if inp.op == "placeholder" and s == (e, n1) and b1 is None and inp in fu.ancestors([d.down_in]) | {d.down_in}:
+            role = _bias_role(inp, d.up_out, mms[1]) if inp.op == "placeholder" else None
+            if role == "b1" and s == (e, n1) and b1 is None:
                 b1 = inp
-            elif inp.op == "placeholder" and s == (e, h) and b2 is None and inp not in fu.ancestors([d.down_in]):
+            elif role == "b2" and s == (e, h) and b2 is None:
                 b2 = inp
             elif not isinstance(fu.value(inp), torch.Tensor) or fu.op_name(n) in _SHAPE_ONLY:
                 extra.append(inp)  # a symbolic size, or a tensor read for its shape only: kept, not replaced
