@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 
 class SimpleMoE(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, glu: bool = True):
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, glu: bool = True,
+                 activation=F.silu):
         super().__init__()
-        self.top_k, self.glu = top_k, glu
+        self.top_k, self.glu, self.activation = top_k, glu, activation
         self.router = nn.Linear(hidden, num_experts, bias=False)
         rows = 2 * intermediate if glu else intermediate
         self.w1 = nn.Parameter(torch.randn(num_experts, rows, hidden) * hidden**-0.5)
@@ -29,9 +30,9 @@ class SimpleMoE(nn.Module):
         h = torch.einsum("th,enh->ten", x, self.w1)
         if self.glu:
             gate, up = h.chunk(2, dim=-1)
-            a = F.silu(gate) * up
+            a = self.activation(gate) * up
         else:
-            a = F.gelu(h)
+            a = self.activation(h)
         y = torch.einsum("ten,ehn->teh", a, self.w2)
         dense = torch.zeros_like(probs).scatter(1, ids, weights)
         return (y * dense.unsqueeze(-1)).sum(dim=1).reshape(shape)

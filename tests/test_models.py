@@ -140,3 +140,62 @@ def test_compiled_model_runs_the_triton_kernels_on_the_interpreter(monkeypatch, 
     assert len(explanation.lowered) == 2 and (calls["triton"], calls["cpu"]) == (2, 0), str(explanation)
     assert any("generated at" in k for k in explanation.lowered[0].kernels)
     assert rel_err(out.logits, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_batched_mm_experts_lowered(family):
+    """experts_implementation="batched_mm": each pair multiplies its own gathered weight, W[ids] @ x."""
+    import transformers
+
+    from moefuse.testing import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family), experts_implementation="batched_mm").eval()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+    out, explanation, calls = compile_and_run(model, ids)
+    assert not explanation.rejected and len(explanation.lowered) == 2 and calls["cpu"] == 2, str(explanation)
+    expr, slices, biases = EXPECTED_EXPERTS.get(family, SWIGLU_GATE_UP)
+    assert explanation.lowered[0].spec.activation.slices == slices
+    assert rel_err(out.logits, ref) <= TOL[torch.float32]
+
+
+def mish_gate(x):
+    return x * torch.tanh(torch.nn.functional.softplus(x))
+
+
+@pytest.mark.parametrize("glu,activation,expected", [
+    (False, torch.nn.functional.gelu, "x0*(erf(sqrt(2)*x0/2) + 1)/2"),  # non-GLU expert, exact gelu
+    (True, mish_gate, None),  # an activation no model uses: the epilogue is generated from the graph
+    (True, lambda g: torch.nn.functional.gelu(g, approximate="tanh"), None),  # GeGLU
+], ids=["gelu", "mish_gate_glu", "geglu"])
+def test_handwritten_activations_lowered(glu, activation, expected):
+    from simple_moe import SimpleMoE
+
+    torch.manual_seed(0)
+    model = SimpleMoE(32, 16, 4, 2, glu=glu, activation=activation)
+    x = torch.randn(11, 32)
+    with torch.no_grad():
+        ref = model(x)
+    out, explanation, calls = compile_and_run(model, x)
+    assert len(explanation.lowered) == 1 and calls["cpu"] == 1, str(explanation)
+    spec = explanation.lowered[0].spec
+    assert spec.glu == glu and (expected is None or spec.activation.expr == expected)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+
+
+def test_mish_gate_runs_generated_triton_epilogue(monkeypatch):
+    """The novel activation through the Triton kernels (interpreter): generated epilogue, same numbers."""
+    from simple_moe import SimpleMoE
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    model = SimpleMoE(32, 16, 4, 2, activation=mish_gate)
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        ref = model(x)
+    out, explanation, calls = compile_and_run(model, x)
+    assert len(explanation.lowered) == 1 and calls["triton"] == 1, str(explanation)
+    assert "tanh" in explanation.lowered[0].spec.activation.expr
+    assert rel_err(out, ref) <= TOL[torch.float32]

@@ -62,6 +62,7 @@ class _Dispatch:
     w2_transposed: bool
     up_out: fx.Node  # up-projection output; its last dim is the up rows N1
     down_in: fx.Node  # the down matmul's activation operand
+    down_out: fx.Node | None = None  # the down projection's [S, H] output when it is not the matmul node itself
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,7 +143,57 @@ def _match_dense(up: fx.Node, mms: list[fx.Node]) -> _Dispatch:
                      down_in=fu.peel_casts(down.args[1]))
 
 
-_FORMS = [(_grouped_pairs, _match_grouped), (_dense_pairs, _match_dense)]
+def _weight_gather(node) -> tuple[fx.Node, fx.Node] | None:
+    """(weight, index) when `node` is `weight[index]`: a 3-D per-expert weight gathered by flat expert ids."""
+    if isinstance(node, fx.Node) and fu.op_name(node) == "getitem" and isinstance(node.args[1], fx.Node):
+        w, idx = node.args
+        if len(fu.shape(w) or ()) == 3 and fu.is_int(idx) and len(fu.shape(idx)) == 1:
+            return w, idx
+    return None
+
+
+def _batched_pairs(graph: fx.Graph):
+    """transformers' batched_mm experts: every pair p multiplies its own gathered weight W[ids[p]] (bmm)."""
+    by_ids: dict[fx.Node, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if fu.op_name(n) in ("torch.bmm", "torch.matmul", "operator.matmul") and len(n.args) == 2:
+            found = _weight_gather(n.args[0]) or _weight_gather(n.args[1])
+            if found:
+                by_ids.setdefault(found[1], []).append(n)
+    for idx, mms in by_ids.items():
+        yield "batched_mm", idx, mms
+
+
+def _match_batched(idx: fx.Node, mms: list[fx.Node]) -> _Dispatch:
+    if len(mms) != 2:
+        raise Reject(Reason.UNSUPPORTED_FORM, mms[0], f"{len(mms)} batched matmuls gather weights by {idx.name}; expected 2")
+
+    def sides(mm):
+        """(weight, vector operand, transposed, output [S, out]) of one per-pair matmul."""
+        a, b = mm.args
+        if _weight_gather(a):  # bmm(W[ids], v.unsqueeze(-1)): W[e] is out × in
+            w, vec, transposed = _weight_gather(a)[0], b, False
+        else:  # bmm(v.unsqueeze(1), W[ids]): W[e] is in × out
+            w, vec, transposed = _weight_gather(b)[0], a, True
+        users = list(mm.users)
+        out = users[0] if len(users) == 1 and fu.is_view(users[0]) and len(fu.shape(users[0])) == 2 else None
+        if out is None:
+            raise Reject(Reason.UNSUPPORTED_FORM, mm, "the per-pair matmul's output is not squeezed back to [S, out]")
+        return w, fu.peel_layout(vec), transposed, out
+
+    w1, rows, t1, up_out = sides(mms[0])
+    w2, down_in, t2, down_out = sides(mms[1])
+    if fu.op_name(rows) != "method:repeat_interleave" or not isinstance(fu.arg(rows, 1, "repeats"), int):
+        raise Reject(Reason.NO_TOKENS, mms[0], "the up projection does not read x.repeat_interleave(K, dim=0)")
+    ids = fu.peel_layout(idx)
+    k = fu.arg(rows, 1, "repeats")
+    if not fu.is_int(ids) or len(fu.shape(ids)) != 2 or fu.shape(ids)[1] != k:
+        raise Reject(Reason.NO_ROUTING_IDS, idx, f"the weights are not gathered by [T, {k}] integer ids")
+    return _Dispatch("batched_mm", rows.args[0], ids, w1, w2, t1, t2, up_out=up_out, down_in=down_in,
+                     down_out=down_out)
+
+
+_FORMS = [(_grouped_pairs, _match_grouped), (_batched_pairs, _match_batched), (_dense_pairs, _match_dense)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,7 +386,7 @@ def _match(d: _Dispatch, mms: list[fx.Node]) -> Region:
             if inp in inside or inp in boundary or inp in extra or inp in (b1, b2):
                 continue
             s = fu.shape(inp)
-            role = _bias_role(inp, d.up_out, mms[1]) if inp.op == "placeholder" else None
+            role = _bias_role(inp, d.up_out, d.down_out or mms[1]) if inp.op == "placeholder" else None
             if role == "b1" and s == (e, n1) and b1 is None:
                 b1 = inp
             elif role == "b2" and s == (e, h) and b2 is None:
