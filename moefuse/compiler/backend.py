@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 
+import torch
 import torch.fx as fx
 
 from moefuse.compiler.options import Options, parse_options
@@ -23,7 +24,8 @@ from moefuse.passes.canonicalize import canonicalize
 from moefuse.passes.detect import detect
 from moefuse.passes.region import Rejection, Reject
 from moefuse.passes.rewrite import rewrite
-from moefuse.runtime.op import kernels_for
+from moefuse.passes.fxutil import module_path
+from moefuse.runtime.op import kernels_for, spec_from_key
 
 log = logging.getLogger("moefuse")
 
@@ -36,6 +38,11 @@ def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) ->
     rewrite last, one region at a time (regions are disjoint, so the order among them does not matter).
     """
     canonicalize(gm)
+    for node in gm.graph.nodes:  # layers moefuse.convert already turned into the op, for the report
+        if node.op == "call_function" and node.target in (torch.ops.moefuse.moe.default, torch.ops.moefuse.moe):
+            spec = spec_from_key(node.args[-1])
+            device = node.args[0].meta["example_value"].device
+            report.lowered.append(Lowered(module_path(node), node.name, spec, None, kernels_for(spec, device), True))
     regions, rejected = detect(gm)
     report.rejected.extend(rejected)
     for region in regions:

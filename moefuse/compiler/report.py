@@ -14,9 +14,11 @@ class Lowered:
     spec: MoESpec
     verify_error: float | None  # worst relative error of the verification probe; None when verify was off
     kernels: list[str] = field(default_factory=list)  # what will run it, per device kind
+    by_convert: bool = False  # the graph already held the op: moefuse.convert put it there
 
     def __str__(self) -> str:
-        check = "not verified" if self.verify_error is None else f"verified (rel. err {self.verify_error:.1e})"
+        check = ("by moefuse.convert" if self.by_convert else
+                 "not verified" if self.verify_error is None else f"verified (rel. err {self.verify_error:.1e})")
         lines = [f"  LOWERED  {self.module} → {self.node}: {self.spec.describe()} [{check}]"]
         lines += [f"           kernel: {k}" for k in self.kernels]
         return "\n".join(lines)

@@ -18,8 +18,10 @@ combine's arithmetic) are checked by the compiler's verification step before any
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import operator
+import types
 from dataclasses import dataclass
 
 import torch
@@ -222,7 +224,13 @@ def _slice_of(node: fx.Node, up: fx.Node, n1: int):
 
 
 def _activation(d: _Dispatch) -> tuple[Activation, int]:
-    up, n1 = d.up_out, fu.shape(d.up_out)[-1]
+    return activation_between(d.up_out, d.down_in)
+
+
+def activation_between(up: fx.Node, down_in: fx.Node) -> tuple[Activation, int]:
+    """The activation from the up-projection output `up` [.., N1] to the down-projection input `down_in`
+    [.., I], as an expression over slices of `up`'s last dim; and I. Raises `Reject`."""
+    n1 = fu.shape(up)[-1]
     slices: dict[fx.Node, tuple[int, int, int]] = {}
     whole = []
     for user in up.users:
@@ -247,11 +255,41 @@ def _activation(d: _Dispatch) -> tuple[Activation, int]:
     ordered = sorted(variables.items(), key=lambda kv: kv[1][0])
     symbols = _expr.variables(len(ordered))
     try:
-        e = lift_activation(d.down_in, {node: sym for (node, _), sym in zip(ordered, symbols)})
+        e = lift_activation(down_in, {node: sym for (node, _), sym in zip(ordered, symbols)})
     except UnsupportedActivation as exc:
-        raise Reject(Reason.UNSUPPORTED_ACTIVATION, getattr(exc, "node", d.down_in), str(exc)) from exc
+        raise Reject(Reason.UNSUPPORTED_ACTIVATION, getattr(exc, "node", down_in), str(exc)) from exc
     activation = Activation(_expr.to_str(e), tuple((off, step) for _, (off, step, _) in ordered))
     return activation, lengths.pop()
+
+
+_captures = itertools.count()
+
+
+def capture_activation(fn, up_rows: int) -> Activation:
+    """The activation a Python callable applies to an up-projection output [S, up_rows] (e.g. a transformers
+    experts module's `_apply_gate`), read from the graph dynamo captures of it. Raises `Reject`."""
+    import torch._dynamo
+
+    graphs: list[fx.GraphModule] = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def probe_fn(up):
+        return fn(up)
+
+    # dynamo caches compiled frames per code object: a fresh code object per capture means a fresh capture
+    # (and no recompile limit reached after a few converted modules).
+    code = probe_fn.__code__.replace(co_name=f"moefuse_capture_{next(_captures)}")
+    probe_fn = types.FunctionType(code, probe_fn.__globals__, code.co_name, None, probe_fn.__closure__)
+    torch.compile(probe_fn, backend=capture, fullgraph=True, dynamic=False)(torch.randn(3, up_rows))
+    gm = graphs[-1]
+    up = next(n for n in gm.graph.nodes if n.op == "placeholder" and fu.shape(n) == (3, up_rows))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    activation, _ = activation_between(up, fu.peel_casts(out))
+    return activation
 
 
 def _combine(down: fx.Node, t: int, h: int) -> tuple[fx.Node, list[fx.Node]]:
@@ -461,4 +499,22 @@ def detect(gm: fx.GraphModule) -> tuple[list[Region], list[Rejection]]:
             claimed |= owned
             regions.append(region)
             log.info("found %s region at %s: %s", form, region.module, region.spec.describe())
+    rejections += _routing_leaving_graph(gm.graph, claimed)
     return regions, rejections
+
+
+def _routing_leaving_graph(graph: fx.Graph, claimed: set[fx.Node]) -> list[Rejection]:
+    """Top-k expert ids returned from the graph, not consumed by any region: the experts run after a graph
+    break, in code no backend sees (transformers' experts_implementation="eager" loops over the experts)."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    rejections = []
+    for n in graph.nodes:
+        if fu.op_name(n) not in ("torch.topk", "method:topk") or n in claimed:
+            continue
+        ids = [u for u in n.users if fu.op_name(u) == "getitem" and u.args[1] == 1]
+        reach = set(ids)
+        for _ in range(4):
+            reach |= {u for r in reach for u in r.users if fu.is_view(u) or fu.is_cast(u)}
+        if output in {u for r in reach for u in r.users}:
+            rejections.append(Rejection(Reason.EXPERTS_OUTSIDE_GRAPH, n.name, fu.module_path(n)))
+    return rejections

@@ -13,6 +13,7 @@ class Reason(enum.Enum):
     """Why a candidate MoE region was left untouched. Each value carries the hint shown to the user."""
 
     UNSUPPORTED_FORM = "the expert matmuls are not in a form moefuse recognises yet"
+    EXPERTS_OUTSIDE_GRAPH = "top-k routing leaves the graph: the experts run in code dynamo did not capture (an eager loop)"
     NO_TOKENS = "could not find the token matrix the experts read"
     NO_ROUTING_IDS = "could not find the top-k expert ids that drive the dispatch"
     NO_ROUTING_WEIGHTS = "could not find the routing weights applied in the combine"
@@ -33,6 +34,8 @@ class Reason(enum.Enum):
 
 _HINTS = {
     Reason.UNSUPPORTED_FORM: "file an issue with the printed graph; meanwhile moefuse.convert(model) may apply",
+    Reason.EXPERTS_OUTSIDE_GRAPH: "call moefuse.convert(model) before compiling, or load the model with "
+                                  "experts_implementation='grouped_mm'",
     Reason.NO_TOKENS: "file an issue with the printed graph",
     Reason.NO_ROUTING_IDS: "file an issue with the printed graph",
     Reason.NO_ROUTING_WEIGHTS: "file an issue with the printed graph",
