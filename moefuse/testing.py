@@ -60,3 +60,8 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, *
 def num_moe_layers(model) -> int:
     """MoE blocks in a transformers model: modules holding 3-D expert weights (`gate_up_proj`)."""
     return sum(1 for m in model.modules() if isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, in fp32: the error measure of every parity check against eager."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()

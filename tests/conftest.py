@@ -9,3 +9,16 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import triton  # noqa: E402,F401
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def cpu_path(monkeypatch):
+    """moefuse::moe on its torch CPU path (TRITON_INTERPRET removed for the test), with dynamo's caches fresh
+    before and after, so each test compiles what it runs. A test may set TRITON_INTERPRET=1 again itself."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -20,12 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from simple_moe import SimpleMoE, SimpleMoEModel  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _cpu_path(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+# The op's CPU path unless a test sets TRITON_INTERPRET=1 itself; fresh dynamo caches (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_path")
 
 
 def test_entry_point_registered():

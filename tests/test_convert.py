@@ -8,15 +8,11 @@ import moefuse
 from moefuse import Backend
 from moefuse.convert import convert
 from moefuse.runtime import op as moe_op
-from moefuse.testing import tiny_config
+from moefuse.testing import rel_err, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _cpu_path(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+# The op's CPU path unless a test sets TRITON_INTERPRET=1 itself; fresh dynamo caches (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_path")
 
 
 def eager_loop_model(family):
@@ -24,10 +20,6 @@ def eager_loop_model(family):
 
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(tiny_config(family), experts_implementation="eager").eval()
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def test_eager_loop_is_reported_with_the_fix():

@@ -13,7 +13,7 @@ import torch
 
 from moefuse import Backend
 from moefuse.runtime import op as moe_op
-from moefuse.testing import FAMILIES, num_moe_layers, tiny_model
+from moefuse.testing import FAMILIES, num_moe_layers, rel_err, tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from simple_moe import SimpleMoEModel  # noqa: E402
@@ -33,17 +33,8 @@ EXPECTED_EXPERTS = {
 }
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo(monkeypatch):
-    # These tests cover the CPU path of the op; the Triton kernels have their own interpreter tests.
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+# The op's CPU path unless a test sets TRITON_INTERPRET=1 itself; fresh dynamo caches (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_path")
 
 
 def compile_and_run(model, *args, **options):
