@@ -563,16 +563,52 @@ def torch_fn(expr: sympy.Expr | str, n_inputs: int) -> Callable[..., torch.Tenso
 # ---------------------------------------------------------------------------------------------------------
 
 
+class _bound(sympy.Function):
+    """Max(c, f) / Min(c, f) with a constant c while differentiating, so the slope at f == c can follow torch:
+    `_bound(f, c, 1)` is Max (a lower bound), `_bound(f, c, -1)` is Min (an upper bound)."""
+
+    nargs = 3
+
+    def fdiff(self, argindex=1):
+        if argindex != 1:
+            return sympy.S.Zero
+        f, c, side = self.args
+        # torch: relu's slope at 0 is 0 (x > 0); clamp's at a bound is 1 (min <= x <= max, inclusive). A lower
+        # bound of exactly 0 is taken to be a relu (which F.relu and clamp(min=0) both lift to).
+        at_kink = sympy.S.Zero if (side == 1 and c == 0) else sympy.S.One
+        return sympy.Heaviside(side * (f - c), at_kink)
+
+
+def _with_bounds(e: sympy.Expr) -> sympy.Expr:
+    def bound(cls, side):
+        def rewrite(node):
+            consts = [a for a in node.args if a.is_number]
+            rest = [a for a in node.args if not a.is_number]
+            if len(consts) != 1 or len(rest) != 1:
+                return node
+            return _bound(rest[0], consts[0], side)
+        return rewrite
+
+    e = e.replace(lambda a: isinstance(a, sympy.Max), bound(sympy.Max, 1))
+    return e.replace(lambda a: isinstance(a, sympy.Min), bound(sympy.Min, -1))
+
+
+def _without_bounds(e: sympy.Expr) -> sympy.Expr:
+    return e.replace(lambda a: isinstance(a, _bound),
+                     lambda a: sympy.Max(a.args[1], a.args[0]) if a.args[2] == 1 else sympy.Min(a.args[1], a.args[0]))
+
+
 def gradient(expr: sympy.Expr | str, n_inputs: int) -> tuple[sympy.Expr, ...]:
     """∂expr/∂x_j for j < n_inputs, each again an expression of the language.
 
     Kinks follow torch's autograd: the derivative of a step (Heaviside, sign) is 0 everywhere — sympy says
-    DiracDelta, which only the second derivative of Max/Min/Abs/clamp can produce — and at a kink itself the
-    value is whatever sympy's Heaviside(0) convention gives (checked against torch in tests).
+    DiracDelta, which only the second derivative of Max/Min/Abs/clamp can produce. At a constant bound the
+    slope is torch's: 1 on a clamp bound (inclusive), 0 for relu at 0 (`_bound`); between two variables
+    (torch.maximum) it is sympy's 1/2, which is also torch's.
     """
-    e = parse(expr) if isinstance(expr, str) else expr
+    e = _with_bounds(parse(expr) if isinstance(expr, str) else expr)
     grads = []
     for x in variables(n_inputs):
         d = sympy.diff(e, x).replace(lambda a: isinstance(a, sympy.DiracDelta), lambda a: sympy.S.Zero)
-        grads.append(parse(to_str(d)))
+        grads.append(parse(to_str(_without_bounds(d))))
     return tuple(grads)

@@ -319,3 +319,15 @@ def test_torch_fn_errors():
         E.torch_fn(sympy.Piecewise((X0, X0 > 0)), 1)
     with pytest.raises(TypeError, match="takes 2"):
         E.torch_fn("x0*x1", 2)(torch.ones(1))
+
+
+@pytest.mark.parametrize("fn,text", [
+    (torch.nn.functional.relu, "relu(x0)"),  # slope 0 at 0 (x > 0)
+    (lambda x: x.clamp(-7.0, 7.0), "clamp(x0, -7, 7)"),  # slope 1 on both bounds (inclusive)
+    (lambda x: torch.nn.functional.silu(x.clamp(max=7.0)), "silu(clamp(x0, max=7))"),
+])
+def test_gradient_slope_at_kinks_matches_torch(fn, text):
+    x = torch.tensor([-8.0, -7.0, -1.0, 0.0, 1.0, 7.0, 8.0], dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad(fn(x).sum(), x)
+    (d,) = E.gradient(text, 1)
+    torch.testing.assert_close(E.torch_fn(d, 1)(x.detach()), expected, rtol=0, atol=1e-12)

@@ -1,15 +1,30 @@
-"""The CPU path of `moefuse::moe`: an exact torch implementation of the same plan the kernels run.
+"""The CPU path of `moefuse::moe` and of its training pair: an exact torch implementation of the same plan the
+kernels run, forward and SonicMoE's memory-efficient backward.
 
-Plan (identical to the Triton path, so the two can be compared step by step):
-  1. routing: pairs p = t·K + k sorted stably by expert → order[S], per-expert counts;
-  2. up-projection per expert on the gathered rows x[order // K], activation from the spec's expression;
-  3. down-projection per expert;
+Forward plan (identical to the Triton path, so the two can be compared step by step):
+  1. routing: pairs p = t·K + k sorted stably by expert → order[S], per-expert counts (ids outside [0, E)
+     sort last and belong to no expert);
+  2. up-projection per expert on the gathered rows x[order // K]: H = x·W1ᵀ + b1, kept as `h` for backward
+     when asked; activation A = act(H) from the spec's expression, in fp32;
+  3. down-projection per expert: Y = A·W2ᵀ + b2;
   4. combine: y[t] = Σ_k w[t,k] · Y[pair (t,k)], accumulated in fp32, cast to the spec's out dtype.
 
+Backward (SonicMoE, "memory-efficient backward"): from x, the routing and H only — A is recomputed, Y and dY
+never exist. Per expert, on its sorted rows with s = topk_w of each row's pair:
+  dA' = gather(dy)·W2_e              dS = ⟨dA', A⟩ (+ ⟨dy_t, b2_e⟩)   → dtopk_w[t, k]
+  dH  = s·dA' ⊙ ∂act/∂x_j(H)         (scattered to the up-projection rows the activation read)
+  dW2_e = gather(dy)ᵀ·(s·A)          dW1_e = dHᵀ·gather(x)            db2_e = Σ s·dy_t,  db1_e = Σ dH
+  dx = Σ_k dH·W1_e over each token's pairs (unweighted: the weight is already in dH).
+
 On the CPU a host read of the counts costs nothing (there is no device to sync with), so experts are walked
-with plain slices. The activation is evaluated in fp32 like the kernels' epilogue.
+with plain slices. Math runs in fp32 for the spec's dtypes (fp32/fp16/bf16), like the kernels' epilogues;
+the functions are dtype-generic, and float64 tensors (which no MoESpec describes) run in float64, which is
+what `torch.autograd.gradcheck` needs.
 """
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 
@@ -17,14 +32,38 @@ from moefuse import expr as _expr
 from moefuse.spec import MoESpec
 
 
-def _activation(spec: MoESpec):
+def _activation(spec: MoESpec) -> Callable[..., torch.Tensor]:
     return _expr.torch_fn(spec.activation.expr, spec.activation.num_inputs)
 
 
+@functools.lru_cache(maxsize=None)
+def _activation_grads(expression: str, num_inputs: int) -> tuple[Callable[..., torch.Tensor], ...]:
+    # Cached here: `expr.gradient` differentiates with sympy (tens of ms), torch_fn only caches the printing.
+    return tuple(_expr.torch_fn(g, num_inputs) for g in _expr.gradient(expression, num_inputs))
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 tensors, float64 for float64 ones."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def expert_slices(up: torch.Tensor, spec: MoESpec) -> list[torch.Tensor]:
-    """The activation's inputs: for variable j, column n reads up-projection row off_j + step_j · n."""
+    """The activation's inputs: for variable j, column n reads up-projection row off_j + step_j · n (views)."""
     n = spec.intermediate
     return [up[:, off : off + step * (n - 1) + 1 : step] for off, step in spec.activation.slices]
+
+
+def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """(order [S] int64, counts): the pair p = t·K + k of each expert-sorted row, and the rows of each expert.
+
+    The same order as `moefuse.kernels.routing.routing_plan_reference`: a stable sort by expert, ids outside
+    [0, E) under the key E, so they come last (rows counts-sum .. S-1) and belong to no expert.
+    """
+    flat = topk_ids.reshape(-1)
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_experts + 1).tolist()[:num_experts]
+    return order, counts
 
 
 def moe_forward_cpu(
@@ -36,32 +75,39 @@ def moe_forward_cpu(
     w2: torch.Tensor,
     b1: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """y[T, H] for the layer `spec`; see `moefuse.spec` for the layouts. Works on any device."""
+    *,
+    save_h: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """y[T, H] for the layer `spec`; see `moefuse.spec` for the layouts. Works on any device.
+
+    save_h: return (y, h) instead, h [T·K, N1] in x's dtype, in expert-sorted order (see `sort_pairs`),
+      column c = up-projection row c before the activation (b1 included); rows of dropped pairs are zero.
+    out_dtype: dtype of y (default: spec.out_dtype); float64 for gradcheck.
+    """
     T, K = topk_ids.shape
-    out_dtype = getattr(torch, spec.out_dtype)
+    out_dtype = out_dtype or getattr(torch, spec.out_dtype)
+    math = _math_dtype(x.dtype)
+    h = x.new_zeros((T * K, spec.up_rows)) if save_h else None
     if T == 0:
-        return x.new_zeros((0, spec.hidden), dtype=out_dtype)
+        y = x.new_zeros((0, spec.hidden), dtype=out_dtype)
+        return (y, h) if save_h else y
     act = _activation(spec)
-    e_count = spec.num_experts
-    flat = topk_ids.reshape(-1)
-    # Ids outside [0, E) belong to no expert and contribute nothing (as in the kernels): they get the key E,
-    # which sorts after every expert, and their rows stay zero.
-    key = torch.where((flat >= 0) & (flat < e_count), flat, e_count)
-    order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=e_count + 1).tolist()
+    order, counts = sort_pairs(topk_ids, spec.num_experts)
     xs = x[order // K]
     a = x.new_empty((T * K, spec.intermediate))
     y_sorted = x.new_zeros((T * K, spec.hidden))
     start = 0
-    for e, c in enumerate(counts[:e_count]):
+    for e, c in enumerate(counts):
         if c == 0:
             continue
         rows = slice(start, start + c)
         up = xs[rows] @ w1[e].transpose(0, 1)
         if b1 is not None:
             up = up + b1[e]
-        a[rows] = act(*(s.float() for s in expert_slices(up, spec))).to(a.dtype)
+        if h is not None:
+            h[rows] = up
+        a[rows] = act(*(s.to(math) for s in expert_slices(up, spec))).to(a.dtype)
         down = a[rows] @ w2[e].transpose(0, 1)
         if b2 is not None:
             down = down + b2[e]
@@ -69,5 +115,90 @@ def moe_forward_cpu(
         start += c
     y_pairs = torch.empty_like(y_sorted)
     y_pairs[order] = y_sorted
-    y = (y_pairs.view(T, K, spec.hidden).float() * topk_weights.float().unsqueeze(-1)).sum(dim=1)
-    return y.to(out_dtype)
+    y = (y_pairs.view(T, K, spec.hidden).to(math) * topk_weights.to(math).unsqueeze(-1)).sum(dim=1)
+    y = y.to(out_dtype)
+    return (y, h) if save_h else y
+
+
+def moe_backward_cpu(
+    spec: MoESpec,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    h: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dtopk_weights, dw1, dw2, db1, db2) of y = moe_forward_cpu(spec, x, …) given dy [T, H] and the
+    forward's h (see the module docstring for the formulas).
+
+    Each gradient has the dtype of its input and is contiguous in the logical layout of `moefuse.spec`
+    ([E, N1, H] and [E, H, I] for the weights, whatever strides w1/w2 have); db1/db2 are None without
+    biases. Dropped pairs (ids outside [0, E)) contribute nothing and get a zero weight gradient.
+    Deterministic: fixed summation orders, no atomics.
+    """
+    T, K = topk_ids.shape
+    E, H, N1 = spec.num_experts, spec.hidden, spec.up_rows
+    if tuple(h.shape) != (T * K, N1):
+        raise ValueError(f"h: expected shape {(T * K, N1)} (T·K, up_rows), got {tuple(h.shape)}")
+    if tuple(dy.shape) != (T, H):
+        raise ValueError(f"dy: expected shape {(T, H)}, got {tuple(dy.shape)}")
+    math = _math_dtype(x.dtype)
+    act = _activation(spec)
+    act_grads = _activation_grads(spec.activation.expr, spec.activation.num_inputs)
+    order, counts = sort_pairs(topk_ids, E)
+    weights = topk_weights.reshape(-1)
+
+    # Per pair (not per token) so that dx is summed over k in a fixed order, like the kernels' gather-sum.
+    dx_pairs = torch.zeros((T * K, H), dtype=math, device=x.device)
+    ds_pairs = torch.zeros(T * K, dtype=math, device=x.device)
+    dw1 = torch.zeros((E, N1, H), dtype=math, device=x.device)
+    dw2 = torch.zeros((E, H, spec.intermediate), dtype=math, device=x.device)
+    db1 = torch.zeros((E, N1), dtype=math, device=x.device) if b1 is not None else None
+    db2 = torch.zeros((E, H), dtype=math, device=x.device) if b2 is not None else None
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        pairs = order[start : start + c]
+        tokens = pairs // K
+        dy_e = dy[tokens].to(math)  # [c, H]
+        s = weights[pairs].to(math).unsqueeze(-1)  # [c, 1]
+        ins = [v.to(math) for v in expert_slices(h[start : start + c], spec)]
+        start += c
+
+        # ---- dA', A, dS: the router-weight gradient without Y ----
+        a = act(*ins)  # [c, I]
+        da = dy_e @ w2[e].to(math)  # dA' [c, I]
+        ds = (da * a).sum(dim=-1)
+        if b2 is not None:
+            ds = ds + dy_e @ b2[e].to(math)
+        ds_pairs[pairs] = ds
+
+        # ---- dH, into the up-projection rows each variable read ----
+        da = da * s
+        dh = torch.zeros((c, N1), dtype=math, device=x.device)
+        for view, grad in zip(expert_slices(dh, spec), act_grads):
+            view += da * grad(*ins)
+
+        # ---- Weight and input gradients ----
+        dw2[e] = dy_e.transpose(0, 1) @ (a * s)
+        dw1[e] = dh.transpose(0, 1) @ x[tokens].to(math)
+        if db1 is not None:
+            db1[e] = dh.sum(dim=0)
+        if db2 is not None:
+            db2[e] = (dy_e * s).sum(dim=0)
+        dx_pairs[pairs] = dh @ w1[e].to(math)
+
+    dx = dx_pairs.view(T, K, H).sum(dim=1)
+    return (
+        dx.to(x.dtype),
+        ds_pairs.view(T, K).to(topk_weights.dtype),
+        dw1.to(w1.dtype),
+        dw2.to(w2.dtype),
+        db1.to(b1.dtype) if db1 is not None else None,
+        db2.to(b2.dtype) if db2 is not None else None,
+    )

@@ -9,6 +9,7 @@ Dispatch, decided per call:
   - CPU tensors with TRITON_INTERPRET=1 in the environment → the same Triton kernels on the interpreter
     (this is how the kernels are tested without a GPU);
   - other CPU tensors → `runtime.cpu`, an exact torch implementation of the same plan.
+The training pair `moefuse::moe_fwd` / `moefuse::moe_bwd` (`runtime.autograd`) dispatches the same way.
 """
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ from moefuse.spec import MoESpec
 
 log = logging.getLogger("moefuse.runtime")
 
-# Calls of the op by path, so tests can assert that the fused op really ran (and on which path).
-counters: dict[str, int] = {"triton": 0, "cpu": 0}
+# Calls by op and path, so tests can assert that the fused op really ran (and on which path): "triton"/"cpu"
+# count `moefuse::moe`, "fwd_train_*"/"bwd_*" its training pair `moefuse::moe_fwd`/`moefuse::moe_bwd`.
+counters: dict[str, int] = {
+    "triton": 0, "cpu": 0, "fwd_train_triton": 0, "fwd_train_cpu": 0, "bwd_triton": 0, "bwd_cpu": 0,
+}
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,151 @@
+"""The training path of the fused MoE: `moefuse::moe_fwd`, `moefuse::moe_bwd` and the autograd formula that
+joins them (SonicMoE's memory-efficient backward).
+
+  moefuse::moe_fwd(x, topk_ids, topk_weights, w1, w2, b1?, b2?, spec) -> (y [T,H], h [T·K, N1])
+  moefuse::moe_bwd(dy, x, topk_ids, topk_weights, w1, w2, b1?, b2?, h, spec)
+      -> (dx, dtopk_weights, dw1, dw2, db1, db2)      db1/db2 are empty tensors without biases
+
+h is the pre-activation up-projection (b1 included) in expert-sorted order, in x's dtype; rows of dropped
+pairs are zero. Saved for backward: the op's inputs (x, topk_ids, topk_weights, w1, w2, b1, b2 — already
+alive, so no extra memory) and h, S·N1·itemsize(x) bytes (S = T·K; 2·T·K·I·itemsize for a GLU) — never the
+gathered x, A or Y: the backward recomputes A from h and never forms Y or dY. Gradients flow to x,
+topk_weights (and from there into the router, which stays in the graph), w1, w2, b1, b2; none to topk_ids;
+h is not differentiable.
+
+Inference uses the plain `moefuse::moe` op (`runtime.op`), which keeps no h: the compiler emits this pair
+only when gradients are needed. Under `torch.no_grad()` / `inference_mode` moe_fwd still computes h (it is
+an output of the op), but nothing is saved and h is freed as soon as the caller drops it.
+
+Dispatch is `runtime.op`'s: CUDA tensors or TRITON_INTERPRET=1 → the Triton kernels
+(`kernels.moe.moe_forward(..., save_h=True)`, `kernels.backward.moe_backward`); other CPU tensors →
+`runtime.cpu`. Both ops are opaque custom ops with fake implementations, so dynamo, AOTAutograd and Inductor
+trace them without looking inside.
+"""
+from __future__ import annotations
+
+import torch
+
+from moefuse.runtime.cpu import moe_backward_cpu, moe_forward_cpu
+from moefuse.runtime.op import _use_triton, counters, spec_from_key
+from moefuse.spec import MoESpec
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward: y and the pre-activation h
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moefuse::moe_fwd", mutates_args=())
+def moe_fwd(
+    x: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Tensor | None,
+    b2: Tensor | None,
+    spec: str,
+) -> tuple[Tensor, Tensor]:
+    s = spec_from_key(spec)
+    if _use_triton(x):
+        from moefuse.kernels.codegen import load_activation
+        from moefuse.kernels.moe import moe_forward
+
+        counters["fwd_train_triton"] += 1
+        activation = load_activation(s.activation.expr, s.activation.num_inputs)
+        return moe_forward(s, x, topk_ids, topk_weights, w1, w2, b1, b2, activation=activation, save_h=True)
+    counters["fwd_train_cpu"] += 1
+    return moe_forward_cpu(s, x, topk_ids, topk_weights, w1, w2, b1, b2, save_h=True)
+
+
+@moe_fwd.register_fake
+def _moe_fwd_fake(x, topk_ids, topk_weights, w1, w2, b1, b2, spec):
+    s = spec_from_key(spec)
+    y = x.new_empty((x.shape[0], s.hidden), dtype=getattr(torch, s.out_dtype))
+    h = x.new_empty((topk_ids.shape[0] * topk_ids.shape[1], s.up_rows))
+    return y, h
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backward: every gradient in one call
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moefuse::moe_bwd", mutates_args=())
+def moe_bwd(
+    dy: Tensor,
+    x: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Tensor | None,
+    b2: Tensor | None,
+    h: Tensor,
+    spec: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    s = spec_from_key(spec)
+    if _use_triton(x):
+        from moefuse.kernels.backward import moe_backward
+
+        counters["bwd_triton"] += 1
+        grads = moe_backward(s, dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h)
+    else:
+        counters["bwd_cpu"] += 1
+        grads = moe_backward_cpu(s, dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h)
+    dx, dtopk_weights, dw1, dw2, db1, db2 = grads
+    # A custom op cannot return None (nor one tensor twice): an absent bias gets its own empty gradient,
+    # mapped back to None in _backward.
+    return (dx, dtopk_weights, dw1, dw2,
+            x.new_empty(0) if db1 is None else db1, x.new_empty(0) if db2 is None else db2)
+
+
+@moe_bwd.register_fake
+def _moe_bwd_fake(dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h, spec):
+    s = spec_from_key(spec)
+    E, H, I, N1 = s.num_experts, s.hidden, s.intermediate, s.up_rows  # noqa: E741
+    return (
+        x.new_empty(x.shape),
+        topk_weights.new_empty(topk_weights.shape),
+        w1.new_empty((E, N1, H)),
+        w2.new_empty((E, H, I)),
+        b1.new_empty((E, N1)) if b1 is not None else x.new_empty(0),
+        b2.new_empty((E, H)) if b2 is not None else x.new_empty(0),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd: save the inputs and h, nothing else
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    x, topk_ids, topk_weights, w1, w2, b1, b2, spec = inputs
+    _, h = output
+    ctx.save_for_backward(x, topk_ids, topk_weights, w1, w2, b1, b2, h)
+    ctx.spec = spec
+    ctx.mark_non_differentiable(h)
+
+
+def _backward(ctx, dy, _dh):
+    x, topk_ids, topk_weights, w1, w2, b1, b2, h = ctx.saved_tensors
+    dx, dtopk_weights, dw1, dw2, db1, db2 = torch.ops.moefuse.moe_bwd(
+        dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h, ctx.spec
+    )
+    return (
+        dx, None, dtopk_weights, dw1, dw2,
+        db1 if b1 is not None else None,
+        db2 if b2 is not None else None,
+        None,
+    )
+
+
+torch.library.register_autograd("moefuse::moe_fwd", _backward, setup_context=_setup_context)
+
+
+def moe_train_call(spec: MoESpec, x, topk_ids, topk_weights, w1, w2, b1=None, b2=None) -> Tensor:
+    """Eager convenience: y of the training op for a spec object (h stays inside the autograd graph)."""
+    y, _ = torch.ops.moefuse.moe_fwd(x, topk_ids, topk_weights, w1, w2, b1, b2, spec.to_key())
+    return y
