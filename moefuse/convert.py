@@ -19,7 +19,7 @@ import torch
 
 from moefuse.passes.detect import capture_activation
 from moefuse.passes.region import Reject
-from moefuse.runtime import op as _op  # noqa: F401  (registers moefuse::moe)
+from moefuse.runtime.autograd import fused_moe
 from moefuse.spec import MoESpec
 
 log = logging.getLogger("moefuse.convert")
@@ -80,10 +80,6 @@ def _spec_key(m, x_dtype: torch.dtype, top_k: int) -> str:
         router="transformers experts interface (via moefuse.convert)",
     )
     return spec.to_key()
-
-
-def fused_moe(x, topk_ids, topk_weights, w1, w2, b1, b2, spec: str) -> torch.Tensor:
-    return torch.ops.moefuse.moe(x, topk_ids, topk_weights, w1, w2, b1, b2, spec)
 
 
 def moefuse_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

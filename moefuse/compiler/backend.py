@@ -29,6 +29,10 @@ from moefuse.runtime.op import kernels_for, spec_from_key
 
 log = logging.getLogger("moefuse")
 
+# The ops a graph may already hold (put there by moefuse.convert): inference, and training (with h).
+_FUSED_OPS = (torch.ops.moefuse.moe.default, torch.ops.moefuse.moe, torch.ops.moefuse.moe_fwd.default,
+              torch.ops.moefuse.moe_fwd)
+
 
 def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) -> fx.GraphModule:
     """The pass pipeline. Order matters:
@@ -39,10 +43,11 @@ def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) ->
     """
     canonicalize(gm)
     for node in gm.graph.nodes:  # layers moefuse.convert already turned into the op, for the report
-        if node.op == "call_function" and node.target in (torch.ops.moefuse.moe.default, torch.ops.moefuse.moe):
+        if node.op == "call_function" and node.target in _FUSED_OPS:
             spec = spec_from_key(node.args[-1])
             device = node.args[0].meta["example_value"].device
-            report.lowered.append(Lowered(module_path(node), node.name, spec, None, kernels_for(spec, device), True))
+            report.lowered.append(Lowered(module_path(node), node.name, spec, None, kernels_for(spec, device), True,
+                                          training=node.target in _FUSED_OPS[2:]))
     regions, rejected = detect(gm)
     report.rejected.extend(rejected)
     for region in regions:
@@ -58,7 +63,8 @@ def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) ->
             continue
         device = region.x.meta["example_value"].device
         node = rewrite(gm, region)
-        report.lowered.append(Lowered(region.module, node.name, region.spec, error, kernels_for(region.spec, device)))
+        report.lowered.append(Lowered(region.module, node.name, region.spec, error, kernels_for(region.spec, device),
+                                      training=region.needs_grad))
     return gm
 
 

@@ -15,11 +15,13 @@ class Lowered:
     verify_error: float | None  # worst relative error of the verification probe; None when verify was off
     kernels: list[str] = field(default_factory=list)  # what will run it, per device kind
     by_convert: bool = False  # the graph already held the op: moefuse.convert put it there
+    training: bool = False  # lowered to the training op: its fused backward runs too
 
     def __str__(self) -> str:
         check = ("by moefuse.convert" if self.by_convert else
                  "not verified" if self.verify_error is None else f"verified (rel. err {self.verify_error:.1e})")
-        lines = [f"  LOWERED  {self.module} → {self.node}: {self.spec.describe()} [{check}]"]
+        mode = " (training: fused forward + backward)" if self.training else ""
+        lines = [f"  LOWERED  {self.module} → {self.node}{mode}: {self.spec.describe()} [{check}]"]
         lines += [f"           kernel: {k}" for k in self.kernels]
         return "\n".join(lines)
 

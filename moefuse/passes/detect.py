@@ -440,17 +440,16 @@ def _match(d: _Dispatch, mms: list[fx.Node]) -> Region:
         if escaping and isinstance(fu.value(n), torch.Tensor):
             raise Reject(Reason.INTERIOR_ESCAPES, n, f"{n.name} is also used by {escaping[0].name}")
     out_val = fu.tensor(output)
-    if torch.is_grad_enabled() and any(
-        getattr(fu.tensor(v), "requires_grad", False) for v in (output, d.x, weights, d.w1, d.w2)
-    ):
-        raise Reject(Reason.NEEDS_GRAD, output, "the captured graph records gradients for this layer")
+    needs_grad = torch.is_grad_enabled() and any(
+        getattr(fu.tensor(v), "requires_grad", False) for v in (output, d.x, weights, d.w1, d.w2, b1, b2) if v is not None
+    )
     spec = MoESpec(
         num_experts=e, top_k=k, hidden=h, intermediate=i, up_rows=n1, activation=activation,
         dtype=_dtype_name(fu.tensor(d.w1).dtype), out_dtype=_dtype_name(out_val.dtype),
         w1_bias=b1 is not None, w2_bias=b2 is not None, router=_router_description(ids, weights),
     )
     return Region(spec, module, output, nodes, d.x, ids, weights, d.w1, d.w2, d.w1_transposed, d.w2_transposed,
-                  b1, b2, extra)
+                  b1, b2, extra, needs_grad)
 
 
 def _find_k(chain: list[fx.Node], t: int, e: int) -> int:

@@ -23,7 +23,6 @@ class Reason(enum.Enum):
     EXTERNAL_INPUT = "the region reads a value that is not tokens, routing, expert weights or biases"
     INTERIOR_ESCAPES = "an intermediate value of the region is used outside it"
     SHAPE = "shapes inside the region are inconsistent with one MoE layer"
-    NEEDS_GRAD = "the region needs gradients; moefuse lowers inference-only regions until training lands"
     VERIFY_MISMATCH = "the fused op disagreed with the captured region on random inputs"
     VERIFY_ERROR = "running the captured region or the fused op on random inputs raised an error"
 
@@ -45,7 +44,6 @@ _HINTS = {
     Reason.EXTERNAL_INPUT: "this layer runs unchanged; file an issue if it should be fused",
     Reason.INTERIOR_ESCAPES: "do not return or reuse intermediate expert values outside the MoE block",
     Reason.SHAPE: "file an issue with the printed graph",
-    Reason.NEEDS_GRAD: "run inference under torch.no_grad() or torch.inference_mode()",
     Reason.VERIFY_MISMATCH: "this is a detection bug caught before it could change your results: please report it",
     Reason.VERIFY_ERROR: "set MOEFUSE_VERIFY=0 only if you know the region is correct; please report it",
 }
@@ -95,6 +93,7 @@ class Region:
     b1: fx.Node | None = None
     b2: fx.Node | None = None
     extra_inputs: list[fx.Node] = field(default_factory=list)  # symbolic sizes the region reads
+    needs_grad: bool = False  # gradients flow through it: lower to the training op (saves H for backward)
 
     @property
     def inputs(self) -> list[fx.Node]:

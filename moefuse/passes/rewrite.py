@@ -1,21 +1,28 @@
 """rewrite: replace one detected region by a single `moefuse::moe` call, then delete the region.
 
+Inference regions become `moefuse::moe`; regions that gradients flow through become
+`moefuse::moe_fwd(...)[0]`, whose registered autograd formula runs the fused backward.
+
 Postconditions (checked): the graph lints; the region's output has no users left; no node of the region
 remains. The new node takes the output's place in graph order and its metadata (so later passes and
 AOTAutograd see the same value); no value that existed before is aliased by the new node.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
 from moefuse.passes.region import Region
 
-# Importing the runtime registers torch.ops.moefuse.moe.
+# Importing the runtime registers torch.ops.moefuse.moe (inference) and moefuse.moe_fwd/moe_bwd (training).
+from moefuse.runtime import autograd as _autograd  # noqa: F401
 from moefuse.runtime import op as _op  # noqa: F401
 
 
 def rewrite(gm: fx.GraphModule, region: Region) -> fx.Node:
+    """Replace `region` in `gm`; return the new op's node."""
     graph, out = gm.graph, region.output
     spec = region.spec
     with graph.inserting_before(out):
@@ -24,10 +31,13 @@ def rewrite(gm: fx.GraphModule, region: Region) -> fx.Node:
             x = graph.call_method("to", (x, getattr(torch, spec.dtype)))
         w1 = graph.call_method("transpose", (region.w1, -2, -1)) if region.w1_transposed else region.w1
         w2 = graph.call_method("transpose", (region.w2, -2, -1)) if region.w2_transposed else region.w2
-        new = graph.call_function(
-            torch.ops.moefuse.moe.default,
-            (x, region.topk_ids, region.topk_weights, w1, w2, region.b1, region.b2, spec.to_key()),
-        )
+        args = (x, region.topk_ids, region.topk_weights, w1, w2, region.b1, region.b2, spec.to_key())
+        if region.needs_grad:
+            # The training op returns (y, h): h, the pre-activation, is what its backward keeps.
+            op_node = graph.call_function(torch.ops.moefuse.moe_fwd.default, args)
+            new = graph.call_function(operator.getitem, (op_node, 0))
+        else:
+            op_node = new = graph.call_function(torch.ops.moefuse.moe.default, args)
     new.meta.update({k: v for k, v in out.meta.items() if k in ("example_value", "nn_module_stack", "stack_trace",
                                                                   "source_fn_stack", "val")})
     new.meta["moefuse_spec"] = spec
@@ -40,4 +50,4 @@ def rewrite(gm: fx.GraphModule, region: Region) -> fx.Node:
         graph.erase_node(node)
     graph.lint()
     gm.recompile()
-    return new
+    return op_node

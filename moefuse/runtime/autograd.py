@@ -149,3 +149,12 @@ def moe_train_call(spec: MoESpec, x, topk_ids, topk_weights, w1, w2, b1=None, b2
     """Eager convenience: y of the training op for a spec object (h stays inside the autograd graph)."""
     y, _ = torch.ops.moefuse.moe_fwd(x, topk_ids, topk_weights, w1, w2, b1, b2, spec.to_key())
     return y
+
+
+def fused_moe(x, topk_ids, topk_weights, w1, w2, b1, b2, spec: str) -> Tensor:
+    """y of the fused MoE for a spec key: the training op when gradients flow through any input, the
+    inference op (no h kept) otherwise. Traceable by dynamo (what `moefuse.convert`'s modules call)."""
+    differentiable = (x, topk_weights, w1, w2, b1, b2)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+        return torch.ops.moefuse.moe_fwd(x, topk_ids, topk_weights, w1, w2, b1, b2, spec)[0]
+    return torch.ops.moefuse.moe(x, topk_ids, topk_weights, w1, w2, b1, b2, spec)
