@@ -1,7 +1,8 @@
 """Printing activation expressions as Triton (moefuse.kernels.codegen): golden sources, numerics under the
 interpreter against float64 torch, helper accuracy in ulps, the kernel cache, and a compile for sm_90.
 
-MOEFUSE_UPDATE_GOLDEN=1 rewrites tests/golden/activation_*.py.expected from the current printer.
+MOEFUSE_UPDATE_GOLDEN=1 rewrites tests/golden/activation_*.py.expected (and activation_grad_*, the backward's
+value-and-derivatives functions) from the current printer.
 """
 import inspect
 import json
@@ -19,7 +20,7 @@ import triton.language as tl
 
 from moefuse import expr as E
 from moefuse.kernels import codegen
-from moefuse.kernels.codegen import HELPERS, load_activation, triton_source
+from moefuse.kernels.codegen import HELPERS, load_activation, load_activation_grad, triton_grad_source, triton_source
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +34,9 @@ GOLDEN = {
     "relu_squared": ("relu(x0)**2", 1),
     "mish_like": ("x0*tanh(softplus(x0))", 1),
 }
+# The activations whose gradient functions (`triton_grad_source`) are golden too.
+GOLDEN_GRAD = ("swiglu", "gpt_oss", "gelu_tanh", "relu")
+SOURCES = {"activation": triton_source, "activation_grad": triton_grad_source}
 
 
 @triton.jit
@@ -46,6 +50,32 @@ def _apply(x0_ptr, x1_ptr, y_ptr, n, ACT: tl.constexpr, N_INPUTS: tl.constexpr, 
     else:
         y = ACT(x0)
     tl.store(y_ptr + offs, y, mask=mask)
+
+
+@triton.jit
+def _apply_grad(x0_ptr, x1_ptr, y_ptr, d0_ptr, d1_ptr, n, ACT_GRAD: tl.constexpr, N_INPUTS: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """(y, d0[, d1]) = ACT_GRAD(x0[, x1]) elementwise over n fp32 values, as `_apply`."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x0 = tl.load(x0_ptr + offs, mask=mask)
+    if N_INPUTS == 2:
+        y, d0, d1 = ACT_GRAD(x0, tl.load(x1_ptr + offs, mask=mask))
+        tl.store(d1_ptr + offs, d1, mask=mask)
+    else:
+        y, d0 = ACT_GRAD(x0)
+    tl.store(y_ptr + offs, y, mask=mask)
+    tl.store(d0_ptr + offs, d0, mask=mask)
+
+
+def run_activation_grad(expr_str: str, n_inputs: int, *xs: torch.Tensor) -> list[torch.Tensor]:
+    """[act, ∂act/∂x0, …] from the generated `load_activation_grad` function."""
+    outs = [torch.empty_like(xs[0]) for _ in range(n_inputs + 1)]
+    block = 1024
+    _apply_grad[(triton.cdiv(xs[0].numel(), block),)](
+        xs[0], xs[-1], outs[0], outs[1], outs[-1], xs[0].numel(), ACT_GRAD=load_activation_grad(expr_str, n_inputs),
+        N_INPUTS=n_inputs, BLOCK=block)
+    return outs
 
 
 def run_activation(expr_str: str, n_inputs: int, *xs: torch.Tensor) -> torch.Tensor:
@@ -63,16 +93,17 @@ def _cache_dir(tmp_path_factory, monkeypatch):
 
 # Golden sources ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", GOLDEN)
-def test_golden_source(name):
+@pytest.mark.parametrize("kind,name",
+                         [("activation", n) for n in GOLDEN] + [("activation_grad", n) for n in GOLDEN_GRAD])
+def test_golden_source(kind, name):
     text, n = GOLDEN[name]
-    source = triton_source(E.parse(text), n)
-    path = GOLDEN_DIR / f"activation_{name}.py.expected"
+    source = SOURCES[kind](E.parse(text), n)
+    path = GOLDEN_DIR / f"{kind}_{name}.py.expected"
     if os.environ.get("MOEFUSE_UPDATE_GOLDEN") == "1":
         path.parent.mkdir(exist_ok=True)
         path.write_text(source)
     assert path.exists(), f"{path} is missing: run with MOEFUSE_UPDATE_GOLDEN=1 to create it"
-    assert source == path.read_text(), f"generated code changed; if intended, rerun with MOEFUSE_UPDATE_GOLDEN=1"
+    assert source == path.read_text(), "generated code changed; if intended, rerun with MOEFUSE_UPDATE_GOLDEN=1"
 
 
 def test_source_is_deterministic_and_canonical():
@@ -162,6 +193,29 @@ def test_interpreter_matches_torch(text, n):
     assert units.max() <= 8, f"error {units.max().item():.2f} units at x0={x0[finite][units.argmax()].item()}"
 
 
+@pytest.mark.parametrize("text,n", INTERPRETED, ids=[t for t, _ in INTERPRETED])
+@discarded_branches_warn
+def test_gradient_interpreter_matches_autograd(text, n):
+    """The backward's function (value, ∂/∂x0, …) against float64 torch.autograd of the same expression, at
+    random points (a kink itself, where conventions differ, has measure zero). Same units and bound as
+    test_interpreter_matches_torch; measured max: 2.4 units (gelu-tanh's derivative)."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(1000, generator=g) * 4 for _ in range(n)]
+    got = [t.double() for t in run_activation_grad(text, n, *xs)]
+    leaves = [x.double().requires_grad_() for x in xs]
+    y = E.torch_fn(text, n)(*leaves)
+    grads = (torch.autograd.grad(y.sum(), leaves, allow_unused=True, materialize_grads=True) if y.requires_grad
+             else [torch.zeros_like(x) for x in leaves])  # a constant activation
+    scale = torch.ones_like(leaves[0])
+    for x in xs:
+        scale = scale * (1 + x.double().abs())
+    for i, (out, ref) in enumerate(zip(got, [y.detach(), *grads])):
+        assert torch.isfinite(ref).all() and torch.isfinite(out).all(), i
+        units = (out - ref).abs() / (2.0**-23 * (ref.abs() + scale))
+        at = [x[units.argmax()].item() for x in xs]
+        assert units.max() <= 8, f"output {i}: error {units.max().item():.2f} units at {at}"
+
+
 def _ulp32(t: torch.Tensor) -> torch.Tensor:
     t = t.float().abs()
     return (torch.nextafter(t, torch.full_like(t, float("inf"))) - t).double()
@@ -203,6 +257,22 @@ def test_load_writes_cache_atomically(tmp_path, monkeypatch):
     torch.testing.assert_close(run_activation(text, 1, torch.zeros(3)), torch.full((3,), 0.123456789))
 
 
+def test_load_grad_shares_the_cache(tmp_path, monkeypatch):
+    """load_activation_grad goes through the same atomic, hash-named cache as load_activation, in a file of its own."""
+    monkeypatch.setenv("MOEFUSE_CACHE_DIR", str(tmp_path))
+    text = "x0*sigmoid(x0) + 0.987654321"  # not loaded by any other test
+    fn = load_activation_grad(text, 1)
+    assert load_activation_grad(text, 1) is fn
+    (path,) = (tmp_path / "kernels").iterdir()
+    assert path.name.startswith("activation_grad_") and path.read_text() == triton_grad_source(E.parse(text), 1)
+    assert Path(inspect.getsourcefile(fn.fn)) == path
+    load_activation(text, 1)
+    assert len(list((tmp_path / "kernels").iterdir())) == 2  # the forward's function is a different module
+    value, slope = run_activation_grad(text, 1, torch.zeros(3))
+    torch.testing.assert_close(value, torch.full((3,), 0.987654321))
+    torch.testing.assert_close(slope, torch.full((3,), 0.5))  # d/dx x·sigmoid(x) at 0
+
+
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("MOEFUSE_CACHE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -226,6 +296,9 @@ EXPECTED_PTX = {
     "swiglu": ["ex2.approx"], "gpt_oss": ["min.NaN.f32", "max.NaN.f32", "ex2.approx"],
     "gelu_tanh": ["ex2.approx", "min.NaN.f32"], "relu": ["max.NaN.f32"], "relu_squared": ["max.NaN.f32"],
     "mish_like": ["ex2.approx"],
+    # the gradients: the same instructions, and (below) no calls either
+    "swiglu_grad": ["ex2.approx"], "gpt_oss_grad": ["min.NaN.f32", "max.NaN.f32", "ex2.approx"],
+    "gelu_tanh_grad": ["ex2.approx"], "relu_grad": ["max.NaN.f32"],
 }
 
 _COMPILE_SCRIPT = r"""
@@ -233,8 +306,8 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
-from test_codegen import GOLDEN, _apply
-from moefuse.kernels.codegen import load_activation
+from test_codegen import GOLDEN, GOLDEN_GRAD, _apply, _apply_grad
+from moefuse.kernels.codegen import load_activation, load_activation_grad
 
 signature = {"x0_ptr": "*fp32", "x1_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32",
              "ACT": "constexpr", "N_INPUTS": "constexpr", "BLOCK": "constexpr"}
@@ -243,6 +316,14 @@ for name, (text, n) in GOLDEN.items():
     constexprs = {"ACT": load_activation(text, n), "N_INPUTS": n, "BLOCK": 1024}
     kernel = triton.compile(triton.compiler.ASTSource(_apply, signature, constexprs), target=GPUTarget("cuda", 90, 32))
     ptx[name] = kernel.asm["ptx"]
+signature = {k: v for k, v in signature.items() if k != "ACT"}
+signature.update({"d0_ptr": "*fp32", "d1_ptr": "*fp32", "ACT_GRAD": "constexpr"})
+for name in GOLDEN_GRAD:
+    text, n = GOLDEN[name]
+    constexprs = {"ACT_GRAD": load_activation_grad(text, n), "N_INPUTS": n, "BLOCK": 1024}
+    kernel = triton.compile(triton.compiler.ASTSource(_apply_grad, signature, constexprs),
+                            target=GPUTarget("cuda", 90, 32))
+    ptx[name + "_grad"] = kernel.asm["ptx"]
 print(json.dumps(ptx))
 """
 

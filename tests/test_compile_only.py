@@ -1,4 +1,5 @@
-"""Compile every forward kernel for sm_80 and sm_90 on a machine without a GPU, and check the generated code.
+"""Compile every forward and backward kernel for sm_80 and sm_90 on a machine without a GPU, and check the
+generated code.
 
 The compile runs in a subprocess: with TRITON_INTERPRET=1 (set by conftest.py for the interpreter tests)
 `triton.jit` returns interpreter functions, which `ASTSource` cannot compile, and the variable is read when a
@@ -14,12 +15,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CAPABILITIES = (80, 90)
-GEMMS = ("up_gemm", "up_gemm_plain", "down_gemm")
+GEMMS = ("up_gemm", "up_gemm_plain", "up_gemm_save_h", "down_gemm")
+# The backward's GEMMs: the activation-gradient GEMM (SwiGLU, a one-input relu, GPT-OSS's clamp GLU: the largest
+# epilogue), the varlen-K weight gradients with and without the fused bias pass, and dX.
+BACKWARD_GEMMS = ("activation_backward", "activation_backward_plain", "activation_backward_gpt_oss",
+                  "weight_grad_dw2", "weight_grad_dw1", "weight_grad_dw2_nobias", "weight_grad_dw1_nobias", "dx_gemm")
+BACKWARD_OTHERS = ("router_grad", "router_grad_nobias", "combine_unweighted")
 # Per-block shared memory a kernel may use (the opt-in maximum): A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 SCRIPT = r'''
 import json, os, re, subprocess, sys, tempfile
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 assert os.environ.get("TRITON_INTERPRET") != "1"
 import torch
@@ -28,6 +36,8 @@ import triton.language as tl
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 
+from moefuse.kernels.backward import backward_kernel_sources
+from moefuse.kernels.codegen import load_activation_grad
 from moefuse.kernels.moe import kernel_sources
 from moefuse.spec import Activation, MoESpec
 
@@ -55,27 +65,47 @@ def spill_bytes(ptx, cap):
 
 
 H = I = 128
-records = []
+GPT_OSS = "(clamp(x1, -7, 7) + 1)*clamp(x0, max=7)*sigmoid(1.702*clamp(x0, max=7))"
+# The backward specialisations a no-bias layer gets, under names of their own
+NO_BIAS = {"activation_backward": "activation_backward_plain", "router_grad": "router_grad_nobias",
+           "weight_grad_dw2": "weight_grad_dw2_nobias", "weight_grad_dw1": "weight_grad_dw1_nobias"}
+jobs = []  # (name, dtype, source): compiled for each capability by a pool of forked workers
 for dtype in ("float16", "bfloat16", "float32"):
     glu = MoESpec(8, 2, H, I, 2 * I, Activation("silu(x0)*x1", ((0, 1), (I, 1))), dtype, dtype, True, True)
     plain = MoESpec(8, 2, H, I, I, Activation("relu(x0)", ((0, 1),)), dtype, "float32")
+    gpt_oss = MoESpec(8, 2, H, I, 2 * I, Activation(GPT_OSS, ((0, 2), (1, 2))), dtype, dtype, True, True)
     sources = [(s.name, s) for s in kernel_sources(glu, silu_mul) if not s.name.startswith("routing")]
     sources += [("up_gemm_plain", s) for s in kernel_sources(plain, relu) if s.name == "up_gemm"]
+    sources += [("up_gemm_save_h", s) for s in kernel_sources(glu, silu_mul, save_h=True) if s.name == "up_gemm"]
+    sources += [(s.name, s) for s in backward_kernel_sources(glu, load_activation_grad(glu.activation.expr, 2))]
+    sources += [(NO_BIAS[s.name], s) for s in backward_kernel_sources(plain, load_activation_grad("relu(x0)", 1))
+                if s.name in NO_BIAS]
+    sources += [("activation_backward_gpt_oss", s)
+                for s in backward_kernel_sources(gpt_oss, load_activation_grad(GPT_OSS, 2))
+                if s.name == "activation_backward"]
     if dtype == "float16":  # the routing kernels have no float operand: once per ids dtype and E
         for E, ids_dtype in ((8, torch.int32), (8, torch.int64), (256, torch.int32)):
             spec = MoESpec(E, 2, H, I, 2 * I, glu.activation, dtype, dtype)
             sources += [(s.name, s) for s in kernel_sources(spec, silu_mul, ids_dtype=ids_dtype)
                         if s.name.startswith("routing")]
-    for cap in (80, 90):
-        for name, src in sources:
-            kernel = triton.compile(src.ast_source(), target=GPUTarget("cuda", cap, 32), options=src.options)
-            ptx = kernel.asm.get("ptx", "")
-            records.append(dict(
-                kernel=name, dtype=dtype, cap=cap,
-                ids=src.signature.get("topk_ids_ptr"), block_e=src.constexprs.get("BLOCK_E"),
-                ptx_bytes=len(ptx), wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx,
-                cp_async="cp.async" in ptx, shared=kernel.metadata.shared, spill_bytes=spill_bytes(ptx, cap),
-            ))
+    jobs += [(name, dtype, src, cap) for cap in (80, 90) for name, src in sources]
+
+
+def compile_one(i):
+    name, dtype, src, cap = jobs[i]
+    kernel = triton.compile(src.ast_source(), target=GPUTarget("cuda", cap, 32), options=src.options)
+    ptx = kernel.asm.get("ptx", "")
+    return dict(
+        kernel=name, dtype=dtype, cap=cap,
+        ids=src.signature.get("topk_ids_ptr"), block_e=src.constexprs.get("BLOCK_E"),
+        ptx_bytes=len(ptx), wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx,
+        cp_async="cp.async" in ptx, shared=kernel.metadata.shared, spill_bytes=spill_bytes(ptx, cap),
+    )
+
+
+# Forked workers inherit `jobs` (jit functions do not pickle); compiles are independent and CPU-bound.
+with ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=get_context("fork")) as pool:
+    records = list(pool.map(compile_one, range(len(jobs))))
 print(json.dumps(records))
 '''
 
@@ -88,6 +118,7 @@ def records(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # a fresh cache: the test compiles, it never reads a hit
+    env["MOEFUSE_CACHE_DIR"] = str(tmp / "moefuse")  # where the generated activation gradients are written
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -102,10 +133,11 @@ def select(records, **where):
 
 def test_every_kernel_compiles_to_ptx(records):
     names = {r["kernel"] for r in records}
-    assert names == {"routing_histogram", "routing_scan", "routing_scatter", *GEMMS, "combine"}
+    everything = {*GEMMS, "combine", *BACKWARD_GEMMS, *BACKWARD_OTHERS}
+    assert names == {"routing_histogram", "routing_scan", "routing_scatter", *everything}
     for cap in CAPABILITIES:
         for dtype in ("float16", "bfloat16", "float32"):
-            assert {r["kernel"] for r in select(records, cap=cap, dtype=dtype)} >= {*GEMMS, "combine"}
+            assert {r["kernel"] for r in select(records, cap=cap, dtype=dtype)} >= everything
         scatter = select(records, cap=cap, kernel="routing_scatter")
         assert {r["ids"] for r in scatter} == {"*i32", "*i64"}
         assert {r["block_e"] for r in scatter} == {16, 512}  # E = 8 and E = 256 (DeepSeek-V3's)
@@ -114,16 +146,18 @@ def test_every_kernel_compiles_to_ptx(records):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("kernel", GEMMS)
+@pytest.mark.parametrize("kernel", GEMMS + BACKWARD_GEMMS)
 def test_gemms_use_tensor_cores(records, kernel, dtype):
-    # sm_90: warpgroup MMA (the default config is one warpgroup over BLOCK_M=64 rows); sm_80: mma.sync.
+    # sm_90: warpgroup MMA (the default configs have BLOCK_M=64 rows per warpgroup); sm_80: mma.sync. The varlen-K
+    # weight gradients too: their transposed operand Pᵀ is an M-major wgmma operand in shared memory, which
+    # wgmma supports for 16-bit types.
     (hopper,) = select(records, kernel=kernel, dtype=dtype, cap=90)
     (ampere,) = select(records, kernel=kernel, dtype=dtype, cap=80)
     assert hopper["wgmma"], hopper
     assert ampere["mma_sync"] and not ampere["wgmma"], ampere
 
 
-@pytest.mark.parametrize("kernel", GEMMS)
+@pytest.mark.parametrize("kernel", GEMMS + BACKWARD_GEMMS)
 def test_gemms_are_software_pipelined(records, kernel):
     # num_stages > 1 only takes effect if the loads became cp.async copies into a multi-buffered ring.
     for r in select(records, kernel=kernel):

@@ -1,5 +1,8 @@
 """The weighted combine: out[t] = Σ_k topk_w[t, k] · Y[pair_pos[t·K + k]], in fp32, without atomics.
 
+With WEIGHTED=False it is the backward's unweighted gather-sum dx[t] = Σ_k dX[pair_pos[t·K + k]] (the routing
+weights were already applied to dH), the same kernel with the weight loads compiled away.
+
 Y holds the down-projection's rows in expert-sorted order. Each output element is written by exactly one
 program, which sums its K terms in slot order k = 0 .. K-1: the result is bit-for-bit reproducible. (SonicMoE
 measured that fusing this scatter into the down-projection epilogue is slower on Hopper; it stays separate.)
@@ -19,7 +22,7 @@ NUM_WARPS = 4
 def combine_kernel(
     # Pointers
     y_ptr,  # [S, H] expert outputs in expert-sorted order, any float dtype, any strides
-    topk_w_ptr,  # [T, K] routing weights, any float dtype, any strides
+    topk_w_ptr,  # [T, K] routing weights, any float dtype, any strides; read only if WEIGHTED
     pair_pos_ptr,  # [S] int32, sorted row of pair t·K + k
     offsets_ptr,  # [E + 1] int32; rows >= offsets[E] hold dropped pairs and were never written
     out_ptr,  # [T, H] out, any float dtype
@@ -30,6 +33,7 @@ def combine_kernel(
     stride_wt, stride_wk,
     stride_ot, stride_oh,
     # Meta-parameters
+    WEIGHTED: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     """Grid: (T, cdiv(H, BLOCK_H)). Program (t, j) owns out[t, j·BLOCK_H : (j+1)·BLOCK_H]."""
@@ -43,9 +47,12 @@ def combine_kernel(
         pos = tl.load(pair_pos_ptr + token * TOP_K + k)
         kept = pos < kept_rows
         # A dropped pair's row holds garbage (possibly NaN): mask the load, not just the weight.
-        weight = tl.where(kept, tl.load(topk_w_ptr + token * stride_wt + k * stride_wk).to(tl.float32), 0.0)
         row = tl.load(y_ptr + pos.to(tl.int64) * stride_ym + rh * stride_yh, mask=h_mask & kept, other=0.0)
-        acc += weight * row.to(tl.float32)
+        if WEIGHTED:
+            weight = tl.where(kept, tl.load(topk_w_ptr + token * stride_wt + k * stride_wk).to(tl.float32), 0.0)
+            acc += weight * row.to(tl.float32)
+        else:
+            acc += row.to(tl.float32)
     tl.store(out_ptr + token * stride_ot + rh * stride_oh, acc.to(out_ptr.dtype.element_ty), mask=h_mask)
 
 
@@ -54,14 +61,17 @@ def combine_block_h(hidden: int) -> int:
     return min(1024, triton.next_power_of_2(max(hidden, 16)))
 
 
-def combine(y: torch.Tensor, topk_w: torch.Tensor, plan: RoutingPlan, *, out_dtype: torch.dtype) -> torch.Tensor:
-    """out [T, H] in out_dtype from the sorted expert outputs y [S, H] and the routing weights topk_w [T, K]."""
+def combine(
+    y: torch.Tensor, topk_w: torch.Tensor | None, plan: RoutingPlan, *, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """out [T, H] in out_dtype from the sorted expert outputs y [S, H] and the routing weights topk_w [T, K];
+    topk_w=None sums the K rows of each token unweighted (the backward's dx)."""
     # ---- Check ----
     S, K = plan.num_pairs, plan.top_k
     if y.dim() != 2 or y.shape[0] != S:
         raise ValueError(f"y: expected shape [{S}, H], got {tuple(y.shape)}")
     T = S // K if K else 0
-    if tuple(topk_w.shape) != (T, K):
+    if topk_w is not None and tuple(topk_w.shape) != (T, K):
         raise ValueError(f"topk_w: expected shape ({T}, {K}), got {tuple(topk_w.shape)}")
     H = y.shape[1]
 
@@ -72,10 +82,11 @@ def combine(y: torch.Tensor, topk_w: torch.Tensor, plan: RoutingPlan, *, out_dty
 
     # ---- Launch ----
     block_h = combine_block_h(H)
+    w_arg, w_strides = (topk_w, topk_w.stride()) if topk_w is not None else (y, (0, 0))  # y: never read
     combine_kernel[(T, triton.cdiv(H, block_h))](
-        y, topk_w, plan.pair_pos, plan.offsets, out,
+        y, w_arg, plan.pair_pos, plan.offsets, out,
         H, plan.num_experts, K,
-        y.stride(0), y.stride(1), topk_w.stride(0), topk_w.stride(1), out.stride(0), out.stride(1),
-        BLOCK_H=block_h, num_warps=NUM_WARPS,
+        y.stride(0), y.stride(1), *w_strides, out.stride(0), out.stride(1),
+        WEIGHTED=topk_w is not None, BLOCK_H=block_h, num_warps=NUM_WARPS,
     )
     return out

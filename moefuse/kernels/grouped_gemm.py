@@ -4,8 +4,13 @@ Rows are the expert-sorted pairs of a `RoutingPlan`: expert e owns rows offsets[
 One kernel, specialised by constexprs:
   - up-projection:   GATHER=True, A rows are gathered from x inside the load (row r of expert e is token
                      sorted_pairs[offsets[e] + r] // K; the gathered X is never written to memory);
-                     NUM_INPUTS=2 for a GLU, the epilogue applies the activation.
+                     NUM_INPUTS=2 for a GLU, the epilogue applies the activation; STORE_H=True also writes
+                     the pre-activations H for the backward, from the same accumulators (no extra pass).
   - down-projection: GATHER=False, A = [S, I] already in sorted order; NUM_INPUTS=1, identity epilogue.
+  - backward dX:     dH · W1 with W = w1 viewed [E, H, N1] (see `moefuse.kernels.backward`).
+
+The tile location, the gathered row indices and the main loop are @triton.jit building blocks that the
+backward's fused activation-gradient GEMM shares.
 
 Tiles never straddle experts and an expert's partial last tile is masked, so no padded rows exist. The grid is
 sized by an upper bound on the M-tiles (cdiv(S, BLOCK_M) + E) and each program finds its (expert, first row)
@@ -33,76 +38,59 @@ def identity(x):
     return x
 
 
-@triton.jit
-def grouped_gemm_kernel(
-    # Pointers
-    a_ptr,  # GATHER: x [T, KDIM]; else A [S, KDIM] in expert-sorted order; fp16/bf16/fp32
-    w_ptr,  # [E, N_ROWS, KDIM] out × in, any strides, dtype of a
-    bias_ptr,  # [E, N_ROWS] any float dtype, any strides; read only if HAS_BIAS
-    c_ptr,  # [S, N] out, expert-sorted order; rows of dropped pairs (>= offsets[E]) are not written
-    counts_ptr,  # [E] int32, rows of each expert
-    offsets_ptr,  # [E + 1] int32, first sorted row of each expert
-    sorted_pairs_ptr,  # [S] int32, pair t·TOP_K + k of each sorted row; read only if GATHER
-    # Sizes
-    N, KDIM, E, TOP_K,
-    # Strides
-    stride_am, stride_ak,
-    stride_we, stride_wn, stride_wk,
-    stride_be, stride_bn,
-    stride_cm, stride_cn,
-    # Epilogue: accumulator j of output column n reads weight (and bias) row OFF_j + STEP_j·n
-    OFF0: tl.constexpr, STEP0: tl.constexpr,
-    OFF1: tl.constexpr, STEP1: tl.constexpr,
-    NUM_INPUTS: tl.constexpr,  # 1, or 2 for a GLU
-    ACTIVATION: tl.constexpr,  # @triton.jit fn of NUM_INPUTS fp32 tiles -> fp32 tile
-    HAS_BIAS: tl.constexpr,
-    GATHER: tl.constexpr,
-    # Meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_E: tl.constexpr,  # power of two >= E
-):
-    """Grid: (cdiv(S, BLOCK_M) + E, cdiv(N, BLOCK_N)). Program (i, j) owns output tile j (BLOCK_N columns) of
-    the i-th M-tile in expert order: BLOCK_M rows of one expert's segment. Programs past the real tile count
-    exit at once."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks, shared with the backward kernels (`moefuse.kernels.backward`)
+# ---------------------------------------------------------------------------------------------------------
 
-    # ---- Locate this M-tile: expert e and its first row inside e's segment ----
+
+@triton.jit
+def locate_m_tile(pid_m, counts_ptr, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Where the pid_m-th M-tile of a varlen-M grid lies: (num_tiles, expert, m_mask, sorted_row).
+
+    M-tiles are numbered in expert order, cdiv(counts[e], BLOCK_M) per expert. num_tiles is the real count: a
+    program with pid_m >= num_tiles owns nothing and must exit (its other values are meaningless). sorted_row
+    [BLOCK_M] int64 are the tile's rows in expert-sorted order; m_mask masks the rows past the expert's end."""
     experts = tl.arange(0, BLOCK_E)
     counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
     tiles = tl.cdiv(counts, BLOCK_M)
     tiles_end = tl.cumsum(tiles, axis=0)  # M-tiles of experts 0..e
-    if pid_m >= tl.sum(tiles, axis=0):
-        return
     expert = tl.sum((tiles_end <= pid_m).to(tl.int32), axis=0)
     first_tile = tl.sum(tl.where(experts == expert, tiles_end - tiles, 0), axis=0)
     rows_of_expert = tl.sum(tl.where(experts == expert, counts, 0), axis=0)
     segment = tl.load(offsets_ptr + expert)
-
-    # ---- Row and column indices; int64 wherever a product can pass 2**31 (S·KDIM, S·N, E·N_ROWS·KDIM) ----
     rm = (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = rm < rows_of_expert
-    sorted_row = (segment + rm).to(tl.int64)
+    # int64: products with the row strides can pass 2**31 (S·KDIM, S·N)
+    return tl.sum(tiles, axis=0), expert, rm < rows_of_expert, (segment + rm).to(tl.int64)
+
+
+@triton.jit
+def operand_rows(sorted_row, mask, sorted_pairs_ptr, TOP_K, GATHER: tl.constexpr):
+    """The row each sorted row reads in an operand, int64: its token sorted_pairs[r] // TOP_K if GATHER (an
+    operand indexed by token, x or dy, gathered inside the load and never materialised), else r itself."""
     if GATHER:
-        pair = tl.load(sorted_pairs_ptr + sorted_row, mask=m_mask, other=0)
-        a_row = (pair // TOP_K).to(tl.int64)
+        pair = tl.load(sorted_pairs_ptr + sorted_row, mask=mask, other=0)
+        row = (pair // TOP_K).to(tl.int64)
     else:
-        a_row = sorted_row
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
+        row = sorted_row
+    return row
+
+
+@triton.jit
+def varlen_m_mainloop(
+    a_ptr, a_row, m_mask, stride_am, stride_ak,  # A rows a_row [BLOCK_M] (int64), masked by m_mask
+    w_expert_ptr, w_row0, w_row1, n_mask, stride_wn, stride_wk,  # the expert's W rows w_row_j [BLOCK_N]
+    KDIM,
+    NUM_INPUTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """(acc0, acc1) [BLOCK_M, BLOCK_N] fp32: acc_j = A[a_row] · W[w_row_j]ᵀ over KDIM. One A tile feeds
+    NUM_INPUTS weight tiles; with NUM_INPUTS=1, acc1 stays zero (and is dead code in the caller)."""
     rk = tl.arange(0, BLOCK_K)
-
     a_ptrs = a_ptr + a_row[:, None] * stride_am + rk[None, :] * stride_ak
-    w_expert = w_ptr + expert.to(tl.int64) * stride_we
-    w_row0 = (OFF0 + STEP0 * rn).to(tl.int64)
-    w_ptrs0 = w_expert + w_row0[None, :] * stride_wn + rk[:, None] * stride_wk
+    w_ptrs0 = w_expert_ptr + w_row0[None, :] * stride_wn + rk[:, None] * stride_wk
+    w_ptrs1 = w_expert_ptr + w_row1[None, :] * stride_wn + rk[:, None] * stride_wk
     acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if NUM_INPUTS == 2:
-        w_row1 = (OFF1 + STEP1 * rn).to(tl.int64)
-        w_ptrs1 = w_expert + w_row1[None, :] * stride_wn + rk[:, None] * stride_wk
-        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    # ---- Main loop: one A tile feeds NUM_INPUTS weight tiles ----
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # fp32 accumulation always; "ieee" keeps fp32 inputs out of TF32 (10-bit mantissa, ~1e-3 relative error)
     # so fp32 results match a float64 reference to ~1e-5. It is ignored for fp16/bf16 inputs.
     for k0 in range(0, KDIM, BLOCK_K):
@@ -116,19 +104,84 @@ def grouped_gemm_kernel(
             w_ptrs1 += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs0 += BLOCK_K * stride_wk
+    return acc0, acc1
 
-    # ---- Epilogue: bias, activation in fp32, one rounding to the output dtype ----
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    # Pointers
+    a_ptr,  # GATHER: x [T, KDIM]; else A [S, KDIM] in expert-sorted order; fp16/bf16/fp32
+    w_ptr,  # [E, N_ROWS, KDIM] out × in, any strides, dtype of a
+    bias_ptr,  # [E, N_ROWS] any float dtype, any strides; read only if HAS_BIAS
+    c_ptr,  # [S, N] out, expert-sorted order; rows of dropped pairs (>= offsets[E]) are not written
+    h_ptr,  # [S, N_ROWS] out, dtype of a: the pre-activation accumulators (bias included); written only if STORE_H
+    counts_ptr,  # [E] int32, rows of each expert
+    offsets_ptr,  # [E + 1] int32, first sorted row of each expert
+    sorted_pairs_ptr,  # [S] int32, pair t·TOP_K + k of each sorted row; read only if GATHER
+    # Sizes
+    N, KDIM, E, TOP_K,
+    # Strides
+    stride_am, stride_ak,
+    stride_we, stride_wn, stride_wk,
+    stride_be, stride_bn,
+    stride_cm, stride_cn,
+    stride_hm, stride_hn,
+    # Epilogue: accumulator j of output column n reads weight (and bias) row OFF_j + STEP_j·n
+    OFF0: tl.constexpr, STEP0: tl.constexpr,
+    OFF1: tl.constexpr, STEP1: tl.constexpr,
+    NUM_INPUTS: tl.constexpr,  # 1, or 2 for a GLU
+    ACTIVATION: tl.constexpr,  # @triton.jit fn of NUM_INPUTS fp32 tiles -> fp32 tile
+    HAS_BIAS: tl.constexpr,
+    GATHER: tl.constexpr,
+    STORE_H: tl.constexpr,  # also store each accumulator at its weight rows' columns of h (for the backward)
+    # Meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,  # power of two >= E
+):
+    """Grid: (cdiv(S, BLOCK_M) + E, cdiv(N, BLOCK_N)). Program (i, j) owns output tile j (BLOCK_N columns) of
+    the i-th M-tile in expert order: BLOCK_M rows of one expert's segment; with STORE_H also the columns of h
+    its accumulators came from. Programs past the real tile count exit at once."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+
+    # ---- Locate this M-tile: expert e and its rows in sorted order ----
+    num_tiles, expert, m_mask, sorted_row = locate_m_tile(pid_m, counts_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    if pid_m >= num_tiles:
+        return
+    a_row = operand_rows(sorted_row, m_mask, sorted_pairs_ptr, TOP_K, GATHER)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    w_row0 = (OFF0 + STEP0 * rn).to(tl.int64)  # int64: E·N_ROWS·KDIM can pass 2**31
+    w_row1 = (OFF1 + STEP1 * rn).to(tl.int64)
+
+    # ---- Main loop ----
+    acc0, acc1 = varlen_m_mainloop(a_ptr, a_row, m_mask, stride_am, stride_ak,
+                                   w_ptr + expert.to(tl.int64) * stride_we, w_row0, w_row1, n_mask,
+                                   stride_wn, stride_wk, KDIM, NUM_INPUTS, BLOCK_M, BLOCK_N, BLOCK_K)
+
+    # ---- Epilogue: bias, (pre-activations to h,) activation in fp32, one rounding to the output dtype ----
+    mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
         b_expert = bias_ptr + expert.to(tl.int64) * stride_be
         acc0 += tl.load(b_expert + w_row0 * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if NUM_INPUTS == 2:
             acc1 += tl.load(b_expert + w_row1 * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if STORE_H:
+        h_rows = h_ptr + sorted_row[:, None] * stride_hm
+        tl.store(h_rows + w_row0[None, :] * stride_hn, acc0.to(h_ptr.dtype.element_ty), mask=mask)
+        if NUM_INPUTS == 2:
+            tl.store(h_rows + w_row1[None, :] * stride_hn, acc1.to(h_ptr.dtype.element_ty), mask=mask)
     if NUM_INPUTS == 2:
         out = ACTIVATION(acc0, acc1)
     else:
         out = ACTIVATION(acc0)
     c_ptrs = c_ptr + sorted_row[:, None] * stride_cm + rn[None, :] * stride_cn
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,6 +238,7 @@ def gemm_constexprs(
     gather: bool,
     num_experts: int,
     config: GemmConfig,
+    store_h: bool = False,
 ) -> dict:
     """The constexpr arguments of one grouped-GEMM specialisation (shared by the launch and compile-only builds)."""
     if not 1 <= len(slices) <= 2:
@@ -192,7 +246,7 @@ def gemm_constexprs(
     (off0, step0), (off1, step1) = slices[0], slices[-1]
     return dict(
         OFF0=off0, STEP0=step0, OFF1=off1, STEP1=step1,
-        NUM_INPUTS=len(slices), ACTIVATION=activation, HAS_BIAS=has_bias, GATHER=gather,
+        NUM_INPUTS=len(slices), ACTIVATION=activation, HAS_BIAS=has_bias, GATHER=gather, STORE_H=store_h,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts),
     )
@@ -208,12 +262,15 @@ def grouped_gemm(
     activation=identity,
     bias: torch.Tensor | None = None,
     gather: bool = False,
+    h: torch.Tensor | None = None,
     config: GemmConfig | None = None,
 ) -> torch.Tensor:
     """C [S, out_cols] (dtype of a) in expert-sorted order: C[r] = activation(A[r] · W[e]ᵀ[rows of slices] + b).
 
     a: x [T, KDIM] if `gather` (rows gathered through plan.sorted_pairs), else [S, KDIM] sorted.
     w: [E, N_ROWS, KDIM], any strides. bias: [E, N_ROWS] or None. Rows of dropped pairs are left unwritten.
+    h: None, or an [S, N_ROWS] output (dtype of a) that receives the pre-activations A[r] · W[e]ᵀ + b at the
+    columns of the weight rows the slices read (the others, and rows of dropped pairs, are left unwritten).
     """
     # ---- Check ----
     E, K = plan.num_experts, plan.top_k
@@ -234,6 +291,8 @@ def grouped_gemm(
         raise ValueError(f"slices {slices} read weight row {last_row} but w has {w.shape[1]} rows: {tuple(w.shape)}")
     if bias is not None and tuple(bias.shape) != (E, w.shape[1]):
         raise ValueError(f"bias: expected shape ({E}, {w.shape[1]}), got {tuple(bias.shape)}")
+    if h is not None and (tuple(h.shape) != (S, w.shape[1]) or h.dtype != a.dtype):
+        raise ValueError(f"h: expected shape ({S}, {w.shape[1]}) and dtype {a.dtype}, got {tuple(h.shape)} {h.dtype}")
     config = config or GemmConfig.default(a.dtype)
 
     # ---- Allocate ----
@@ -243,19 +302,23 @@ def grouped_gemm(
 
     # ---- Launch ----
     meta = gemm_constexprs(slices=slices, activation=activation, has_bias=bias is not None, gather=gather,
-                           num_experts=E, config=config)
-    bias_arg = bias if bias is not None else c  # never read: HAS_BIAS=False compiles the loads away
+                           num_experts=E, config=config, store_h=h is not None)
+    # Never read: HAS_BIAS=False / STORE_H=False compile the loads and stores away
+    bias_arg = bias if bias is not None else c
     bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    h_arg = h if h is not None else c
+    h_strides = (h.stride(0), h.stride(1)) if h is not None else (0, 0)
     # Σ_e cdiv(counts[e], BLOCK_M) <= cdiv(S, BLOCK_M) + E, and never more than S (a tile holds >= 1 row).
     max_tiles = min(S, triton.cdiv(S, config.block_m) + E)
     grid = (max_tiles, triton.cdiv(out_cols, config.block_n))
     grouped_gemm_kernel[grid](
-        a, w, bias_arg, c, plan.counts, plan.offsets, plan.sorted_pairs,
+        a, w, bias_arg, c, h_arg, plan.counts, plan.offsets, plan.sorted_pairs,
         out_cols, kdim, E, K,
         a.stride(0), a.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
         *bias_strides,
         c.stride(0), c.stride(1),
+        *h_strides,
         **meta, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c

@@ -5,6 +5,9 @@
   Y    = A · w2[e]ᵀ + b2[e]                   [S, H]  dtype of x  (expert-sorted order)
   y    = Σ_k topk_w[t, k] · Y[pair_pos[t·K + k]]  [T, H]  spec.out_dtype, summed in fp32
 
+With save_h, the up GEMM's epilogue also stores its pre-activation accumulators H [S, N1] (sorted order, bias
+included), which is all the memory-efficient backward (`moefuse.kernels.backward`) needs besides x and ids.
+
 Every step runs on the device without a host sync. `kernel_sources` lists the same kernels with the same
 specialisations, for compile-only builds on a machine without a GPU.
 """
@@ -24,20 +27,52 @@ from moefuse.kernels.grouped_gemm import GemmConfig, gemm_constexprs, grouped_ge
 from moefuse.kernels.routing import RoutingMeta, routing_plan
 from moefuse.spec import MoESpec
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
                   torch.int32: "*i32", torch.int64: "*i64"}
 
 
-def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != expected:
         raise ValueError(f"{name}: expected shape {expected}, got {tuple(tensor.shape)}")
 
 
-def _check_dtype(name: str, tensor: torch.Tensor, expected: tuple[torch.dtype, ...]) -> None:
+def check_dtype(name: str, tensor: torch.Tensor, expected: tuple[torch.dtype, ...]) -> None:
     if tensor.dtype not in expected:
         names = " or ".join(str(d) for d in expected)
         raise ValueError(f"{name}: expected dtype {names}, got {tensor.dtype}")
+
+
+def check_layer_inputs(spec: MoESpec, x, topk_ids, topk_w, w1, w2, b1, b2) -> None:
+    """The checks the forward and the backward share: shapes, dtypes and devices of the layer's inputs."""
+    E, K, H, I, N1 = spec.num_experts, spec.top_k, spec.hidden, spec.intermediate, spec.up_rows
+    dtype = TORCH_DTYPES[spec.dtype]
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor [T, {H}], got shape {tuple(x.shape)}")
+    T = x.shape[0]
+    check_shape("x", x, (T, H))
+    check_shape("topk_ids", topk_ids, (T, K))
+    check_shape("topk_w", topk_w, (T, K))
+    check_shape("w1", w1, (E, N1, H))
+    check_shape("w2", w2, (E, H, I))
+    check_dtype("x", x, (dtype,))
+    check_dtype("w1", w1, (dtype,))
+    check_dtype("w2", w2, (dtype,))
+    check_dtype("topk_ids", topk_ids, (torch.int32, torch.int64))
+    check_dtype("topk_w", topk_w, tuple(TORCH_DTYPES.values()))
+    for name, bias, wanted, shape in (("b1", b1, spec.w1_bias, (E, N1)), ("b2", b2, spec.w2_bias, (E, H))):
+        if (bias is not None) != wanted:
+            raise ValueError(f"{name}: the spec says w{name[1]}_bias={wanted} but {name} is "
+                             f"{'given' if bias is not None else 'None'}")
+        if bias is not None:
+            check_shape(name, bias, shape)
+            check_dtype(name, bias, tuple(TORCH_DTYPES.values()))
+    tensors = {"x": x, "topk_ids": topk_ids, "topk_w": topk_w, "w1": w1, "w2": w2, "b1": b1, "b2": b2}
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (that of x), got {tensor.device}")
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"x: the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}")
 
 
 def moe_forward(
@@ -52,57 +87,46 @@ def moe_forward(
     *,
     activation: KernelInterface,
     config: GemmConfig | None = None,
-) -> torch.Tensor:
+    save_h: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y [T, H] in spec.out_dtype for the layouts of `moefuse.spec` (any strides).
 
     activation: a @triton.jit function of spec.activation.num_inputs fp32 tiles, applied in the up-projection's
     epilogue. config: tile config of both GEMMs (default: `GemmConfig.default(dtype)`).
+    save_h: return (y, h) instead, h [T·K, N1] in x's dtype: row r is sorted position r of the routing plan
+    (pair plan.sorted_pairs[r]), column c the pre-activation up-projection row c, b1 included. Rows of dropped
+    pairs, and columns no activation slice reads, are unspecified.
     """
     # ---- Check ----
+    check_layer_inputs(spec, x, topk_ids, topk_w, w1, w2, b1, b2)
     E, K, H, I, N1 = spec.num_experts, spec.top_k, spec.hidden, spec.intermediate, spec.up_rows
-    dtype, out_dtype = _TORCH_DTYPES[spec.dtype], _TORCH_DTYPES[spec.out_dtype]
-    if x.dim() != 2:
-        raise ValueError(f"x: expected a 2-D tensor [T, {H}], got shape {tuple(x.shape)}")
+    dtype, out_dtype = TORCH_DTYPES[spec.dtype], TORCH_DTYPES[spec.out_dtype]
     T = x.shape[0]
-    _check_shape("x", x, (T, H))
-    _check_shape("topk_ids", topk_ids, (T, K))
-    _check_shape("topk_w", topk_w, (T, K))
-    _check_shape("w1", w1, (E, N1, H))
-    _check_shape("w2", w2, (E, H, I))
-    _check_dtype("x", x, (dtype,))
-    _check_dtype("w1", w1, (dtype,))
-    _check_dtype("w2", w2, (dtype,))
-    _check_dtype("topk_ids", topk_ids, (torch.int32, torch.int64))
-    _check_dtype("topk_w", topk_w, tuple(_TORCH_DTYPES.values()))
-    for name, bias, wanted, shape in (("b1", b1, spec.w1_bias, (E, N1)), ("b2", b2, spec.w2_bias, (E, H))):
-        if (bias is not None) != wanted:
-            raise ValueError(f"{name}: the spec says w{name[1]}_bias={wanted} but {name} is "
-                             f"{'given' if bias is not None else 'None'}")
-        if bias is not None:
-            _check_shape(name, bias, shape)
-            _check_dtype(name, bias, tuple(_TORCH_DTYPES.values()))
-    tensors = {"x": x, "topk_ids": topk_ids, "topk_w": topk_w, "w1": w1, "w2": w2, "b1": b1, "b2": b2}
-    for name, tensor in tensors.items():
-        if tensor is not None and tensor.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (that of x), got {tensor.device}")
     if not isinstance(activation, KernelInterface):
         raise ValueError(f"activation: expected a @triton.jit function, got {type(activation).__name__}")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"x: the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}")
 
     # ---- Allocate / launch ----
+    h = torch.empty(T * K, N1, dtype=dtype, device=x.device) if save_h else None
     if T == 0:
-        return torch.empty(0, H, dtype=out_dtype, device=x.device)
+        y = torch.empty(0, H, dtype=out_dtype, device=x.device)
+        return (y, h) if save_h else y
     plan = routing_plan(topk_ids, E)
     a = grouped_gemm(x, w1, plan, out_cols=I, slices=spec.activation.slices, activation=activation, bias=b1,
-                     gather=True, config=config)
+                     gather=True, h=h, config=config)
     y_sorted = grouped_gemm(a, w2, plan, out_cols=H, bias=b2, config=config)
-    return combine(y_sorted, topk_w, plan, out_dtype=out_dtype)
+    y = combine(y_sorted, topk_w, plan, out_dtype=out_dtype)
+    return (y, h) if save_h else y
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Compile-only builds
 # ---------------------------------------------------------------------------------------------------------
+
+
+# Sizes and outer strides that are multiples of 16 whenever H, I and N1 are (every real model); not the ones
+# that scale with TOP_K or E.
+FORWARD_ALIGNED_INTS = frozenset({"N", "KDIM", "H", "stride_am", "stride_we", "stride_wn", "stride_be",
+                                  "stride_cm", "stride_hm", "stride_ym", "stride_ot"})
 
 
 @dataclass(frozen=True)
@@ -116,6 +140,7 @@ class KernelSource:
     constexprs: dict[str, object]
     num_warps: int
     num_stages: int
+    aligned_ints: frozenset[str] = FORWARD_ALIGNED_INTS  # int arguments specialised as divisible by 16
 
     @property
     def options(self) -> dict[str, int]:
@@ -131,20 +156,22 @@ class KernelSource:
         return {
             (arg_names.index(name),): [["tt.divisibility", 16]]
             for name, kind in self.signature.items()
-            if kind.startswith("*") or (kind == "i32" and name in _ALIGNED_INTS)
+            if kind.startswith("*") or (kind == "i32" and name in self.aligned_ints)
         }
 
     def ast_source(self) -> ASTSource:
         return ASTSource(self.fn, self.signature, self.constexprs, self.attrs)
 
 
-# Sizes and outer strides that are multiples of 16 whenever H, I and N1 are (every real model); not the ones
-# that scale with TOP_K or E.
-_ALIGNED_INTS = frozenset({"N", "KDIM", "H", "stride_am", "stride_we", "stride_wn", "stride_be", "stride_cm",
-                           "stride_ym", "stride_ot"})
+def gemm_signature(ptr: str) -> dict[str, str]:
+    """The runtime arguments of `grouped_gemm_kernel` with operands of pointer type `ptr` ("*fp16" …)."""
+    return {"a_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "c_ptr": ptr, "h_ptr": ptr, "counts_ptr": "*i32",
+            "offsets_ptr": "*i32", "sorted_pairs_ptr": "*i32", "N": "i32", "KDIM": "i32", "E": "i32", "TOP_K": "i32",
+            "stride_am": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_be": "i32", "stride_cm": "i32",
+            "stride_hm": "i32"}
 
 
-def _with_constexprs(runtime_args: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
+def with_constexprs(runtime_args: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
     return {**runtime_args, **{name: "constexpr" for name in constexprs}}
 
 
@@ -153,15 +180,17 @@ def kernel_sources(
     activation: KernelInterface,
     config: GemmConfig | None = None,
     ids_dtype: torch.dtype = torch.int32,
+    save_h: bool = False,
 ) -> list[KernelSource]:
-    """Every kernel `moe_forward(spec, …, activation=activation, config=config)` launches, in launch order.
+    """Every kernel `moe_forward(spec, …, activation=activation, config=config, save_h=save_h)` launches, in
+    launch order.
 
     Inner strides are fixed to 1 as constexprs, which is how Triton specialises a launch on contiguous
     tensors (and what lets it vectorise the loads)."""
-    dtype, out_dtype = _TORCH_DTYPES[spec.dtype], _TORCH_DTYPES[spec.out_dtype]
+    dtype, out_dtype = TORCH_DTYPES[spec.dtype], TORCH_DTYPES[spec.out_dtype]
     config = config or GemmConfig.default(dtype)
     E = spec.num_experts
-    ptr, out_ptr, ids_ptr, i32p = _POINTER_TYPES[dtype], _POINTER_TYPES[out_dtype], _POINTER_TYPES[ids_dtype], "*i32"
+    ptr, out_ptr, ids_ptr, i32p = POINTER_TYPES[dtype], POINTER_TYPES[out_dtype], POINTER_TYPES[ids_dtype], "*i32"
     sources = []
 
     # ---- Routing ----
@@ -171,40 +200,40 @@ def kernel_sources(
     hist_consts = {"stride_ik": 1, "BLOCK_S": meta.block_s, "BLOCK_E": meta.block_e}
     sources.append(KernelSource(
         "routing_histogram", routing.routing_histogram_kernel,
-        _with_constexprs({"topk_ids_ptr": ids_ptr, "hist_ptr": i32p, **sizes, "stride_it": "i32"}, hist_consts),
+        with_constexprs({"topk_ids_ptr": ids_ptr, "hist_ptr": i32p, **sizes, "stride_it": "i32"}, hist_consts),
         hist_consts, warps, 1))
     scan_consts = {"BLOCK_B": meta.block_b, "BLOCK_C": meta.block_c}
     sources.append(KernelSource(
         "routing_scan", routing.routing_scan_kernel,
-        _with_constexprs({"hist_ptr": i32p, "block_start_ptr": i32p, "totals_ptr": i32p, "NB": "i32", "E": "i32"},
+        with_constexprs({"hist_ptr": i32p, "block_start_ptr": i32p, "totals_ptr": i32p, "NB": "i32", "E": "i32"},
                          scan_consts),
         scan_consts, warps, 1))
     sources.append(KernelSource(
         "routing_scatter", routing.routing_scatter_kernel,
-        _with_constexprs({"topk_ids_ptr": ids_ptr, "block_start_ptr": i32p, "totals_ptr": i32p, "offsets_ptr": i32p,
+        with_constexprs({"topk_ids_ptr": ids_ptr, "block_start_ptr": i32p, "totals_ptr": i32p, "offsets_ptr": i32p,
                           "sorted_pairs_ptr": i32p, "pair_pos_ptr": i32p, **sizes, "stride_it": "i32"}, hist_consts),
         hist_consts, warps, 1))
 
     # ---- Grouped GEMMs: up (gather + activation), down (identity) ----
-    gemm_args = {"a_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "c_ptr": ptr, "counts_ptr": i32p, "offsets_ptr": i32p,
-                 "sorted_pairs_ptr": i32p, "N": "i32", "KDIM": "i32", "E": "i32", "TOP_K": "i32",
-                 "stride_am": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_be": "i32",
-                 "stride_cm": "i32"}
-    unit_strides = {"stride_ak": 1, "stride_wk": 1, "stride_bn": 1, "stride_cn": 1}
+    unit_strides = {"stride_ak": 1, "stride_wk": 1, "stride_bn": 1, "stride_cn": 1, "stride_hn": 1}
     for name, kwargs in (
-        ("up_gemm", dict(slices=spec.activation.slices, activation=activation, has_bias=spec.w1_bias, gather=True)),
+        ("up_gemm", dict(slices=spec.activation.slices, activation=activation, has_bias=spec.w1_bias, gather=True,
+                         store_h=save_h)),
         ("down_gemm", dict(slices=((0, 1),), activation=identity, has_bias=spec.w2_bias, gather=False)),
     ):
         consts = {**unit_strides, **gemm_constexprs(**kwargs, num_experts=E, config=config)}
-        sources.append(KernelSource(name, grouped_gemm_kernel, _with_constexprs(gemm_args, consts), consts,
+        sources.append(KernelSource(name, grouped_gemm_kernel, with_constexprs(gemm_signature(ptr), consts), consts,
                                     config.num_warps, config.num_stages))
 
     # ---- Combine ----
-    combine_consts = {"stride_yh": 1, "stride_oh": 1, "BLOCK_H": combine_block_h(spec.hidden)}
-    sources.append(KernelSource(
-        "combine", combine_kernel,
-        _with_constexprs({"y_ptr": ptr, "topk_w_ptr": "*fp32", "pair_pos_ptr": i32p, "offsets_ptr": i32p,
-                          "out_ptr": out_ptr, "H": "i32", "E": "i32", "TOP_K": "i32", "stride_ym": "i32",
-                          "stride_wt": "i32", "stride_wk": "i32", "stride_ot": "i32"}, combine_consts),
-        combine_consts, COMBINE_WARPS, 1))
+    sources.append(combine_source("combine", ptr, out_ptr, spec.hidden, weighted=True))
     return sources
+
+
+def combine_source(name: str, ptr: str, out_ptr: str, hidden: int, *, weighted: bool) -> KernelSource:
+    """`combine_kernel` as `combine` launches it on rows of pointer type `ptr`, writing `out_ptr`."""
+    consts = {"stride_yh": 1, "stride_oh": 1, "WEIGHTED": weighted, "BLOCK_H": combine_block_h(hidden)}
+    signature = {"y_ptr": ptr, "topk_w_ptr": "*fp32" if weighted else ptr, "pair_pos_ptr": "*i32",
+                 "offsets_ptr": "*i32", "out_ptr": out_ptr, "H": "i32", "E": "i32", "TOP_K": "i32",
+                 "stride_ym": "i32", "stride_wt": "i32", "stride_wk": "i32", "stride_ot": "i32"}
+    return KernelSource(name, combine_kernel, with_constexprs(signature, consts), consts, COMBINE_WARPS, 1)
