@@ -181,7 +181,8 @@ def _match_batched(idx: fx.Node, mms: list[fx.Node]) -> _Dispatch:
         out = users[0] if len(users) == 1 and fu.is_view(users[0]) and len(fu.shape(users[0])) == 2 else None
         if out is None:
             raise Reject(Reason.UNSUPPORTED_FORM, mm, "the per-pair matmul's output is not squeezed back to [S, out]")
-        return w, fu.peel_layout(vec), transposed, out
+        # only the unsqueeze that made the vector a matrix: peeling further could walk back into the up matmul
+        return w, fu.peel_casts(fu.peel(vec, {"method:unsqueeze", "torch.unsqueeze"})), transposed, out
 
     w1, rows, t1, up_out = sides(mms[0])
     w2, down_in, t2, down_out = sides(mms[1])
@@ -224,7 +225,18 @@ def _slice_of(node: fx.Node, up: fx.Node, n1: int):
 
 
 def _activation(d: _Dispatch) -> tuple[Activation, int]:
-    return activation_between(d.up_out, d.down_in)
+    return activation_between(_after_bias(d.up_out), d.down_in)
+
+
+def _after_bias(up: fx.Node) -> fx.Node:
+    """`up + b1[ids]` when the up projection's only use is adding a gathered per-expert bias (the bias is the
+    spec's b1, found by the region check); else `up`. An in-place `up.add_(…)` needs no skipping."""
+    users = [u for u in up.users if not fu.is_mutation(u)]
+    if len(users) == 1 and fu.op_name(users[0]) in ("operator.add", "torch.add", "method:add") and len(users[0].args) == 2:
+        other = next(a for a in users[0].args if a is not up)
+        if isinstance(other, fx.Node) and fu.op_name(other) == "getitem" and other.args[0].op == "placeholder":
+            return users[0]
+    return up
 
 
 def activation_between(up: fx.Node, down_in: fx.Node) -> tuple[Activation, int]:
@@ -323,12 +335,15 @@ def _routing_weights(chain: list[fx.Node], t: int, k: int) -> tuple[fx.Node, fx.
                 continue
             cur, ids = other, None
             for _ in range(8):
+                name = fu.op_name(cur)
+                if name in ("method:scatter", "torch.scatter"):  # before the shape test: with K = E, [T, E] is [T, K]
+                    ids, cur = fu.arg(cur, 2, "index"), fu.arg(cur, 3, "src")
+                    if not isinstance(cur, fx.Node):
+                        break
+                    continue
                 if fu.shape(cur) == (t, k) and fu.is_float(cur):
                     return cur, ids
-                name = fu.op_name(cur)
-                if name in ("method:scatter", "torch.scatter"):
-                    ids, cur = fu.arg(cur, 2, "index"), fu.arg(cur, 3, "src")
-                elif fu.is_view(cur) or fu.is_cast(cur) or name == "getitem":
+                if fu.is_view(cur) or fu.is_cast(cur) or name == "getitem":
                     cur = cur.args[0]
                 else:
                     break
