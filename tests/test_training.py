@@ -96,3 +96,23 @@ def test_inductor_traces_the_fused_backward():
     assert "training: fused forward + backward" in str(backend.explanation)
     assert rel_err(loss, ref_loss) <= 1e-5
     assert max(rel_err(got[n], ref[n]) for n in ref) <= 1e-4
+
+
+def test_router_aux_loss_keeps_working():
+    """The router stays in the graph: Mixtral's load-balancing loss (output_router_logits) trains as in eager."""
+    model = tiny_model("mixtral", output_router_logits=True, router_aux_loss_coef=0.1).train()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def run(m):
+        model.zero_grad(set_to_none=True)
+        out = m(ids, labels=ids)
+        out.loss.backward()
+        return out.aux_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_aux, ref = run(model)
+    backend = Backend({"inner": "eager"})
+    aux, got = run(torch.compile(model, backend=backend))
+    assert len(backend.explanation.lowered) == 2 and ref_aux > 0
+    assert rel_err(aux, ref_aux) <= 1e-5
+    router = [n for n in ref if n.endswith("gate.weight")]
+    assert router and max(rel_err(got[n], ref[n]) for n in router) <= 1e-4
