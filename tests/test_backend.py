@@ -141,3 +141,18 @@ def test_inductor_compiles_the_rest_of_the_graph():
     assert report.inner == "inductor" and len(report.lowered) == 2 and not report.rejected
     assert moe_op.counters["cpu"] - calls == 2
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_identical_layers_are_verified_once(monkeypatch):
+    from moefuse.compiler import verify as ver
+
+    monkeypatch.setattr(ver, "_VERIFIED", {})
+    probes = []
+    real = ver._probe
+    monkeypatch.setattr(ver, "_probe", lambda *a: probes.append(a) or real(*a))
+    torch.manual_seed(0)
+    model = SimpleMoEModel(hidden=32, intermediate=16, num_experts=4, top_k=2, layers=3)
+    out, explanation, calls = _run(model, torch.randn(5, 32))
+    assert len(explanation.lowered) == 3 and calls == 3
+    assert len(probes) == 1  # three layers of one structure: one probe
+    assert len({r.verify_error for r in explanation.lowered}) == 1
