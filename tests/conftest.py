@@ -1,4 +1,5 @@
 import os
+import sys
 
 # The kernel tests run Triton under its interpreter, and `triton.jit` reads TRITON_INTERPRET when a kernel is
 # *defined* — triton.language's own jit functions (tl.sum, tl.cumsum, …) included, which are defined when
@@ -22,3 +23,11 @@ def cpu_path(monkeypatch):
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz test's statistics (lowered vs rejected, by reason), after pytest's own summary."""
+    fuzz = sys.modules.get("test_fuzz") or sys.modules.get("tests.test_fuzz")
+    line = fuzz.summary() if fuzz is not None else None
+    if line:
+        terminalreporter.write_line(line)

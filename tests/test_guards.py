@@ -74,10 +74,11 @@ def test_weights_loaded_after_compiling_are_used():
         assert rel_err(after, before) > 1e-2
 
 
-def test_compiled_model_trains_through_the_triton_kernels_on_the_interpreter(monkeypatch):
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_compiled_model_trains_through_the_triton_kernels_on_the_interpreter(monkeypatch, family):
     """Forward and backward of a compiled model on the Triton path (TRITON_INTERPRET=1): fused kernels both ways."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    model = tiny_model("qwen3_moe").train()
+    model = tiny_model(family).train()
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
 
     def grads(m):
