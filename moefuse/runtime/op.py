@@ -77,7 +77,7 @@ def kernels_for(spec: MoESpec, device: torch.device) -> list[str]:
     """What will run a layer on `device`, for the report. On the Triton path this generates (and caches) the
     layer's activation epilogue now, so a codegen problem shows at compile time rather than at first call."""
     if not _use_triton(torch.empty(0, device=device)):
-        return ["cpu: torch plan (stable argsort routing, per-expert matmuls, fp32 activation, fp32 combine)"]
+        return ["cpu: torch plan (stable argsort routing, grouped_mm over the expert-sorted rows, fp32 activation, fp32 bmm combine)"]
     from moefuse.kernels.codegen import load_activation
 
     path = load_activation(spec.activation.expr, spec.activation.num_inputs).fn.__code__.co_filename
