@@ -116,3 +116,23 @@ def test_router_aux_loss_keeps_working():
     assert rel_err(aux, ref_aux) <= 1e-5
     router = [n for n in ref if n.endswith("gate.weight")]
     assert router and max(rel_err(got[n], ref[n]) for n in router) <= 1e-4
+
+
+def test_router_jitter_noise_keeps_working():
+    """Mixtral's router jitter (random scaling of the tokens in training) stays in the graph, before the region."""
+    model = tiny_model("mixtral", router_jitter_noise=0.1).train()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def run(m):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # the same noise for both runs: the graph draws it in eager's order
+        loss = loss_fn(m, ids)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref = run(model)
+    backend = Backend({"inner": "eager"})
+    loss, got = run(torch.compile(model, backend=backend))
+    assert len(backend.explanation.lowered) == 2 and all(r.training for r in backend.explanation.lowered)
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert max(rel_err(got[n], ref[n]) for n in ref) <= 1e-4
