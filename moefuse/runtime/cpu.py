@@ -66,6 +66,23 @@ def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     return order, counts
 
 
+def _grouped_mm_takes(*operands: torch.Tensor) -> bool:
+    """Whether torch's CPU grouped_mm accepts these operands: CPU, not float64, 16-byte aligned data, one unit
+    stride (row- or column-major matrices) and every other stride a multiple of 16 bytes — its own check
+    raises otherwise ("strides should be multiple of 16 bytes")."""
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        return False
+
+    def takes(t: torch.Tensor) -> bool:
+        strides = list(t.stride())
+        fastest = strides.index(1) if 1 in strides else -1
+        others = [st for i, st in enumerate(strides) if i != fastest]
+        return (t.device.type == "cpu" and t.dtype != torch.float64 and t.data_ptr() % 16 == 0 and fastest >= 0
+                and all((st * t.element_size()) % 16 == 0 for st in others))
+
+    return all(takes(t) for t in operands)
+
+
 def _grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, counts: list[int],
                     rows: int | None = None) -> torch.Tensor:
     """out[rows of e] = a[rows of e] · w[e]ᵀ + b[e] over the expert-sorted rows; rows past Σcounts are zero.
@@ -77,7 +94,7 @@ def _grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, co
     """
     kept = sum(counts)
     out = a.new_empty((rows if rows is not None else a.shape[0], w.shape[1]))
-    if a.device.type == "cpu" and a.dtype != torch.float64 and hasattr(torch.nn.functional, "grouped_mm") and kept:
+    if kept and _grouped_mm_takes(a, w.transpose(1, 2)):
         offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
         out[:kept] = torch.nn.functional.grouped_mm(a[:kept], w.transpose(1, 2), offs=offs)
     else:
