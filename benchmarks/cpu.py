@@ -33,7 +33,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import time
@@ -45,6 +44,7 @@ import transformers
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 import moefuse
+from _env import cpu_model  # benchmarks/_env.py: the scripts run as `python benchmarks/NAME.py`
 from moefuse.runtime import op as moefuse_op
 
 TARGET_X_FLOOR = 1.15  # the project's goal for moefuse: within 15 % of the floor at every shape
@@ -118,14 +118,6 @@ MIN_ROUNDS = 3  # a median of fewer is not one
 
 # ---- Environment ----------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def environment(args, budget: Budget) -> dict:

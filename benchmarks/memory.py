@@ -46,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 import moefuse
+from _env import cpu_model  # benchmarks/_env.py: the scripts run as `python benchmarks/NAME.py`
 from moefuse.runtime import op as moefuse_op
 
 MiB = 1 << 20
@@ -88,14 +89,6 @@ TRANSFORMERS, MOEFUSE, ROUTER = "transformers grouped_mm", "moefuse (inner=eager
 
 # ---- Environment ----------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def mem_total_gib() -> float | None:

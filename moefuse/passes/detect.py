@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import operator
 import types
 from dataclasses import dataclass
 
