@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--inner", default="inductor", choices=["inductor", "eager"])
     p.add_argument("--tokens", type=int, default=256, help="tokens per forward (batch 2 × tokens/2)")
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=30, help="timed forwards per path (median reported)")
     args = p.parse_args()
 
     dtype = getattr(torch, args.dtype)
