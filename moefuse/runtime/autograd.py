@@ -50,12 +50,10 @@ def moe_fwd(
 ) -> tuple[Tensor, Tensor]:
     s = spec_from_key(spec)
     if _use_triton(x):
-        from moefuse.kernels.codegen import load_activation
-        from moefuse.kernels.moe import moe_forward
+        from moefuse.runtime.triton_path import moe_forward_triton
 
         counters["fwd_train_triton"] += 1
-        activation = load_activation(s.activation.expr, s.activation.num_inputs)
-        return moe_forward(s, x, topk_ids, topk_weights, w1, w2, b1, b2, activation=activation, save_h=True)
+        return moe_forward_triton(s, x, topk_ids, topk_weights, w1, w2, b1, b2, save_h=True)
     counters["fwd_train_cpu"] += 1
     return moe_forward_cpu(s, x, topk_ids, topk_weights, w1, w2, b1, b2, save_h=True)
 

@@ -1,13 +1,13 @@
 """The Triton path of `moefuse::moe`: the activation epilogue generated from the spec, then the kernels."""
 from __future__ import annotations
 
-import torch
 
 from moefuse.kernels.codegen import load_activation
 from moefuse.kernels.moe import moe_forward
 from moefuse.spec import MoESpec
 
 
-def moe_forward_triton(spec: MoESpec, x, topk_ids, topk_weights, w1, w2, b1=None, b2=None) -> torch.Tensor:
+def moe_forward_triton(spec: MoESpec, x, topk_ids, topk_weights, w1, w2, b1=None, b2=None, *, save_h=False):
+    """y, or (y, h) with save_h (the training op's forward), from the kernels with the spec's epilogue."""
     activation = load_activation(spec.activation.expr, spec.activation.num_inputs)
-    return moe_forward(spec, x, topk_ids, topk_weights, w1, w2, b1, b2, activation=activation)
+    return moe_forward(spec, x, topk_ids, topk_weights, w1, w2, b1, b2, activation=activation, save_h=save_h)
