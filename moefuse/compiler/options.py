@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from moefuse.errors import OptionsError
+from moefuse.rounding import check_tile_m
 
 Inner = Literal["inductor", "eager"]
+TokenRounding = Literal["off", "up", "down", "nearest"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,21 @@ class Options:
     lower: bool = True
     """Rewrite detected regions. False runs detection and the report only. Environment: MOEFUSE_LOWER=0."""
 
+    token_rounding: TokenRounding = "off"
+    """SonicMoE's token rounding (`moefuse.rounding`): round every expert's token count to a multiple of
+    `tile_m`, "up", "down" or to the "nearest" multiple (ties up), so no GEMM tile is partly empty. It changes
+    the routing, hence the outputs: meant for training (evaluate with "off", exact top-K, the default); the
+    report marks every layer lowered with it. Environment: MOEFUSE_TOKEN_ROUNDING."""
 
-_ENV = {"inner": "MOEFUSE_INNER", "verify": "MOEFUSE_VERIFY", "lower": "MOEFUSE_LOWER"}
+    tile_m: int = 128
+    """Rows per GEMM tile that token rounding rounds to: a power of two ≥ 16. Environment: MOEFUSE_TILE_M."""
+
+    def __post_init__(self):
+        check_tile_m(self.tile_m)
+
+
+_ENV = {"inner": "MOEFUSE_INNER", "verify": "MOEFUSE_VERIFY", "lower": "MOEFUSE_LOWER",
+        "token_rounding": "MOEFUSE_TOKEN_ROUNDING", "tile_m": "MOEFUSE_TILE_M"}
 
 
 def _coerce(name: str, value, typ):
@@ -42,6 +57,17 @@ def _coerce(name: str, value, typ):
         if isinstance(value, str) and value.lower() in ("0", "1", "true", "false", "yes", "no", "on", "off"):
             return value.lower() in ("1", "true", "yes", "on")
         raise OptionsError(f"option {name!r} takes a bool, got {value!r}")
+    if typ is int:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OptionsError(f"option {name!r} takes an int, got {value!r}")
+        if name.startswith("tile_m"):
+            try:
+                return check_tile_m(value)
+            except OptionsError as e:
+                raise OptionsError(f"option {name!r}: {e}") from None
+        return value
     allowed = typing.get_args(typ)
     if value not in allowed:
         raise OptionsError(f"option {name!r} takes one of {list(allowed)}, got {value!r}")
