@@ -1,0 +1,62 @@
+"""`moefuse-convert SRC_DIR DST_DIR`: a transformers MoE checkpoint, converted once to moefuse's layout.
+
+Exit status: 0 converted (and the probe passed, unless --no-verify); 2 bad input (the message says what and
+how to fix it; nothing was written); 1 the converted model did not match the original on the probe batch
+(nothing was written). Also runs as `python -m moefuse.cli`. See `moefuse.checkpoint` for the layout.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+PROG = "moefuse-convert"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert a transformers MoE checkpoint (config.json + safetensors) to moefuse's layout: "
+                    "expert weights stacked per layer as the fused op reads them, a JSON report "
+                    "(moefuse.json), and a probe check that the converted model matches the original. "
+                    "Load the result with moefuse.load_converted(DST_DIR).")
+    p.add_argument("src", metavar="SRC_DIR", help="directory written by save_pretrained (only read)")
+    p.add_argument("dst", metavar="DST_DIR", help="new directory to create (never overwritten)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype of the written tensors (default: the checkpoint's)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the probe that compares the converted model's logits with the original's")
+    p.add_argument("--device", default="cpu", help="device the probe runs on (default: cpu)")
+    p.add_argument("--max-shard-size", type=int, default=4096, metavar="MiB",
+                   help="largest safetensors file to write, in MiB (default: 4096)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return its exit status (the console script exits with it)."""
+    args = _parser().parse_args(argv)
+    from moefuse.checkpoint import CheckpointError, convert_checkpoint
+
+    try:
+        report = convert_checkpoint(args.src, args.dst, dtype=args.dtype, verify=args.verify, device=args.device,
+                                    max_shard_bytes=args.max_shard_size << 20, progress=not args.quiet)
+    except CheckpointError as e:
+        print(f"{PROG}: error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"{PROG}: hint: {e.hint}", file=sys.stderr)
+        return e.exit_code
+    print(f"{PROG}: {len(report['layers'])} MoE layer(s) of {report['architecture']} converted to "
+          f"{report['destination']} ({report['dtype']}, {len(report['files'])} file(s))")
+    for layer in report["layers"]:
+        print(f"  {layer['module']}: {layer['describe']}")
+    probe = report["probe"]
+    if probe is None:
+        print("  probe: skipped (--no-verify)")
+    else:
+        print(f"  probe: {probe['tokens']} tokens, relative error {probe['rel_err']:.3g} <= {probe['tolerance']:g}, "
+              f"{probe['fused_calls']} fused calls on {probe['device']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
