@@ -8,7 +8,7 @@ from __future__ import annotations
 from moefuse.spec import Activation, MoESpec
 
 __version__ = "0.1.0"
-__all__ = ["Activation", "Backend", "MoESpec", "explain", "last_report", "reports"]
+__all__ = ["Activation", "Backend", "MoESpec", "explain", "last_report", "load_converted", "reports"]
 
 
 def __getattr__(name):
@@ -17,6 +17,10 @@ def __getattr__(name):
         from moefuse.compiler import backend
 
         return getattr(backend, name)
+    if name == "load_converted":  # a checkpoint written by moefuse-convert, ready to run
+        from moefuse.checkpoint import load_converted
+
+        return load_converted
     raise AttributeError(f"module 'moefuse' has no attribute {name!r}")
 
 
