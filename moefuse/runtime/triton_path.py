@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from moefuse.kernels.codegen import load_activation
 from moefuse.kernels.moe import moe_forward
+from moefuse.runtime.tuning import gemm_config
 from moefuse.spec import MoESpec
 
 
 def moe_forward_triton(spec: MoESpec, x, topk_ids, topk_weights, w1, w2, b1=None, b2=None, *, save_h=False):
     """y, or (y, h) with save_h (the training op's forward), from the kernels with the spec's epilogue."""
     activation = load_activation(spec.activation.expr, spec.activation.num_inputs)
-    return moe_forward(spec, x, topk_ids, topk_weights, w1, w2, b1, b2, activation=activation, save_h=save_h)
+    config = gemm_config(spec, x, topk_ids, lambda c: moe_forward(spec, x, topk_ids, topk_weights, w1, w2, b1, b2,
+                                                                  activation=activation, config=c))
+    return moe_forward(spec, x, topk_ids, topk_weights, w1, w2, b1, b2, activation=activation, config=config,
+                       save_h=save_h)
