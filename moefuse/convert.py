@@ -2,7 +2,22 @@
 
 transformers' `experts_implementation="eager"` runs the experts in a Python loop over the experts that were
 hit (a data-dependent loop: dynamo breaks the graph there and no backend ever sees the experts). `convert`
-gives such models the fused op directly, through transformers' own experts interface (no class is patched):
+gives such models the fused op directly, through transformers' own experts interface (no class is patched).
+Experts transformers does not offer through that interface are swapped, module by module, for a
+`FusedExperts` holding the stacked weights (built once) and calling the fused op; the router stays the
+model's own code:
+  - DBRX (`DbrxExperts`: 2-D `w1`/`v1`/`w2` of E·F rows),
+  - Switch Transformers (`SwitchTransformersExperts`: a `ModuleDict` of MLPs, top-1 with a capacity limit;
+    tokens over capacity become dropped pairs, id −1, so any capacity lowers exactly),
+  - JetMoE (`JetMoeMoE`: per-expert stacked linears run by splitting the tokens with a host-synced
+    `tolist()`; its top-k → softmax gating is re-done on the gate's own linear, without the sync),
+  - a `nn.ModuleList` / `nn.ModuleDict` of expert MLPs (Linear → act → Linear, or a GLU with gate/up
+    Linears) called as `experts(x, top_k_index, top_k_weights)` the way transformers' experts are.
+
+Weights: `FusedExperts` owns the stacked parameters `w1` [E, N1, H], `w2` [E, H, I] (and `b1`, `b2`). Where
+the model already stores them so (JetMoE) they are the same `Parameter` objects, otherwise copies; the
+original per-expert modules are removed from the model, so memory is not doubled, and `state_dict()` holds
+the stacked keys (`...experts.w1`, …). Convert before creating an optimizer.
 
     summary = moefuse.convert(model)     # every experts module now calls moefuse::moe
     print(summary)
@@ -12,15 +27,18 @@ The converted model also runs without compiling (the op's CPU path or its Triton
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
+from moefuse.errors import MoefuseError
 from moefuse.passes.detect import capture_activation
 from moefuse.passes.region import Reject
 from moefuse.runtime.autograd import fused_moe
-from moefuse.spec import MoESpec
+from moefuse.spec import Activation, MoESpec
 
 log = logging.getLogger("moefuse.convert")
 
@@ -45,6 +63,8 @@ def _is_interface_experts(m: torch.nn.Module) -> bool:
 
 
 def _weights(m):
+    if isinstance(m, FusedExperts):
+        return m.w1, m.w2, m.b1, m.b2
     w1 = m.gate_up_proj if m.has_gate else m.up_proj
     b1 = (m.gate_up_proj_bias if m.has_gate else m.up_proj_bias) if m.has_bias else None
     b2 = m.down_proj_bias if m.has_bias else None
@@ -77,7 +97,7 @@ def _spec_key(m, x_dtype: torch.dtype, top_k: int) -> str:
         num_experts=w1.shape[0], top_k=top_k, hidden=w2.shape[1], intermediate=w2.shape[2],
         up_rows=w1.shape[1], activation=m._moefuse_activation, dtype=str(w1.dtype).removeprefix("torch."),
         out_dtype=str(x_dtype).removeprefix("torch."), w1_bias=b1 is not None, w2_bias=b2 is not None,
-        router="transformers experts interface (via moefuse.convert)",
+        router=getattr(m, "_moefuse_router", "transformers experts interface (via moefuse.convert)"),
     )
     return spec.to_key()
 
@@ -95,6 +115,225 @@ def moefuse_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
     return fused_moe(hidden_states.to(w1.dtype), top_k_index, top_k_weights, w1, w2, b1, b2, spec)
 
 
+class FusedExperts(nn.Module):
+    """E experts with stacked weights, run by the fused op: forward(x [T, H], ids [T, K] int, weights [T, K])
+    → y [T, H] = Σ_k weights[t, k] · expert_{ids[t, k]}(x[t]) in x's dtype; ids outside [0, E) are dropped.
+
+    w1 [E, N1, H] and w2 [E, H, I] (out × in; N1 = 2·I for a GLU stored [gate; up]), b1 [E, N1] and b2 [E, H]
+    optional, all in one dtype. A `Parameter` passed in is registered as it is (shared, no copy); a tensor is
+    copied into a new `Parameter`. `activation` is read from the model's own code (`capture_activation`).
+    """
+
+    def __init__(self, w1, w2, b1=None, b2=None, *, activation: Activation, router: str,
+                 dropout: float = 0.0):
+        super().__init__()
+
+        def param(t):
+            if t is None or isinstance(t, nn.Parameter):
+                return t
+            return nn.Parameter(t.detach().clone().contiguous(), requires_grad=t.requires_grad)
+
+        self.w1, self.w2, self.b1, self.b2 = param(w1), param(w2), param(b1), param(b2)
+        self.num_experts = self.w1.shape[0]
+        self._moefuse_activation = activation
+        self._moefuse_router = router
+        self.dropout = dropout  # the original experts' dropout: the fused op has none, so training refuses it
+
+    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout > 0:
+            raise MoefuseError(
+                f"these experts were converted from modules applying dropout p={self.dropout} in training; the "
+                "fused op does not: set the model's dropout to 0 before moefuse.convert to train it converted"
+            )
+        spec = _spec_key(self, x.dtype, top_k_index.shape[-1])
+        return fused_moe(x.to(self.w1.dtype), top_k_index, top_k_weights, self.w1, self.w2, self.b1, self.b2, spec)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, w1={tuple(self.w1.shape)}, w2={tuple(self.w2.shape)}, " \
+               f"act={self._moefuse_activation.expr}"
+
+
+class _DbrxExperts(FusedExperts):
+    """`DbrxExperts`' call: (hidden_states [B, S, H], ids [B·S, K], weights [B·S, K]) → [B, S, H]."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        h = hidden_states.shape[-1]
+        y = super().forward(hidden_states.reshape(-1, h), top_k_index, top_k_weights)
+        return y.view(hidden_states.shape[0], -1, h)
+
+
+class _MaskRoutedExperts(FusedExperts):
+    """`SwitchTransformersExperts`' call: (x [T, H], one-hot mask [T, 1, E], weights [T, 1]) → [T, H]. A token
+    whose mask row is all zero (over capacity) is a dropped pair: id −1, output 0, as in the loop."""
+
+    def forward(self, hidden_states, selected_experts, routing_weights):
+        mask = selected_experts.reshape(hidden_states.shape[0], -1)
+        ids = torch.where(mask.sum(-1) > 0, mask.argmax(-1), -1).unsqueeze(-1)
+        return super().forward(hidden_states, ids, routing_weights.reshape(-1, 1))
+
+
+class _JetMoeBlock(nn.Module):
+    """`JetMoeMoE` with its experts fused: (x [B, S, H]) → [B, S, H]. Keeps the block's own gate linear and
+    output bias; re-does its gating (logits in fp32 → top-k → softmax → x's dtype), which JetMoE computes
+    together with a host-synced `tolist()` of expert sizes that would break every compiled graph."""
+
+    def __init__(self, block, experts: FusedExperts):
+        super().__init__()
+        self.router, self.experts, self.bias = block.router, experts, block.bias
+        self.top_k = block.router.top_k
+
+    def forward(self, layer_input):
+        b, s, h = layer_input.size()
+        x = layer_input.reshape(-1, h)
+        logits = self.router.layer(x).float()
+        top_k_logits, top_k_indices = logits.topk(self.top_k, dim=1)
+        top_k_gates = torch.softmax(top_k_logits, dim=1).type_as(x)
+        return self.experts(x, top_k_indices, top_k_gates).view(b, s, h) + self.bias
+
+
+class _RowsOf(nn.Module):
+    """Stands in for an expert's up-projection Linear while its activation is captured: returns that Linear's
+    rows [start, stop) of the stacked up-projection output. Keeps `weight` for code that reads its dtype."""
+
+    def __init__(self, linear: nn.Linear, start: int, stop: int):
+        super().__init__()
+        self.weight, self.start, self.stop = linear.weight, start, stop
+
+    def forward(self, up):
+        return up[..., self.start:self.stop]
+
+
+class _Output(nn.Module):
+    """Stands in for the down-projection Linear while the activation is captured: the activation itself."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight
+
+    def forward(self, a):
+        return a
+
+
+def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts) -> FusedExperts:
+    """Stack experts that are each an MLP — Linear(H→I) → act → Linear(I→H), or a GLU whose two H→I Linears
+    are combined by the activation — into a `FusedExperts`; the activation is captured from the first
+    expert's own forward with its Linears replaced by readers of the stacked up-projection. Raises `Reject`
+    (or ValueError for a structure that is not such an MLP)."""
+    first = experts[0]
+    linears = [(n, c) for n, c in first.named_children() if isinstance(c, nn.Linear)]
+    if len(linears) not in (2, 3) or any(type(e) is not type(first) for e in experts):
+        raise ValueError("experts are not all one MLP class with 2 (MLP) or 3 (GLU) Linear children")
+    down_name = _called_last(first, linears)
+    ups = [n for n, _ in linears if n != down_name]
+    i = first.get_submodule(down_name).in_features
+    shapes = {(first.get_submodule(n).in_features, first.get_submodule(n).out_features) for n in ups}
+    if shapes != {(first.get_submodule(down_name).out_features, i)}:
+        raise ValueError(f"the up-projection Linears {ups} do not all map the hidden size to the width {i} "
+                         f"the down-projection {down_name!r} reads")
+    probe = copy.copy(first)  # shallow: the same parameters, its own child table
+    probe._modules = dict(first._modules)
+    for j, n in enumerate(ups):
+        probe._modules[n] = _RowsOf(first.get_submodule(n), j * i, (j + 1) * i)
+    probe._modules[down_name] = _Output(first.get_submodule(down_name))
+    dropout = 0.0
+    for n, c in first.named_children():
+        if isinstance(c, nn.Dropout):
+            dropout = max(dropout, c.p)
+            probe._modules[n] = nn.Identity()
+    probe.training = False
+    activation = capture_activation(probe, i * len(ups))
+
+    def stacked(get):
+        parts = [get(e) for e in experts]
+        return None if parts[0] is None else torch.stack(parts)
+
+    w1 = stacked(lambda e: torch.cat([e.get_submodule(n).weight for n in ups]))
+    has_b1 = first.get_submodule(ups[0]).bias is not None
+    b1 = stacked(lambda e: torch.cat([e.get_submodule(n).bias for n in ups])) if has_b1 else None
+    w2 = stacked(lambda e: e.get_submodule(down_name).weight)
+    b2 = stacked(lambda e: e.get_submodule(down_name).bias)
+    return cls(w1, w2, b1, b2, activation=activation, router=router, dropout=dropout)
+
+
+def _called_last(expert: nn.Module, linears: list[tuple[str, nn.Linear]]) -> str:
+    """The name of the Linear an expert calls last (its down projection), found by running it once on zeros
+    of each candidate input width (registration order does not say which Linear comes last)."""
+    order: list[str] = []
+    hooks = [c.register_forward_hook(lambda mod, args, out, n=n: order.append(n)) for n, c in linears]
+    try:
+        for width in sorted({c.in_features for _, c in linears}):
+            order.clear()
+            try:
+                with torch.no_grad():
+                    expert(torch.zeros(1, width, dtype=linears[0][1].weight.dtype,
+                                       device=linears[0][1].weight.device))
+            except RuntimeError:  # a shape mismatch: the expert does not take this width
+                continue
+            if len(order) == len(linears):
+                return order[-1]
+    finally:
+        for h in hooks:
+            h.remove()
+    raise ValueError("could not run the expert once with each of its Linears called exactly once")
+
+
+def _glu_of(act, width: int):
+    """act(gate) · up over [gate; up] rows (DBRX's and JetMoE's experts), `act` being the model's own module."""
+    return lambda up: act(up[..., :width]) * up[..., width:]
+
+
+def _module_form(m: nn.Module):
+    """(what to replace, builder) for an MoE module form `convert` handles at module level; None otherwise."""
+    name = type(m).__name__
+    if name == "DbrxExperts" and hasattr(m, "mlp"):
+        def build():
+            e, f, h = m.num_experts, m.ffn_hidden_size, m.hidden_size
+            w1 = torch.cat([m.mlp.w1.view(e, f, h), m.mlp.v1.view(e, f, h)], dim=1)  # [E, 2F, H]: [gate; up]
+            act = capture_activation(_glu_of(m.mlp.activation_fn, f), 2 * f)
+            return _DbrxExperts(w1, m.mlp.w2.view(e, f, h).transpose(1, 2), activation=act,
+                                router="DBRX router (model code) → moefuse.convert")
+        return build
+    if name == "SwitchTransformersExperts":
+        return lambda: _mlp_experts([m[k] for k in m], "Switch top-1 router with capacity (model code) "
+                                    "→ moefuse.convert", _MaskRoutedExperts)
+    if name == "JetMoeMoE":
+        def build():
+            w1, w2 = m.input_linear.weight, m.output_linear.weight  # already [E, 2I, H] and [E, H, I]
+            act = capture_activation(_glu_of(m.activation, w2.shape[-1]), w1.shape[1])
+            return _JetMoeBlock(m, FusedExperts(w1, w2, activation=act, router="JetMoE top-k gating "
+                                                "→ moefuse.convert"))
+        return build
+    if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and type(m).forward is not nn.Module.forward:
+        experts = list(m) if isinstance(m, nn.ModuleList) else [m[k] for k in m]
+        if len(experts) >= 2 and all(isinstance(e, nn.Module) for e in experts):
+            def build():
+                fused = _mlp_experts(experts, f"{type(m).__name__}(x, ids, weights) (model code) → moefuse.convert")
+                _check_same_call(m, fused, experts[0])
+                return fused
+            return build
+    return None
+
+
+def _check_same_call(old: nn.Module, new: FusedExperts, expert: nn.Module) -> None:
+    """A user's experts container is only assumed to be called as (x [T, H], ids [T, K], weights [T, K]) →
+    [T, H]: check it on random routing before swapping it, so a different meaning is a skip, not a change."""
+    w = new.w1
+    h, e = w.shape[-1], w.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, h, generator=gen).to(w.dtype)
+    ids = torch.argsort(torch.rand(7, e, generator=gen), dim=1)[:, :2] if e > 2 else torch.zeros(7, 1, dtype=torch.long)
+    wts = torch.rand(ids.shape, generator=gen).to(w.dtype)
+    with torch.no_grad():
+        try:
+            want = old(x.to(w.device), ids.to(w.device), wts.to(w.device))
+        except Exception as exc:  # any other call signature
+            raise ValueError(f"calling it as experts(x, ids, weights) raised {type(exc).__name__}: {exc}") from exc
+        got = new(x.to(w.device), ids.to(w.device), wts.to(w.device))
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape or \
+            not torch.allclose(want.float(), got.float(), rtol=1e-2, atol=1e-3 * want.float().abs().max().item()):
+        raise ValueError("experts(x, ids, weights) does not compute Σ_k weights·expert_ids(x) on a random probe")
+
+
 def _register_with_transformers() -> None:
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
@@ -107,13 +346,41 @@ def convert(model: torch.nn.Module) -> ConvertSummary:
 
     transformers models (experts built with `@use_experts_implementation`, whatever experts implementation
     they were loaded with) switch to transformers' experts interface entry "moefuse"; each module's
-    activation is read once, from the graph dynamo captures of its own gate function. A module moefuse
-    cannot serve exactly keeps its implementation and is listed with the reason.
+    activation is read once, from the graph dynamo captures of its own gate function. The module-level
+    forms (DBRX, Switch, JetMoE, experts containers; see the module docstring) are replaced by `FusedExperts`.
+    A module moefuse cannot serve exactly keeps its implementation and is listed with the reason.
     """
     summary = ConvertSummary()
+    _convert_modules(model, summary)
+    _convert_interface_experts(model, summary)
+    if summary.converted:
+        log.info("%s", summary)
+    return summary
+
+
+def _convert_modules(model: nn.Module, summary: ConvertSummary) -> None:
+    """Swap each module-level MoE form (DBRX, Switch, JetMoE, experts containers) for its fused module."""
+    for name, m in list(model.named_modules()):
+        build = _module_form(m)
+        if build is None or not name:
+            continue
+        try:
+            with torch.no_grad():
+                new = build()
+        except (Reject, ValueError) as exc:
+            summary.skipped[name] = f"{exc.reason.value}: {exc.detail}" if isinstance(exc, Reject) else str(exc)
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new.train(m.training))
+        summary.converted.append(name)
+
+
+def _convert_interface_experts(model: nn.Module, summary: ConvertSummary) -> None:
+    """Experts built with transformers' `@use_experts_implementation`: the interface entry "moefuse"."""
     experts = [(name, m) for name, m in model.named_modules() if _is_interface_experts(m)]
     if not experts:
-        return summary
+        return
+    done = len(summary.converted)
     _register_with_transformers()
     for name, m in experts:
         why = _why_not(m)
@@ -128,13 +395,12 @@ def convert(model: torch.nn.Module) -> ConvertSummary:
             summary.skipped[name] = why
             continue
         summary.converted.append(name)
-    if summary.skipped and summary.converted:
+    mine = summary.converted[done:]
+    if mine and any(name in summary.skipped for name, _ in experts):
         # transformers sets one implementation per config; mixing needs per-module configs, not done yet
-        summary.converted, skipped = [], summary.converted
-        for name in skipped:
+        del summary.converted[done:]
+        for name in mine:
             summary.skipped[name] = "left unconverted: other experts modules of this model cannot be converted"
-        return summary
-    if summary.converted:
+        return
+    if mine:
         model.set_experts_implementation(IMPLEMENTATION)
-        log.info("%s", summary)
-    return summary

@@ -63,6 +63,9 @@ class MoESpec:
     w1_bias: bool = False
     w2_bias: bool = False
     router: str = "unknown"  # how the routing was computed, for the report (the router stays in the graph)
+    # The model scales the expert *input* by the routing weight (Llama4, top-1): the caller passes x already
+    # scaled and unit weights, so the op computes the same; recorded for the report.
+    weight_on_input: bool = False
 
     def __post_init__(self):
         for name in ("num_experts", "top_k", "hidden", "intermediate", "up_rows"):
@@ -86,7 +89,10 @@ class MoESpec:
 
     def to_key(self) -> str:
         """A canonical string; `MoESpec.from_key(spec.to_key()) == spec`."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        d = dataclasses.asdict(self)
+        if not d["weight_on_input"]:  # keys of specs without it stay as they were (kernel caches, golden files)
+            del d["weight_on_input"]
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_key(cls, key: str) -> MoESpec:
@@ -100,4 +106,5 @@ class MoESpec:
         return (
             f"E={self.num_experts} K={self.top_k} H={self.hidden} I={self.intermediate} {self.dtype} "
             f"act={self.activation.expr} slices={list(self.activation.slices)} {bias} router={self.router}"
+            + (" weights on input" if self.weight_on_input else "")
         )
