@@ -228,13 +228,17 @@ def read_source(src: str | os.PathLike, progress: bool = False) -> SourceCheckpo
     return SourceCheckpoint(path, config, files, tensors)
 
 
-def _load_source(source: SourceCheckpoint, dtype: str):
+def _load_source(source: SourceCheckpoint, dtype: str, progress: bool):
     """The model with SRC's weights, through transformers' from_pretrained (its key renames included). Missing,
     unexpected or wrongly shaped tensors are an error here: transformers would fill them with random values."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    bars = hf_logging.is_progress_bar_enabled()
     try:
+        if not progress:  # transformers draws its own "Loading weights" bar
+            hf_logging.disable_progress_bar()
         model, info = AutoModelForCausalLM.from_pretrained(
             source.path, output_loading_info=True, ignore_mismatched_sizes=True,
             dtype="auto" if dtype == "auto" else _DTYPES[dtype])
@@ -244,6 +248,9 @@ def _load_source(source: SourceCheckpoint, dtype: str):
     except ValueError as e:
         raise UnsupportedModel(f"transformers cannot build a causal LM from {source.path}: {e}", source.path,
                                "moefuse-convert handles transformers *ForCausalLM MoE checkpoints") from e
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     problems = {kind: sorted(str(k) for k in info.get(kind) or ())
                 for kind in ("mismatched_keys", "missing_keys", "unexpected_keys")}
     if any(problems.values()):
@@ -257,14 +264,21 @@ def _load_source(source: SourceCheckpoint, dtype: str):
 
 # ---------------------------------------------------------------------------------------- converting
 
-def _experts_modules(model) -> dict[str, torch.nn.Module]:
-    from moefuse.convert import _is_interface_experts
+def _fused_modules(model) -> dict[str, torch.nn.Module]:
+    """The modules of a converted model that call the fused op, by path: transformers experts modules switched
+    to the "moefuse" experts implementation (their own parameters, in transformers' layout), and modules
+    `moefuse.convert` swapped in that own the stacked weights as parameters w1, w2 (b1, b2), in the op's."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "_moefuse_activation")}
 
-    return {name: m for name, m in model.named_modules() if _is_interface_experts(m)}
+
+def _in_op_layout(m) -> bool:
+    return isinstance(getattr(m, "w1", None), torch.nn.Parameter)
 
 
 def _param_names(m) -> dict[str, str]:
-    """moefuse name → the experts module's parameter holding it (in transformers' layout)."""
+    """moefuse name → the module's parameter holding that weight."""
+    if _in_op_layout(m):
+        return {n: n for n in ("w1", "w2", "b1", "b2") if getattr(m, n, None) is not None}
     names = {"w1": "gate_up_proj" if m.has_gate else "up_proj", "w2": "down_proj"}
     if m.has_bias:
         names |= {"b1": names["w1"] + "_bias", "b2": "down_proj_bias"}
@@ -272,9 +286,9 @@ def _param_names(m) -> dict[str, str]:
 
 
 def _top_k(model, path: str) -> int:
-    """K of the router feeding the experts at `path`: its MoE block's or the router sibling's `top_k`."""
+    """K of the router feeding the experts at `path`: its own, its MoE block's or the router's `top_k`."""
     parent = model.get_submodule(path.rpartition(".")[0])
-    for m in (parent, *parent.children()):
+    for m in (model.get_submodule(path), parent, *parent.modules()):
         k = getattr(m, "top_k", None)
         if isinstance(k, int):
             return k
@@ -285,16 +299,14 @@ def _top_k(model, path: str) -> int:
                            "moefuse-convert reads it from the router's top_k or config.num_experts_per_tok")
 
 
-def _converted_tensors(model, summary) -> tuple[dict[str, torch.Tensor], dict[str, str], list[dict]]:
+def _converted_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, str], list[dict]]:
     """(tensors to write, tied name → kept name, per-layer report entries)."""
     from moefuse.convert import _spec_key, _weights
     from moefuse.spec import MoESpec
 
-    experts = _experts_modules(model)
     state = model.state_dict()
     layers = []
-    for path in summary.converted:
-        m = experts[path]
+    for path, m in _fused_modules(model).items():
         w1, w2, b1, b2 = _weights(m)
         ours = {"w1": w1, "w2": w2, "b1": b1, "b2": b2}
         names = {}
@@ -303,7 +315,7 @@ def _converted_tensors(model, summary) -> tuple[dict[str, torch.Tensor], dict[st
             state[f"{path}.{short}"] = ours[short].contiguous()
             names[short] = f"{path}.{short}"
         spec = MoESpec.from_key(_spec_key(m, w1.dtype, _top_k(model, path)))
-        layers.append({"module": path, "tensors": names, "transformers_params": _param_names(m),
+        layers.append({"module": path, "tensors": names, "params": _param_names(m),
                        "spec": spec.to_key(), "describe": spec.describe()})
     # Tied weights (e.g. lm_head = embed_tokens) are one storage: safetensors stores it once.
     tied, seen = {}, {}
@@ -399,7 +411,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
                              "write the converted checkpoint outside the source directory")
     source = read_source(src_path, progress)
 
-    model = _load_source(source, dtype)
+    model = _load_source(source, dtype, progress)
     if verify:
         ids = _probe_ids(model.config, device)
         reference = _logits(model.to(device), ids)
@@ -412,7 +424,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
         raise UnsupportedModel(f"{src_path} ({type(model).__name__}) has no MoE experts module moefuse.convert "
                                "serves", src_path, "moefuse-convert handles transformers MoE models whose experts "
                                                    "use transformers' experts interface (3-D stacked weights)")
-    tensors, tied, layers = _converted_tensors(model, summary)
+    tensors, tied, layers = _converted_tensors(model)
     report = {
         "format": "moefuse-checkpoint", "layout_version": LAYOUT_VERSION, "source": str(src_path),
         "model_type": model.config.model_type, "architecture": type(model).__name__,
@@ -473,10 +485,11 @@ def _read_report(path: Path) -> dict:
 def load_converted(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """The model moefuse-convert wrote to `path`, ready to run: every MoE layer calls moefuse::moe.
 
-    Returns a transformers *ForCausalLM in eval mode, in the dtype it was converted to, on `device`. Its
-    experts modules hold the stored w1/w2 (as views in transformers' layout) and use the experts interface
-    entry "moefuse" (see `moefuse.convert`); compile it with `backend="moefuse"` for one fused node per layer.
-    Raises NotConverted, MismatchedCheckpoint or UnsupportedModel when the directory does not fit.
+    Returns a transformers *ForCausalLM in eval mode, in the dtype it was converted to, on `device`, already
+    through `moefuse.convert`: its experts modules hold the stored w1/w2 (as views in transformers' layout
+    where transformers keeps its own module) and call the fused op; compile it with `backend="moefuse"` for
+    one fused node per layer. Raises NotConverted, MismatchedCheckpoint or UnsupportedModel when the
+    directory does not fit.
     """
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -491,9 +504,16 @@ def load_converted(path: str | os.PathLike, device: str | torch.device = "cpu"):
                                 "pass the DST directory moefuse-convert wrote")
     report = _read_report(path)
     config = _read_config(path)
-    dtype = _DTYPES[report["dtype"]]
     with no_init_weights():  # every parameter is overwritten below; random init would only cost time
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[report["dtype"]])
+    model.tie_weights()  # done by the init no_init_weights skipped: lm_head = embed_tokens where config ties them
+    # Converted first, so that modules convert swaps in (owning w1/w2 themselves) exist to load into
+    summary = convert(model)
+    fused = _fused_modules(model)
+    want = [layer["module"] for layer in report["layers"]]
+    if summary.skipped or sorted(fused) != sorted(want):
+        raise UnsupportedModel(f"moefuse.convert serves {sorted(fused)} here, the checkpoint was converted for "
+                               f"{want}:\n{summary}", path, "convert the source checkpoint again with this moefuse")
     state: dict[str, torch.Tensor] = {}
     for fname in report["files"]:
         try:
@@ -503,38 +523,28 @@ def load_converted(path: str | os.PathLike, device: str | torch.device = "cpu"):
                                      "convert the source checkpoint again") from e
     for name, kept in report["tied"].items():
         state[name] = state[kept]
-    experts = _experts_modules(model)
+    placed = set()
     for layer in report["layers"]:
-        m = experts.get(layer["module"])
-        if m is None:
-            raise MismatchedCheckpoint(f"config.json builds no experts module at {layer['module']}", path,
-                                       "config.json does not belong to these weights: convert again")
+        m = fused[layer["module"]]
+        stored = MoESpec.from_key(layer["spec"]).activation
+        if m._moefuse_activation != stored:
+            raise MismatchedCheckpoint(f"{layer['module']}: the model's activation is {m._moefuse_activation}, "
+                                       f"the checkpoint was converted for {stored}", path,
+                                       "convert the source checkpoint again with this moefuse")
         for short, param in _param_names(m).items():
             t = state.pop(layer["tensors"][short])
             old = getattr(m, param)
-            # transformers' transposed experts take the stored [E, out, in] tensor as a view [E, in, out]
-            t = t.transpose(-2, -1) if m.is_transposed and t.dim() == 3 else t
+            if not _in_op_layout(m) and m.is_transposed and t.dim() == 3:
+                t = t.transpose(-2, -1)  # transformers keeps these [E, in, out]: a view of the stored tensor
             if t.shape != old.shape:
                 raise MismatchedCheckpoint(f"{layer['module']}.{short} has shape {list(t.shape)}, the model built "
                                            f"from config.json expects {list(old.shape)}", path,
                                            "config.json does not belong to these weights: convert again")
-            setattr(m, param, torch.nn.Parameter(t, requires_grad=old.requires_grad))
+            setattr(m, param, torch.nn.Parameter(t.to(old.dtype), requires_grad=old.requires_grad))
+            placed.add(f"{layer['module']}.{param}")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    expert_params = {f"{layer['module']}.{p}" for layer in report["layers"] for p in layer["transformers_params"].values()}
-    missing = sorted(set(missing) - expert_params)
+    missing = sorted(set(missing) - placed)
     if missing or unexpected:
         raise MismatchedCheckpoint(f"{path}: tensors missing {missing[:6]}, unexpected {sorted(unexpected)[:6]}",
                                    path, "config.json does not belong to these weights: convert again")
-    model = model.to(device).eval()
-    summary = convert(model)
-    want = [layer["module"] for layer in report["layers"]]
-    if summary.converted != want:
-        raise UnsupportedModel(f"moefuse.convert now serves {summary.converted} of the recorded layers {want}:\n"
-                               f"{summary}", path, "convert the source checkpoint again with this moefuse")
-    for layer in report["layers"]:
-        stored = MoESpec.from_key(layer["spec"]).activation
-        if experts[layer["module"]]._moefuse_activation != stored:
-            raise MismatchedCheckpoint(f"{layer['module']}: the model's activation is "
-                                       f"{experts[layer['module']]._moefuse_activation}, the checkpoint was "
-                                       f"converted for {stored}", path, "convert the source checkpoint again")
-    return model
+    return model.to(device).eval()

@@ -2,12 +2,13 @@
 
 Exit status: 0 converted (and the probe passed, unless --no-verify); 2 bad input (the message says what and
 how to fix it; nothing was written); 1 the converted model did not match the original on the probe batch
-(nothing was written). Also runs as `python -m moefuse.cli`. See `moefuse.checkpoint` for the layout.
+(nothing was written); 3 an internal error (a traceback to report; nothing was written). Also runs as `python -m moefuse.cli`. See `moefuse.checkpoint` for the layout.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 PROG = "moefuse-convert"
 
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         if e.hint:
             print(f"{PROG}: hint: {e.hint}", file=sys.stderr)
         return e.exit_code
+    except Exception:  # a bug, not bad input: 3, so that scripts never read it as a probe mismatch (1)
+        traceback.print_exc()
+        print(f"{PROG}: internal error (nothing was written); please report it with the traceback above",
+              file=sys.stderr)
+        return 3
     print(f"{PROG}: {len(report['layers'])} MoE layer(s) of {report['architecture']} converted to "
           f"{report['destination']} ({report['dtype']}, {len(report['files'])} file(s))")
     for layer in report["layers"]:

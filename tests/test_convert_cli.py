@@ -125,6 +125,18 @@ def test_sharded_source_to_sharded_float16(tmp_path):
     assert rel_err(out, ref) <= 2e-2
 
 
+def test_tied_embeddings_are_stored_once(tmp_path):
+    """Ernie4.5-MoE ties lm_head to the embeddings: one tensor on disk, tied again on load."""
+    model = tiny_model("ernie4_5_moe")
+    model.save_pretrained(tmp_path / "src")
+    report = convert_checkpoint(tmp_path / "src", tmp_path / "dst", progress=False)
+    assert report["tied"] == {"lm_head.weight": "model.embed_tokens.weight"} and report["probe"]["ok"]
+    converted = load_converted(tmp_path / "dst")
+    assert converted.lm_head.weight is converted.model.embed_tokens.weight
+    with torch.no_grad():
+        assert rel_err(converted(probe_ids()).logits, model(probe_ids()).logits) <= 1e-4
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -204,8 +216,8 @@ def test_probe_mismatch_exits_1_and_writes_nothing(saved, tmp_path, capsys, monk
 
     real = ckpt._converted_tensors
 
-    def swapped(model, summary):
-        tensors, tied, layers = real(model, summary)
+    def swapped(model):
+        tensors, tied, layers = real(model)
         w1 = tensors["model.layers.0.mlp.experts.w1"]
         tensors["model.layers.0.mlp.experts.w1"] = torch.cat(w1.chunk(2, dim=1)[::-1], dim=1)
         return tensors, tied, layers
