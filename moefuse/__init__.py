@@ -8,7 +8,7 @@ from __future__ import annotations
 from moefuse.spec import Activation, MoESpec
 
 __version__ = "0.1.0"
-__all__ = ["Activation", "Backend", "MoESpec", "explain", "last_report", "load_converted", "reports"]
+__all__ = ["Activation", "Backend", "MoESpec", "explain", "last_report", "load_converted", "parallelize_experts", "reports"]
 
 
 def __getattr__(name):
@@ -21,6 +21,10 @@ def __getattr__(name):
         from moefuse.checkpoint import load_converted
 
         return load_converted
+    if name == "parallelize_experts":
+        from moefuse.parallel import parallelize_experts
+
+        return parallelize_experts
     raise AttributeError(f"module 'moefuse' has no attribute {name!r}")
 
 
