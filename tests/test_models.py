@@ -31,6 +31,7 @@ EXPECTED_EXPERTS = {
     # interleaved [gate0, up0, gate1, …] (step 2), biases, and GPT-OSS's own clamped GLU with α = 1.702
     "gpt_oss": ("(Min(7, Max(-7, x1)) + 1)*sigmoid(851*Min(7, x0)/500)*Min(7, x0)", ((0, 2), (1, 2)), True),
 }
+EXPECTED_TOP_K = {"llama4": 1}  # every other family routes each token to 2 of 8 experts
 
 
 # The op's CPU path unless a test sets TRITON_INTERPRET=1 itself; fresh dynamo caches (tests/conftest.py).
@@ -58,7 +59,8 @@ def test_hf_model_every_moe_layer_lowered(family, dtype):
     assert len(explanation.lowered) == num_moe_layers(model) == 2, str(explanation)
     assert calls["cpu"] == 2
     spec = explanation.lowered[0].spec
-    assert (spec.num_experts, spec.top_k, spec.hidden, spec.dtype) == (8, 2, 64, str(dtype)[6:])
+    assert (spec.num_experts, spec.top_k, spec.hidden, spec.dtype) == (8, EXPECTED_TOP_K.get(family, 2), 64, str(dtype)[6:])
+    assert spec.weight_on_input == (family == "llama4")  # read from the graph: where the weights multiply
     expr, slices, biases = EXPECTED_EXPERTS.get(family, SWIGLU_GATE_UP)
     assert (spec.activation.expr, spec.activation.slices, spec.w1_bias and spec.w2_bias) == (expr, slices, biases)
     assert rel_err(out.logits, ref) <= TOL[dtype]
@@ -178,3 +180,38 @@ def test_mish_gate_runs_generated_triton_epilogue(monkeypatch):
     assert len(explanation.lowered) == 1 and calls["triton"] == 1, str(explanation)
     assert "tanh" in explanation.lowered[0].spec.activation.expr
     assert rel_err(out, ref) <= TOL[torch.float32]
+
+
+def test_llama4_weights_on_input_train_as_eager():
+    """Llama4 compiled under grad: the fused forward and backward run, and every gradient — the router's, which
+    reaches it through the input scaling the rewrite emits in the graph, included — matches eager's."""
+    model = tiny_model("llama4").train()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def grads(m):
+        model.zero_grad(set_to_none=True)
+        m(ids).logits.float().pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref = grads(model)
+    backend = Backend({"inner": "eager"})
+    before = dict(moe_op.counters)
+    got = grads(torch.compile(model, backend=backend))
+    ran = {k: moe_op.counters[k] - before[k] for k in ("fwd_train_cpu", "bwd_cpu")}
+    assert len(backend.explanation.lowered) == 2 and ran == {"fwd_train_cpu": 2, "bwd_cpu": 2}, str(backend.explanation)
+    assert got.keys() == ref.keys() and any("router" in n for n in ref) and any("experts" in n for n in ref)
+    worst = max(ref, key=lambda n: rel_err(got[n], ref[n]))
+    assert rel_err(got[worst], ref[worst]) <= 1e-4, worst
+
+
+def test_llama4_top2_weights_on_input_rejected():
+    """Σ_k expert(w_k·x) with K = 2 is not one fused call: the layer runs unchanged, with a typed reason."""
+    model = tiny_model("llama4", num_experts_per_tok=2)
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+    out, explanation, calls = compile_and_run(model, ids)
+    assert not explanation.lowered and calls["cpu"] == 0
+    assert [r.reason.name for r in explanation.rejected] == ["INPUT_WEIGHTING"] * 2, str(explanation)
+    assert "top-k = 2" in str(explanation)
+    assert torch.equal(out.logits, ref)

@@ -29,6 +29,9 @@ from moefuse.runtime.op import kernels_for, spec_from_key
 
 log = logging.getLogger("moefuse")
 
+_CONVERTED_NO_ROUTING = ("moefuse.convert put the exact op here (it receives top-k routing, not the router's "
+                         "scores); compile the unconverted model to round its tokens")
+
 # The ops a graph may already hold (put there by moefuse.convert): inference, and training (with h).
 _FUSED_OPS = (torch.ops.moefuse.moe.default, torch.ops.moefuse.moe, torch.ops.moefuse.moe_fwd.default,
               torch.ops.moefuse.moe_fwd)
@@ -47,7 +50,9 @@ def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) ->
             spec = spec_from_key(node.args[-1])
             device = node.args[0].meta["example_value"].device
             report.lowered.append(Lowered(module_path(node), node.name, spec, None, kernels_for(spec, device), True,
-                                          training=node.target in _FUSED_OPS[2:]))
+                                          training=node.target in _FUSED_OPS[2:],
+                                          rounding_skipped=_CONVERTED_NO_ROUNDING if options.token_rounding != "off"
+                                          else ""))
     regions, rejected = detect(gm)
     report.rejected.extend(rejected)
     for region in regions:
@@ -62,9 +67,13 @@ def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) ->
             report.lowered.append(Lowered(region.module, "(not rewritten: lower=False)", region.spec, error))
             continue
         device = region.x.meta["example_value"].device
-        node = rewrite(gm, region)
+        # Token rounding needs the router's full scores; where detection found none the layer stays exact.
+        rounding = options.token_rounding if region.scores is not None else "off"
+        skipped = region.scores_missing if options.token_rounding != "off" and rounding == "off" else ""
+        node = rewrite(gm, region, rounding, options.tile_m)
         report.lowered.append(Lowered(region.module, node.name, region.spec, error, kernels_for(region.spec, device),
-                                      training=region.needs_grad))
+                                      training=region.needs_grad, rounding=rounding,
+                                      tile_m=options.tile_m if rounding != "off" else None, rounding_skipped=skipped))
     return gm
 
 

@@ -16,12 +16,20 @@ class Lowered:
     kernels: list[str] = field(default_factory=list)  # what will run it, per device kind
     by_convert: bool = False  # the graph already held the op: moefuse.convert put it there
     training: bool = False  # lowered to the training op: its fused backward runs too
+    rounding: str = "off"  # token rounding applied to this layer ("up" / "down" / "nearest"): routing changed
+    tile_m: int | None = None  # the tile rows counts were rounded to (with rounding on)
+    rounding_skipped: str = ""  # token rounding was asked for but not applied here: why (the layer is exact)
 
     def __str__(self) -> str:
         check = ("by moefuse.convert" if self.by_convert else
                  "not verified" if self.verify_error is None else f"verified (rel. err {self.verify_error:.1e})")
         mode = " (training: fused forward + backward)" if self.training else ""
         lines = [f"  LOWERED  {self.module} → {self.node}{mode}: {self.spec.describe()} [{check}]"]
+        if self.rounding != "off":
+            lines.append(f"           TOKEN ROUNDING {self.rounding!r} to multiples of M={self.tile_m}: routing changed, "
+                         "outputs differ from exact top-K (meant for training; evaluate with token_rounding='off')")
+        elif self.rounding_skipped:
+            lines.append(f"           token rounding not applied, exact top-K: {self.rounding_skipped}")
         lines += [f"           kernel: {k}" for k in self.kernels]
         return "\n".join(lines)
 

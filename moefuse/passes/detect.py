@@ -398,6 +398,31 @@ def _router_description(ids: fx.Node, weights: fx.Node) -> str:
     return "→".join(reversed(steps)) or "unknown"
 
 
+_LOGITS = {"F.linear", "torch.matmul", "operator.matmul", "torch.mm", "torch.addmm"}
+
+
+def _router_scores(ids: fx.Node, t: int, e: int, k: int) -> tuple[fx.Node | None, str]:
+    """The [T, E] score matrix the top-k ids were taken over (for token rounding), or None and why not.
+
+    Only a `torch.topk(scores, K, dim=-1)` whose ids reach the region through casts and views counts, and only
+    over probability-like scores: raw logits (top-k straight after the router's linear, as in GPT-OSS) would
+    give the pairs rounding adds an unnormalised, possibly negative weight."""
+    cur = fu.peel_layout(ids)
+    if not (fu.op_name(cur) == "getitem" and cur.args[1] == 1 and isinstance(cur.args[0], fx.Node)
+            and fu.op_name(cur.args[0]) in ("torch.topk", "method:topk")):
+        return None, f"the expert ids come from {fu.op_name(cur)}, not from the indices of a torch.topk"
+    topk = cur.args[0]
+    scores, kk = fu.arg(topk, 0, "input"), fu.arg(topk, 1, "k")
+    dim, largest = fu.arg(topk, 2, "dim", -1), fu.arg(topk, 3, "largest", True)
+    if not isinstance(scores, fx.Node) or not fu.is_float(scores) or fu.shape(scores) != (t, e):
+        return None, f"top-k was taken over a tensor of shape {fu.shape(scores)}, not the [T, E] = [{t}, {e}] scores"
+    if kk != k or dim not in (-1, 1) or largest is not True:
+        return None, f"top-k(k={kk}, dim={dim}, largest={largest}) is not the largest {k} over the experts"
+    if fu.op_name(fu.peel_casts(scores)) in _LOGITS:
+        return None, "top-k ranks the raw router logits: rounding needs probabilities to weight the pairs it adds"
+    return scores, ""
+
+
 def _module_of(ids: fx.Node, output: fx.Node) -> str:
     """The deepest module that contains both the router's result and the combine: the MoE block."""
     a, b = fu.module_stack(ids), fu.module_stack(output)
@@ -462,8 +487,10 @@ def _match(d: _Dispatch, mms: list[fx.Node]) -> Region:
         dtype=_dtype_name(fu.tensor(d.w1).dtype), out_dtype=_dtype_name(out_val.dtype),
         w1_bias=b1 is not None, w2_bias=b2 is not None, router=_router_description(ids, weights),
     )
+    scores, scores_missing = _router_scores(ids, t, e, k)
     return Region(spec, module, output, nodes, d.x, ids, weights, d.w1, d.w2, d.w1_transposed, d.w2_transposed,
-                  b1, b2, extra, needs_grad)
+                  b1, b2, extra, needs_grad,
+                  scores=scores, scores_missing=scores_missing)
 
 
 def _find_k(chain: list[fx.Node], t: int, e: int) -> int:

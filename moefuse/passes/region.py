@@ -94,6 +94,10 @@ class Region:
     b2: fx.Node | None = None
     extra_inputs: list[fx.Node] = field(default_factory=list)  # symbolic sizes the region reads
     needs_grad: bool = False  # gradients flow through it: lower to the training op (saves H for backward)
+    # The router's full score matrix [T, E] that top-k was taken over (token rounding ranks unselected tokens
+    # by it and weights the pairs it adds with it); None when not found, with the reason in `scores_missing`.
+    scores: fx.Node | None = None
+    scores_missing: str = ""
 
     @property
     def inputs(self) -> list[fx.Node]:

@@ -2,6 +2,10 @@
 
 Inference regions become `moefuse::moe`; regions that gradients flow through become
 `moefuse::moe_fwd(...)[0]`, whose registered autograd formula runs the fused backward.
+With token rounding on (and the router's scores found), the region becomes two calls instead:
+`moefuse.rounding.round_routing(scores, topk_ids, topk_weights, mode, tile_m)` (plain torch ops, traced through
+by AOTAutograd, so gradients reach the router) and `runtime.pairs.fused_moe_pairs` on the flat pairs it
+returns (`moefuse::moe_pairs`, or its training op when gradients flow).
 
 Postconditions (checked): the graph lints; the region's output has no users left; no node of the region
 remains. The new node takes the output's place in graph order and its metadata (so later passes and
@@ -15,14 +19,17 @@ import torch
 import torch.fx as fx
 
 from moefuse.passes.region import Region
+from moefuse.rounding import round_routing
 
 # Importing the runtime registers torch.ops.moefuse.moe (inference) and moefuse.moe_fwd/moe_bwd (training).
 from moefuse.runtime import autograd as _autograd  # noqa: F401
 from moefuse.runtime import op as _op  # noqa: F401
+from moefuse.runtime import pairs as _pairs  # moefuse::moe_pairs; fused_moe_pairs picks its op by grad mode
 
 
-def rewrite(gm: fx.GraphModule, region: Region) -> fx.Node:
-    """Replace `region` in `gm`; return the new op's node."""
+def rewrite(gm: fx.GraphModule, region: Region, rounding: str = "off", tile_m: int = 128) -> fx.Node:
+    """Replace `region` in `gm`; return the new op's node. `rounding` (a token-rounding mode other than "off")
+    applies only when detection found the router's scores (`region.scores`); the caller reports which."""
     graph, out = gm.graph, region.output
     spec = region.spec
     with graph.inserting_before(out):
@@ -32,7 +39,12 @@ def rewrite(gm: fx.GraphModule, region: Region) -> fx.Node:
         w1 = graph.call_method("transpose", (region.w1, -2, -1)) if region.w1_transposed else region.w1
         w2 = graph.call_method("transpose", (region.w2, -2, -1)) if region.w2_transposed else region.w2
         args = (x, region.topk_ids, region.topk_weights, w1, w2, region.b1, region.b2, spec.to_key())
-        if region.needs_grad:
+        if rounding != "off" and region.scores is not None:
+            pairs = graph.call_function(round_routing, (region.scores, region.topk_ids, region.topk_weights,
+                                                         rounding, tile_m))
+            op_node = new = graph.call_function(_pairs.fused_moe_pairs,
+                                                (spec.to_key(), x, pairs, w1, w2, region.b1, region.b2))
+        elif region.needs_grad:
             # The training op returns (y, h): h, the pre-activation, is what its backward keeps.
             op_node = graph.call_function(torch.ops.moefuse.moe_fwd.default, args)
             new = graph.call_function(operator.getitem, (op_node, 0))
