@@ -50,7 +50,8 @@ def _probe_inputs(region: Region, skewed: bool, gen: torch.Generator) -> list:
         ids = torch.argsort(torch.rand(t, e, generator=gen), dim=1)[:, :k]
     values[region.topk_ids] = ids.to(device=dev, dtype=fu.tensor(region.topk_ids).dtype).contiguous()
     wv = fu.tensor(region.topk_weights)
-    values[region.topk_weights] = (torch.rand(t, k, generator=gen) + 0.1).to(device=dev, dtype=wv.dtype)
+    wts = (torch.rand(t, k, generator=gen) + 0.1).to(device=dev, dtype=wv.dtype)
+    values[region.topk_weights] = region.probe_weights(values[region.topk_ids], wts)
     values[region.w1] = randn(region.w1, spec.hidden ** -0.5)
     values[region.w2] = randn(region.w2, spec.intermediate ** -0.5)
     for b in (region.b1, region.b2):
@@ -98,6 +99,7 @@ def _probe(gm: fx.GraphModule, region: Region, seed: int) -> float:
     for skewed in (False, True):
         args = _probe_inputs(region, skewed, gen)
         x, ids, wts, w1, w2 = args[:5]
+        x, ids, wts = region.op_operands(x, ids, wts)
         b1 = args[5] if region.b1 is not None else None
         b2 = args[5 + (region.b1 is not None)] if region.b2 is not None else None
         try:

@@ -64,6 +64,7 @@ class _Dispatch:
     up_out: fx.Node  # up-projection output; its last dim is the up rows N1
     down_in: fx.Node  # the down matmul's activation operand
     down_out: fx.Node | None = None  # the down projection's [S, H] output when it is not the matmul node itself
+    input_scores: fx.Node | None = None  # [T, E] scores that scale each expert's *input* (zero off the top-k)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,7 +196,98 @@ def _match_batched(idx: fx.Node, mms: list[fx.Node]) -> _Dispatch:
                      down_out=down_out)
 
 
-_FORMS = [(_grouped_pairs, _match_grouped), (_batched_pairs, _match_batched), (_dense_pairs, _match_dense)]
+_BMM = ("torch.bmm", "torch.matmul", "operator.matmul")
+
+
+def _stacked_bmm_pairs(graph: fx.Graph):
+    """Every expert on every token as one batched matmul per projection: [E, T, in] @ W[E, in, out] (Llama4)."""
+    pending = None
+    for n in graph.nodes:
+        if fu.op_name(n) not in _BMM or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
+            continue
+        if len(fu.shape(n.args[0]) or ()) != 3 or len(fu.shape(n.args[1]) or ()) != 3 or _weight_gather(n.args[1]):
+            continue
+        # in graph order an up projection is followed by its down projection, which depends on it
+        if pending is not None and pending in fu.ancestors([n]):
+            yield "dense_bmm", pending, [pending, n]
+            pending = None
+        else:
+            pending = n
+
+
+# Elementwise ops that may lie between a scatter of top-k values and the scores it makes, each as a torch
+# function, to evaluate them at the scatter's fill value.
+_ELEMENTWISE = {"F.sigmoid": torch.sigmoid, "torch.sigmoid": torch.sigmoid, "method:sigmoid": torch.sigmoid,
+                "torch.exp": torch.exp, "method:exp": torch.exp, "F.relu": torch.relu, "torch.relu": torch.relu,
+                "method:relu": torch.relu}
+_SCATTER = ("method:scatter_", "method:scatter", "torch.scatter")
+
+
+def _fill_value(node) -> float | None:
+    """The constant every element of `node` holds when it is a filled factory (full_like(·, -inf), zeros …)."""
+    name = fu.op_name(node) if isinstance(node, fx.Node) else ""
+    if name in ("torch.zeros_like", "torch.zeros", "method:new_zeros"):
+        return 0.0
+    if name in ("torch.full_like", "torch.full", "method:new_full"):
+        v = fu.arg(node, 1, "fill_value")
+        return float(v) if isinstance(v, (int, float)) else None
+    return None
+
+
+def _scattered_topk(scores: fx.Node, t: int, e: int) -> fx.Node:
+    """The [T, K] ids when `scores` [T, E] is f(scatter(fill, 1, ids, values)) for elementwise f with
+    f(fill) = 0: a dense score matrix that is zero off each token's top-k experts. Raises `Reject`."""
+    cur, fns = scores, []
+    for _ in range(8):
+        name = fu.op_name(cur)
+        if fu.is_cast(cur) or name in _ELEMENTWISE:
+            fns.append(_ELEMENTWISE.get(name, lambda v: v))
+            cur = cur.args[0]
+        else:
+            break
+    ids = fu.arg(cur, 2, "index") if fu.op_name(cur) in _SCATTER else None
+    fill = _fill_value(cur.args[0]) if ids is not None and fu.arg(cur, 1, "dim") in (1, -1) else None
+    if fill is None or not fu.is_int(ids) or len(fu.shape(ids) or ()) != 2 or fu.shape(ids)[0] != t:
+        raise Reject(Reason.INPUT_WEIGHTING, scores,
+                     "the scores scaling the expert input are not top-k values scattered into a constant [T, E]")
+    off_topk = torch.tensor(fill)
+    for fn in reversed(fns):
+        off_topk = fn(off_topk)
+    if off_topk.item() != 0:
+        raise Reject(Reason.INPUT_WEIGHTING, scores, f"experts off the top-k get the score {off_topk.item()}, not 0")
+    return ids
+
+
+def _match_stacked_bmm(up: fx.Node, mms: list[fx.Node]) -> _Dispatch:
+    """Llama4: routed_in = x.repeat(E, 1) * s.T.reshape(-1, 1) viewed [E, T, H] → bmm → act → bmm → view →
+    sum over E. The routing weight multiplies the expert *input*; s [T, E] is zero off the top-k."""
+    _, down = mms
+    e = fu.shape(up.args[1])[0]
+    scaled = fu.peel_layout(up.args[0])
+    if fu.op_name(scaled) not in ("operator.mul", "torch.mul", "method:mul") or len(scaled.args) != 2:
+        raise Reject(Reason.UNSUPPORTED_FORM, up, "dense experts whose input is not the tokens times their scores")
+    for tiled, per_row in (scaled.args, reversed(scaled.args)):
+        tiled = fu.peel_casts(tiled)
+        if isinstance(tiled, fx.Node) and fu.op_name(tiled) == "method:repeat" and tuple(tiled.args[1:]) == (e, 1):
+            break
+    else:  # repeat(E, 1) tiles x: row e·T + t is token t for expert e
+        raise Reject(Reason.NO_TOKENS, scaled, "the experts' input is not the tokens tiled once per expert")
+    x = tiled.args[0]
+    t = (fu.shape(x) or (None,))[0]
+    cur, transposes = per_row, 0  # s.T.reshape(-1, 1): row e·T + t holds s[t, e]
+    while isinstance(cur, fx.Node) and (fu.is_view(cur) or fu.is_cast(cur) or fu.op_name(cur) in (
+            "method:transpose", "method:t", "torch.transpose", "torch.t")):
+        transposes += fu.op_name(cur) in ("method:transpose", "method:t", "torch.transpose", "torch.t")
+        cur = cur.args[0]
+    if transposes != 1 or fu.shape(cur) != (t, e) or not fu.is_float(cur):
+        raise Reject(Reason.INPUT_WEIGHTING, scaled, "the per-row scale is not a [T, E] score matrix read expert-major")
+    ids = _scattered_topk(cur, t, e)
+    return _Dispatch("dense_bmm", x, ids, up.args[1], down.args[1], True, True, up_out=up,
+                     down_in=fu.peel_casts(down.args[0]), input_scores=cur)
+
+
+_FORMS = [(_grouped_pairs, _match_grouped), (_batched_pairs, _match_batched), (_dense_pairs, _match_dense),
+          (_stacked_bmm_pairs, _match_stacked_bmm)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -444,10 +536,13 @@ def _match(d: _Dispatch, mms: list[fx.Node]) -> Region:
     output, chain = _combine(mms[1], t, h)
     ids = d.topk_ids
     k = fu.shape(ids)[1] if ids is not None else None
-    if k is None:  # dense form: ids arrive with the weights in the combine
-        k = _find_k(chain, t, e)
-    weights, scattered_ids = _routing_weights(chain, t, k)
-    ids = ids if ids is not None else scattered_ids
+    if d.input_scores is not None:  # the weights scale the expert input: the combine is a plain sum
+        weights = d.input_scores
+    else:
+        if k is None:  # dense form: ids arrive with the weights in the combine
+            k = _find_k(chain, t, e)
+        weights, scattered_ids = _routing_weights(chain, t, k)
+        ids = ids if ids is not None else scattered_ids
     if ids is None or not fu.is_int(ids) or fu.shape(ids) != (t, k):
         raise Reject(Reason.NO_ROUTING_IDS, output, "the combine's weights are not paired with [T, K] expert ids")
     module = _module_of(ids, output)
@@ -478,6 +573,8 @@ def _match(d: _Dispatch, mms: list[fx.Node]) -> Region:
         escaping = [u for u in n.users if u not in inside]
         if escaping and isinstance(fu.value(n), torch.Tensor):
             raise Reject(Reason.INTERIOR_ESCAPES, n, f"{n.name} is also used by {escaping[0].name}")
+    if d.input_scores is not None:
+        _check_input_weighting(activation, k, b1 is not None or b2 is not None, output)
     out_val = fu.tensor(output)
     needs_grad = torch.is_grad_enabled() and any(
         getattr(fu.tensor(v), "requires_grad", False) for v in (output, d.x, weights, d.w1, d.w2, b1, b2) if v is not None
@@ -486,11 +583,27 @@ def _match(d: _Dispatch, mms: list[fx.Node]) -> Region:
         num_experts=e, top_k=k, hidden=h, intermediate=i, up_rows=n1, activation=activation,
         dtype=_dtype_name(fu.tensor(d.w1).dtype), out_dtype=_dtype_name(out_val.dtype),
         w1_bias=b1 is not None, w2_bias=b2 is not None, router=_router_description(ids, weights),
+        weight_on_input=d.input_scores is not None,
     )
     scores, scores_missing = _router_scores(ids, t, e, k)
     return Region(spec, module, output, nodes, d.x, ids, weights, d.w1, d.w2, d.w1_transposed, d.w2_transposed,
-                  b1, b2, extra, needs_grad,
+                  b1, b2, extra, needs_grad, weight_on_input=d.input_scores is not None,
                   scores=scores, scores_missing=scores_missing)
+
+
+def _check_input_weighting(activation: Activation, k: int, has_bias: bool, output: fx.Node) -> None:
+    """Σ_e expert_e(s[t,e]·x) over every expert equals the op on (s[t,id]·x, id, weight 1) when K = 1 and
+    an expert maps 0 to 0 (no biases, activation(0) = 0). For K > 1, Σ_k expert(w_k·x) is not one weighted
+    sum of expert(x), so such a layer is left as it is (expanding each token into K rows would be exact but
+    costs K copies of x; no model needs it)."""
+    if k != 1:
+        raise Reject(Reason.INPUT_WEIGHTING, output, f"routing weights scale the expert input with top-k = {k} > 1")
+    if has_bias:
+        raise Reject(Reason.INPUT_WEIGHTING, output, "experts with biases do not map a zero-scaled input to 0")
+    at_zero = _expr.torch_fn(activation.expr, activation.num_inputs)(*[torch.zeros(1)] * activation.num_inputs)
+    if at_zero.item() != 0:
+        raise Reject(Reason.INPUT_WEIGHTING, output, f"activation(0) = {at_zero.item()}: experts off the top-k "
+                                                     "would add to the output")
 
 
 def _find_k(chain: list[fx.Node], t: int, e: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from moefuse.spec import MoESpec
@@ -25,6 +26,7 @@ class Reason(enum.Enum):
     SHAPE = "shapes inside the region are inconsistent with one MoE layer"
     VERIFY_MISMATCH = "the fused op disagreed with the captured region on random inputs"
     VERIFY_ERROR = "running the captured region or the fused op on random inputs raised an error"
+    INPUT_WEIGHTING = "the routing weights scale the expert input in a way one fused op cannot reproduce exactly"
 
     @property
     def hint(self) -> str:
@@ -46,6 +48,8 @@ _HINTS = {
     Reason.SHAPE: "file an issue with the printed graph",
     Reason.VERIFY_MISMATCH: "this is a detection bug caught before it could change your results: please report it",
     Reason.VERIFY_ERROR: "set MOEFUSE_VERIFY=0 only if you know the region is correct; please report it",
+    Reason.INPUT_WEIGHTING: "this layer runs unchanged; weights on the input lower exactly only with top-1 routing "
+                            "and experts that map 0 to 0",
 }
 
 
@@ -94,6 +98,9 @@ class Region:
     b2: fx.Node | None = None
     extra_inputs: list[fx.Node] = field(default_factory=list)  # symbolic sizes the region reads
     needs_grad: bool = False  # gradients flow through it: lower to the training op (saves H for backward)
+    # The routing weights scale the expert *input* (Llama4): `topk_weights` is then the [T, E] score matrix,
+    # zero off the top-1 (detection checked), and the op runs on x·s[t, id] with unit weights.
+    weight_on_input: bool = False
     # The router's full score matrix [T, E] that top-k was taken over (token rounding ranks unselected tokens
     # by it and weights the pairs it adds with it); None when not found, with the reason in `scores_missing`.
     scores: fx.Node | None = None
@@ -104,3 +111,21 @@ class Region:
         """The values outside the region that it reads, in a fixed order (the probe's placeholders)."""
         nodes = [self.x, self.topk_ids, self.topk_weights, self.w1, self.w2, self.b1, self.b2]
         return [n for n in nodes if n is not None] + self.extra_inputs
+
+    def op_operands(self, x, topk_ids, topk_weights):
+        """The fused op's (x [T,H], topk_ids [T,K], topk_weights [T,K]) from the region's values of `x`,
+        `topk_ids`, `topk_weights`: tensors (verification) or `fx.Proxy`s (the rewrite emits these ops into
+        the graph, so autograd gives the router its gradient through them). With the weights on the input,
+        Σ_e expert_e(x·s[t,e]) = expert_id(x·s[t,id]) since s is zero off the top-1 and expert(0) = 0."""
+        if not self.weight_on_input:
+            return x, topk_ids, topk_weights
+        s = topk_weights.gather(1, topk_ids)  # [T, 1]: the selected expert's score, as the graph computed it
+        return x * s, topk_ids, torch.ones_like(s)
+
+    def probe_weights(self, topk_ids, topk_weights):
+        """What verification feeds the region as its `topk_weights` for random [T,K] weights: those weights, or
+        with the weights on the input the [T, E] scores they are scattered into (zero off the top-k)."""
+        if not self.weight_on_input:
+            return topk_weights
+        dense = topk_weights.new_zeros(topk_weights.shape[0], self.spec.num_experts)
+        return dense.scatter(1, topk_ids.long(), topk_weights)

@@ -33,15 +33,15 @@ def rewrite(gm: fx.GraphModule, region: Region, rounding: str = "off", tile_m: i
     graph, out = gm.graph, region.output
     spec = region.spec
     with graph.inserting_before(out):
-        x = region.x
-        if str(x.meta["example_value"].dtype).removeprefix("torch.") != spec.dtype:
+        x, ids, weights = (p.node for p in region.op_operands(*(fx.Proxy(n) for n in (
+            region.x, region.topk_ids, region.topk_weights))))
+        if x is not region.x or str(x.meta["example_value"].dtype).removeprefix("torch.") != spec.dtype:
             x = graph.call_method("to", (x, getattr(torch, spec.dtype)))
         w1 = graph.call_method("transpose", (region.w1, -2, -1)) if region.w1_transposed else region.w1
         w2 = graph.call_method("transpose", (region.w2, -2, -1)) if region.w2_transposed else region.w2
-        args = (x, region.topk_ids, region.topk_weights, w1, w2, region.b1, region.b2, spec.to_key())
+        args = (x, ids, weights, w1, w2, region.b1, region.b2, spec.to_key())
         if rounding != "off" and region.scores is not None:
-            pairs = graph.call_function(round_routing, (region.scores, region.topk_ids, region.topk_weights,
-                                                         rounding, tile_m))
+            pairs = graph.call_function(round_routing, (region.scores, ids, weights, rounding, tile_m))
             op_node = new = graph.call_function(_pairs.fused_moe_pairs,
                                                 (spec.to_key(), x, pairs, w1, w2, region.b1, region.b2))
         elif region.needs_grad:
