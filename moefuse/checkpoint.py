@@ -146,12 +146,10 @@ class Progress:
 
 @dataclass
 class SourceCheckpoint:
-    """A validated SRC: its directory, config and safetensors files (each one opened and its header read)."""
+    """A checked SRC: its directory and safetensors files (config.json parsed, each file's header read)."""
 
     path: Path
-    config: object  # transformers.PretrainedConfig
     files: list[Path]
-    tensors: int  # tensors over all files
 
 
 def _read_config(path: Path):
@@ -213,19 +211,18 @@ def read_source(src: str | os.PathLike, progress: bool = False) -> SourceCheckpo
         raise MissingCheckpoint(f"checkpoint directory {path} does not exist" if not path.exists()
                                 else f"{path} is not a directory", path,
                                 "pass the directory save_pretrained wrote (config.json + *.safetensors)")
-    config = _read_config(path)
+    _read_config(path)
     files = _weight_files(path)
     bar = Progress("reading shards", len(files), progress)
-    tensors = 0
     for f in files:
         try:
-            with safe_open(str(f), framework="pt") as st:
-                tensors += len(list(st.keys()))
+            with safe_open(str(f), framework="pt"):  # opening parses the header and checks it against the size
+                pass
         except (SafetensorError, OSError) as e:
             raise CorruptSafetensors(f"{f} cannot be read: {e}", f,
                                      "the file is truncated or damaged: download or copy it again") from e
         bar.step()
-    return SourceCheckpoint(path, config, files, tensors)
+    return SourceCheckpoint(path, files)
 
 
 def _load_source(source: SourceCheckpoint, dtype: str, progress: bool):
@@ -427,6 +424,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
     tensors, tied, layers = _converted_tensors(model)
     report = {
         "format": "moefuse-checkpoint", "layout_version": LAYOUT_VERSION, "source": str(src_path),
+        "source_files": [f.name for f in source.files],
         "model_type": model.config.model_type, "architecture": type(model).__name__,
         "dtype": str(model.dtype).removeprefix("torch."), "layers": layers, "tied": tied, "probe": None,
     }

@@ -2,7 +2,8 @@
 
 Exit status: 0 converted (and the probe passed, unless --no-verify); 2 bad input (the message says what and
 how to fix it; nothing was written); 1 the converted model did not match the original on the probe batch
-(nothing was written); 3 an internal error (a traceback to report; nothing was written). Also runs as `python -m moefuse.cli`. See `moefuse.checkpoint` for the layout.
+(nothing was written); 3 an internal error (a traceback to report; nothing was written).
+Also runs as `python -m moefuse.cli`. See `moefuse.checkpoint` for the layout written.
 """
 from __future__ import annotations
 
