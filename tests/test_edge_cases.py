@@ -247,7 +247,8 @@ wanted = set(sys.argv[1:])
 out = {}
 for src in kernel_sources(spec, load_activation(spec.activation.expr, 2), save_h=True):
     if src.name in wanted:
-        out[src.name] = triton.compile(src.ast_source(), target=GPUTarget("cuda", 90, 32), options=src.options).asm["ttir"]
+        kernel = triton.compile(src.ast_source(), target=GPUTarget("cuda", 90, 32), options=src.options)
+        out[src.name] = kernel.asm["ttir"]
 print(json.dumps(out))
 '''
 
