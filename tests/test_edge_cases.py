@@ -289,6 +289,19 @@ def test_meta_tensors_give_shapes_without_running(path):
     assert op.counters == before
 
 
+def test_kernels_on_a_cpu_tensor_without_the_interpreter_name_the_fix(monkeypatch):
+    # The op routes CPU tensors to its torch plan; the kernel API itself refuses them with the two ways out.
+    from moefuse.kernels.codegen import load_activation
+    from moefuse.kernels.moe import moe_forward
+
+    spec, _, args = make_problem(Case(T=5, K=2, E=4, H=32, I=32), torch.float32)
+    activation = load_activation(spec.activation.expr, spec.activation.num_inputs)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"x: the Triton kernels need a CUDA tensor \(or TRITON_INTERPRET=1\), "
+                       r"got device cpu"):
+        moe_forward(spec, *args, activation=activation)
+
+
 MISSHAPED = {
     # name: (argument index in moe_call after spec, replacement, message)
     "w1_short_hidden": (3, lambda a: a[..., :16], r"w1: expected shape \(4, 64, 32\), got \(4, 64, 16\)"),

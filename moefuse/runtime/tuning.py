@@ -123,11 +123,15 @@ def _spec_hash(spec_key: str) -> str:
     return hashlib.sha256(spec_key.encode()).hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=None)
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
     return "interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else device.type
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def tuning_key(spec: MoESpec, device: torch.device, m: int) -> TuningKey:
