@@ -52,12 +52,13 @@ from moefuse.kernels.moe import (
     KernelSource,
     check_dtype,
     check_layer_inputs,
+    check_pairs_inputs,
     check_shape,
     combine_source,
     gemm_signature,
     with_constexprs,
 )
-from moefuse.kernels.routing import RoutingPlan, routing_plan
+from moefuse.kernels.routing import RoutingPlan, flat_pairs_plan, routing_plan
 from moefuse.spec import MoESpec
 
 ROUTER_WARPS = 4
@@ -78,11 +79,12 @@ def pair_weights(sorted_row, mask, sorted_pairs_ptr, topk_w_ptr, TOP_K, stride_s
 
 @triton.jit
 def segment_rows_tile(
-    ptr, sorted_row, r_mask, cols, c_mask, stride_r, stride_c, sorted_pairs_ptr, TOP_K, GATHER: tl.constexpr,
+    ptr, sorted_row, r_mask, cols, c_mask, stride_r, stride_c, sorted_pairs_ptr, pair_token_ptr, TOP_K,
+    GATHER: tl.constexpr, FLAT_PAIRS: tl.constexpr,
 ):
     """[len(sorted_row), len(cols)] tile of an operand at the rows of `sorted_row` (gathered by token if
     GATHER), zero where masked."""
-    row = operand_rows(sorted_row, r_mask, sorted_pairs_ptr, TOP_K, GATHER)
+    row = operand_rows(sorted_row, r_mask, sorted_pairs_ptr, pair_token_ptr, TOP_K, GATHER, FLAT_PAIRS)
     return tl.load(ptr + row[:, None] * stride_r + cols[None, :] * stride_c,
                    mask=r_mask[:, None] & c_mask[None, :], other=0.0)
 
@@ -105,6 +107,7 @@ def activation_backward_kernel(
     counts_ptr,  # [E] int32
     offsets_ptr,  # [E + 1] int32
     sorted_pairs_ptr,  # [S] int32
+    pair_token_ptr,  # [S] int32/int64, token of each pair; read only if FLAT_PAIRS
     # Sizes
     N, KDIM, E, TOP_K,
     # Strides
@@ -120,6 +123,7 @@ def activation_backward_kernel(
     OFF1: tl.constexpr, STEP1: tl.constexpr,
     NUM_INPUTS: tl.constexpr,
     ACTIVATION_GRAD: tl.constexpr,  # @triton.jit (x0[, x1]) -> (act, ∂act/∂x0[, ∂act/∂x1]), fp32
+    FLAT_PAIRS: tl.constexpr,  # flat pairs (`routing.flat_pairs_plan`): topk_w is [S, 1], tokens from pair_token
     # Meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -134,7 +138,7 @@ def activation_backward_kernel(
     num_tiles, expert, m_mask, sorted_row = locate_m_tile(pid_m, counts_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if pid_m >= num_tiles:
         return
-    dy_row = operand_rows(sorted_row, m_mask, sorted_pairs_ptr, TOP_K, True)
+    dy_row = operand_rows(sorted_row, m_mask, sorted_pairs_ptr, pair_token_ptr, TOP_K, True, FLAT_PAIRS)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
 
@@ -182,6 +186,7 @@ def router_grad_kernel(
     dy_ptr,  # [T, H] any float dtype, any strides; read only if HAS_BIAS
     b2_ptr,  # [E, H] any float dtype, any strides; read only if HAS_BIAS
     topk_ids_ptr,  # [T, K] int32 or int64, any strides; read only if HAS_BIAS
+    pair_token_ptr,  # [S] int32/int64, token of each pair; read only if HAS_BIAS and FLAT_PAIRS
     pair_pos_ptr,  # [S] int32, sorted row of pair t·K + k
     offsets_ptr,  # [E + 1] int32; rows >= offsets[E] hold dropped pairs
     out_ptr,  # [T, K] out, dtype of topk_w, any strides
@@ -195,6 +200,7 @@ def router_grad_kernel(
     stride_ot, stride_ok,
     # Meta-parameters
     HAS_BIAS: tl.constexpr,  # add ⟨dy_t, b2_e⟩: ∂y_t/∂s includes the bias the expert output carries
+    FLAT_PAIRS: tl.constexpr,  # ids and out are [S, 1] (K = 1), dy's row is pair_token[p]
     BLOCK_P: tl.constexpr,  # pairs per program
     BLOCK_J: tl.constexpr,  # partial-sum columns per step
     BLOCK_H: tl.constexpr,  # hidden columns per step of the bias term
@@ -220,11 +226,15 @@ def router_grad_kernel(
     # ---- + ⟨dy_t, b2_e⟩ ----
     if HAS_BIAS:
         expert = tl.load(topk_ids_ptr + token * stride_it + slot * stride_ik, mask=kept, other=0).to(tl.int64)
+        if FLAT_PAIRS:
+            dy_row = tl.load(pair_token_ptr + pairs, mask=kept, other=0).to(tl.int64)
+        else:
+            dy_row = token
         bias_acc = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
         rh = tl.arange(0, BLOCK_H)
         for h0 in range(0, H, BLOCK_H):
             hm = kept[:, None] & (rh < H - h0)[None, :]
-            dy = tl.load(dy_ptr + token[:, None] * stride_dyt + (h0 + rh)[None, :] * stride_dyh, mask=hm, other=0.0)
+            dy = tl.load(dy_ptr + dy_row[:, None] * stride_dyt + (h0 + rh)[None, :] * stride_dyh, mask=hm, other=0.0)
             b = tl.load(b2_ptr + expert[:, None] * stride_be + (h0 + rh)[None, :] * stride_bh, mask=hm, other=0.0)
             bias_acc += dy.to(tl.float32) * b.to(tl.float32)
         grad += tl.sum(bias_acc, axis=1)
@@ -250,6 +260,7 @@ def weight_grad_kernel(
     counts_ptr,  # [E] int32
     offsets_ptr,  # [E + 1] int32
     sorted_pairs_ptr,  # [S] int32
+    pair_token_ptr,  # [S] int32/int64, token of each pair; read only if FLAT_PAIRS
     # Sizes
     M, N, TOP_K,
     # Strides
@@ -262,6 +273,7 @@ def weight_grad_kernel(
     GATHER_P: tl.constexpr, GATHER_Q: tl.constexpr,
     HAS_BIAS: tl.constexpr,  # also bias_grad[e] = Σ_r w_r·P_r (programs of the first N-tile)
     BIAS_WEIGHTED: tl.constexpr,  # w_r = s of the row's pair; else 1
+    FLAT_PAIRS: tl.constexpr,  # flat pairs: the gathered operand's rows are pair_token[p], topk_w is [S, 1]
     # Meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # rows of the segment per step
@@ -294,10 +306,10 @@ def weight_grad_kernel(
     for r0 in range(0, rows, BLOCK_K):
         r_mask = rr < rows - r0
         sorted_row = segment + r0 + rr
-        p = segment_rows_tile(p_ptr, sorted_row, r_mask, rm, m_mask, stride_pr, stride_pc, sorted_pairs_ptr, TOP_K,
-                              GATHER_P)
-        q = segment_rows_tile(q_ptr, sorted_row, r_mask, rn, n_mask, stride_qr, stride_qc, sorted_pairs_ptr, TOP_K,
-                              GATHER_Q)
+        p = segment_rows_tile(p_ptr, sorted_row, r_mask, rm, m_mask, stride_pr, stride_pc, sorted_pairs_ptr,
+                              pair_token_ptr, TOP_K, GATHER_P, FLAT_PAIRS)
+        q = segment_rows_tile(q_ptr, sorted_row, r_mask, rn, n_mask, stride_qr, stride_qc, sorted_pairs_ptr,
+                              pair_token_ptr, TOP_K, GATHER_Q, FLAT_PAIRS)
         acc = tl.dot(tl.trans(p), q, acc, input_precision="ieee")
     c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -312,7 +324,7 @@ def weight_grad_kernel(
                 r_mask = rr < rows - r0
                 sorted_row = segment + r0 + rr
                 p = segment_rows_tile(p_ptr, sorted_row, r_mask, rm, m_mask, stride_pr, stride_pc, sorted_pairs_ptr,
-                                      TOP_K, GATHER_P).to(tl.float32)
+                                      pair_token_ptr, TOP_K, GATHER_P, FLAT_PAIRS).to(tl.float32)
                 if BIAS_WEIGHTED:
                     p *= pair_weights(sorted_row, r_mask, sorted_pairs_ptr, topk_w_ptr, TOP_K, stride_st,
                                       stride_sk)[:, None]
@@ -413,12 +425,46 @@ def moe_backward(
     spec.activation.expr. config: one GemmConfig for every GEMM, or a BackwardConfig
     (default: `BackwardConfig.default(dtype)`).
     """
-    # ---- Check ----
     check_layer_inputs(spec, x, topk_ids, topk_w, w1, w2, b1, b2)
-    E, K, H, I, N1 = spec.num_experts, spec.top_k, spec.hidden, spec.intermediate, spec.up_rows
+    T = x.shape[0]
+    plan = functools.partial(routing_plan, topk_ids, spec.num_experts)
+    return _backward_on_plan(spec, dy, x, plan, topk_ids, topk_w, w1, w2, b1, b2, h, config, num_pairs=T * spec.top_k)
+
+
+def moe_pairs_backward(
+    spec: MoESpec,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    pair_token: torch.Tensor,
+    pair_expert: torch.Tensor,
+    pair_weight: torch.Tensor,
+    token_offsets: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    h: torch.Tensor,
+    *,
+    config: BackwardConfig | GemmConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`moe_backward` on flat pairs (`moe.moe_pairs_forward`): (dx, dpair_weight, dw1, dw2, db1, db2), with h the
+    [S_max, N1] pre-activations `moe_pairs_forward(..., save_h=True)` returned and dpair_weight [S_max] in
+    pair_weight's dtype (0 in unused slots). Same launches, no host sync."""
+    check_pairs_inputs(spec, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2)
+    plan = functools.partial(flat_pairs_plan, pair_token, pair_expert, token_offsets, spec.num_experts)
+    grads = _backward_on_plan(spec, dy, x, plan, pair_expert.unsqueeze(1), pair_weight.unsqueeze(1), w1, w2, b1, b2,
+                              h, config, num_pairs=pair_expert.shape[0])
+    return (grads[0], grads[1].squeeze(1), *grads[2:])
+
+
+def _backward_on_plan(spec: MoESpec, dy, x, make_plan, ids, weights, w1, w2, b1, b2, h, config, *, num_pairs):
+    """The launches of both forms: ids and weights [T, K], or [S, 1] for flat pairs; make_plan() builds the
+    routing plan (after the remaining checks, and only if there is a token)."""
+    # ---- Check ----
+    E, H, I, N1 = spec.num_experts, spec.hidden, spec.intermediate, spec.up_rows  # noqa: E741
     dtype = TORCH_DTYPES[spec.dtype]
     T = x.shape[0]
-    S = T * K
+    S = num_pairs
     check_shape("dy", dy, (T, H))
     check_dtype("dy", dy, tuple(TORCH_DTYPES.values()))
     check_shape("h", h, (S, N1))
@@ -438,16 +484,17 @@ def moe_backward(
 
     # ---- Allocate ----
     device = x.device
-    dtopk_w = torch.empty(T, K, dtype=topk_w.dtype, device=device)
+    dweights = torch.empty(weights.shape, dtype=weights.dtype, device=device)
     dw1 = torch.empty(E, N1, H, dtype=w1.dtype, device=device)
     dw2 = torch.empty(E, H, I, dtype=w2.dtype, device=device)
     db1 = torch.empty(E, N1, dtype=b1.dtype, device=device) if b1 is not None else None
     db2 = torch.empty(E, H, dtype=b2.dtype, device=device) if b2 is not None else None
     if T == 0:
-        for grad in (dw1, dw2, db1, db2):
+        # Flat pairs may still have (unused) slots: their weights get no gradient.
+        for grad in (dweights, dw1, dw2, db1, db2):
             if grad is not None:
                 grad.zero_()
-        return torch.empty(0, H, dtype=dtype, device=device), dtopk_w, dw1, dw2, db1, db2
+        return torch.empty(0, H, dtype=dtype, device=device), dweights, dw1, dw2, db1, db2
     dy = dy.to(dtype)  # no copy when it already is
     # Rows no activation input reads get no gradient; the dW1 and dX GEMMs read every column of dH.
     dh = (torch.empty if covers_all_rows else torch.zeros)(S, N1, dtype=dtype, device=device)
@@ -456,16 +503,20 @@ def moe_backward(
     ds = torch.empty(S, router_meta.num_tiles, dtype=torch.float32, device=device)
 
     # ---- Launch ----
-    plan = routing_plan(topk_ids, E)
+    plan = make_plan()
     activation_grad = load_activation_grad(spec.activation.expr, spec.activation.num_inputs)
-    _activation_backward(spec, dy, w2, h, topk_w, dh, a_prime, ds, plan, activation_grad, config.activation)
-    _router_grad(ds, dy, b2, topk_ids, plan, dtopk_w, router_meta)
+    _activation_backward(spec, dy, w2, h, weights, dh, a_prime, ds, plan, activation_grad, config.activation)
+    _router_grad(ds, dy, b2, ids, plan, dweights, router_meta)
     # dW2[e] = Σ dyᵀ A' (M = H, N = I);  dW1[e] = Σ dHᵀ x (M = N1, N = H)
-    _weight_grad(dy, a_prime, dw2, db2, topk_w, plan, gather_p=True, config=config.weight)
+    _weight_grad(dy, a_prime, dw2, db2, weights, plan, gather_p=True, config=config.weight)
     _weight_grad(dh, x, dw1, db1, None, plan, gather_p=False, config=config.weight)
     dx_sorted = grouped_gemm(dh, w1.transpose(1, 2), plan, out_cols=H, config=config.dx)
     dx = combine(dx_sorted, None, plan, out_dtype=dtype)
-    return dx, dtopk_w, dw1, dw2, db1, db2
+    return dx, dweights, dw1, dw2, db1, db2
+
+
+def _pair_token_arg(plan: RoutingPlan) -> torch.Tensor:
+    return plan.pair_token if plan.flat_pairs else plan.sorted_pairs  # sorted_pairs: never read (FLAT_PAIRS=False)
 
 
 def _m_tiles(plan: RoutingPlan, block_m: int) -> int:
@@ -475,11 +526,11 @@ def _m_tiles(plan: RoutingPlan, block_m: int) -> int:
 
 def _activation_backward(spec, dy, w2, h, topk_w, dh, a_prime, ds, plan, activation_grad, config: GemmConfig):
     w = w2.transpose(1, 2)  # [E, I, H]: out × in of dA' = dy · W2
-    meta = activation_backward_constexprs(spec, activation_grad, config)
+    meta = activation_backward_constexprs(spec, activation_grad, config, flat_pairs=plan.flat_pairs)
     grid = (_m_tiles(plan, config.block_m), ds.shape[1])
     activation_backward_kernel[grid](
-        dy, w, h, topk_w, dh, a_prime, ds, plan.counts, plan.offsets, plan.sorted_pairs,
-        spec.intermediate, spec.hidden, spec.num_experts, spec.top_k,
+        dy, w, h, topk_w, dh, a_prime, ds, plan.counts, plan.offsets, plan.sorted_pairs, _pair_token_arg(plan),
+        spec.intermediate, spec.hidden, spec.num_experts, plan.top_k,
         dy.stride(0), dy.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
         h.stride(0), h.stride(1),
@@ -496,14 +547,14 @@ def _router_grad(ds, dy, b2, topk_ids, plan: RoutingPlan, out, meta: RouterGradM
     has_bias = b2 is not None
     b2_arg, b2_strides = (b2, b2.stride()) if has_bias else (ds, (0, 0))  # ds: never read
     router_grad_kernel[(triton.cdiv(S, meta.block_p),)](
-        ds, dy, b2_arg, topk_ids, plan.pair_pos, plan.offsets, out,
+        ds, dy, b2_arg, topk_ids, _pair_token_arg(plan), plan.pair_pos, plan.offsets, out,
         S, dy.shape[1], plan.num_experts, plan.top_k, meta.num_tiles,
         ds.stride(0), ds.stride(1),
         dy.stride(0), dy.stride(1),
         *b2_strides,
         topk_ids.stride(0), topk_ids.stride(1),
         out.stride(0), out.stride(1),
-        **router_grad_constexprs(has_bias, meta), num_warps=ROUTER_WARPS,
+        **router_grad_constexprs(has_bias, meta, flat_pairs=plan.flat_pairs), num_warps=ROUTER_WARPS,
     )
 
 
@@ -511,12 +562,12 @@ def _weight_grad(p, q, c, bias_grad, topk_w, plan: RoutingPlan, *, gather_p: boo
     """c[e] = Σ_r P_rᵀ Q_r and bias_grad[e] = Σ_r w_r·P_r over e's rows; exactly one of P, Q is gathered."""
     E, M, N = c.shape
     meta = weight_grad_constexprs(gather_p=gather_p, has_bias=bias_grad is not None,
-                                  bias_weighted=topk_w is not None, config=config)
+                                  bias_weighted=topk_w is not None, config=config, flat_pairs=plan.flat_pairs)
     bias_arg, bias_strides = (bias_grad, bias_grad.stride()) if bias_grad is not None else (c, (0, 0))
     w_arg, w_strides = (topk_w, topk_w.stride()) if topk_w is not None else (c, (0, 0))  # c: never read
     grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), E)
     weight_grad_kernel[grid](
-        p, q, c, w_arg, bias_arg, plan.counts, plan.offsets, plan.sorted_pairs,
+        p, q, c, w_arg, bias_arg, plan.counts, plan.offsets, plan.sorted_pairs, _pair_token_arg(plan),
         M, N, plan.top_k,
         p.stride(0), p.stride(1),
         q.stride(0), q.stride(1),
@@ -532,23 +583,26 @@ def _weight_grad(p, q, c, bias_grad, topk_w, plan: RoutingPlan, *, gather_p: boo
 # ---------------------------------------------------------------------------------------------------------
 
 
-def activation_backward_constexprs(spec: MoESpec, activation_grad, config: GemmConfig) -> dict:
+def activation_backward_constexprs(spec: MoESpec, activation_grad, config: GemmConfig, *,
+                                   flat_pairs: bool = False) -> dict:
     (off0, step0), (off1, step1) = spec.activation.slices[0], spec.activation.slices[-1]
     return dict(
         OFF0=off0, STEP0=step0, OFF1=off1, STEP1=step1, NUM_INPUTS=spec.activation.num_inputs,
-        ACTIVATION_GRAD=activation_grad,
+        ACTIVATION_GRAD=activation_grad, FLAT_PAIRS=flat_pairs,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_E=triton.next_power_of_2(spec.num_experts),
     )
 
 
-def router_grad_constexprs(has_bias: bool, meta: RouterGradMeta) -> dict:
-    return dict(HAS_BIAS=has_bias, BLOCK_P=meta.block_p, BLOCK_J=meta.block_j, BLOCK_H=meta.block_h)
+def router_grad_constexprs(has_bias: bool, meta: RouterGradMeta, *, flat_pairs: bool = False) -> dict:
+    return dict(HAS_BIAS=has_bias, FLAT_PAIRS=flat_pairs, BLOCK_P=meta.block_p, BLOCK_J=meta.block_j, BLOCK_H=meta.block_h)
 
 
-def weight_grad_constexprs(*, gather_p: bool, has_bias: bool, bias_weighted: bool, config: GemmConfig) -> dict:
+def weight_grad_constexprs(*, gather_p: bool, has_bias: bool, bias_weighted: bool, config: GemmConfig,
+                           flat_pairs: bool = False) -> dict:
     return dict(
         GATHER_P=gather_p, GATHER_Q=not gather_p, HAS_BIAS=has_bias, BIAS_WEIGHTED=bias_weighted,
+        FLAT_PAIRS=flat_pairs,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
     )
 
@@ -568,16 +622,18 @@ def backward_kernel_sources(
     activation_grad,
     config: BackwardConfig | GemmConfig | None = None,
     ids_dtype: torch.dtype = torch.int32,
+    flat_pairs: bool = False,
 ) -> list[KernelSource]:
     """Every kernel `moe_backward` launches besides the routing plan's (those are `moe.kernel_sources`'), with
-    the specialisations a launch on contiguous tensors gets (inner strides 1, the rest divisible by 16)."""
+    the specialisations a launch on contiguous tensors gets (inner strides 1, the rest divisible by 16); with
+    flat_pairs, those of `moe_pairs_backward`."""
     dtype = TORCH_DTYPES[spec.dtype]
     if config is None:
         config = BackwardConfig.default(dtype)
     elif isinstance(config, GemmConfig):
         config = BackwardConfig.uniform(config)
     ptr, i32p, f32p = POINTER_TYPES[dtype], "*i32", "*fp32"
-    plan_args = {"counts_ptr": i32p, "offsets_ptr": i32p, "sorted_pairs_ptr": i32p}
+    plan_args = {"counts_ptr": i32p, "offsets_ptr": i32p, "sorted_pairs_ptr": i32p, "pair_token_ptr": i32p}
 
     def source(name, fn, runtime_args, consts, cfg_warps, cfg_stages):
         return KernelSource(name, fn, with_constexprs(runtime_args, consts), consts, cfg_warps, cfg_stages,
@@ -587,7 +643,7 @@ def backward_kernel_sources(
     # ---- 1. dA' with the activation backward (w = w2ᵀ: unit stride along I) ----
     cfg = config.activation
     consts = {"stride_dyh": 1, "stride_wn": 1, "stride_hn": 1, "stride_sk": 1, "stride_dhn": 1, "stride_apn": 1,
-              "stride_dsn": 1, **activation_backward_constexprs(spec, activation_grad, cfg)}
+              "stride_dsn": 1, **activation_backward_constexprs(spec, activation_grad, cfg, flat_pairs=flat_pairs)}
     args = {"dy_ptr": ptr, "w_ptr": ptr, "h_ptr": ptr, "topk_w_ptr": f32p, "dh_ptr": ptr, "a_prime_ptr": ptr,
             "ds_ptr": f32p, **plan_args, "N": "i32", "KDIM": "i32", "E": "i32", "TOP_K": "i32",
             "stride_dyt": "i32", "stride_we": "i32", "stride_wk": "i32", "stride_hm": "i32", "stride_st": "i32",
@@ -598,9 +654,9 @@ def backward_kernel_sources(
     # ---- 2. dtopk_w ----
     meta = RouterGradMeta.for_layer(spec.intermediate, spec.hidden, cfg.block_n)
     consts = {"stride_dsn": 1, "stride_dyh": 1, "stride_bh": 1, "stride_ik": 1, "stride_ok": 1,
-              **router_grad_constexprs(spec.w2_bias, meta)}
+              **router_grad_constexprs(spec.w2_bias, meta, flat_pairs=flat_pairs)}
     args = {"ds_ptr": f32p, "dy_ptr": ptr, "b2_ptr": ptr, "topk_ids_ptr": POINTER_TYPES[ids_dtype],
-            "pair_pos_ptr": i32p, "offsets_ptr": i32p, "out_ptr": f32p, "S": "i32", "H": "i32", "E": "i32",
+            "pair_token_ptr": i32p, "pair_pos_ptr": i32p, "offsets_ptr": i32p, "out_ptr": f32p, "S": "i32", "H": "i32", "E": "i32",
             "TOP_K": "i32", "NT": "i32", "stride_dsm": "i32", "stride_dyt": "i32", "stride_be": "i32",
             "stride_it": "i32", "stride_ot": "i32"}
     sources.append(source("router_grad", router_grad_kernel, args, consts, ROUTER_WARPS, 1))
@@ -612,7 +668,8 @@ def backward_kernel_sources(
             "stride_cm": "i32", "stride_st": "i32", "stride_be": "i32"}
     for name, gather_p, has_bias in (("dw2", True, spec.w2_bias), ("dw1", False, spec.w1_bias)):
         consts = {"stride_pc": 1, "stride_qc": 1, "stride_cn": 1, "stride_sk": 1, "stride_bm": 1,
-                  **weight_grad_constexprs(gather_p=gather_p, has_bias=has_bias, bias_weighted=gather_p, config=cfg)}
+                  **weight_grad_constexprs(gather_p=gather_p, has_bias=has_bias, bias_weighted=gather_p, config=cfg,
+                                           flat_pairs=flat_pairs)}
         sources.append(source(f"weight_grad_{name}", weight_grad_kernel, args, consts, cfg.num_warps,
                               cfg.num_stages))
 
@@ -620,8 +677,8 @@ def backward_kernel_sources(
     cfg = config.dx
     consts = {"stride_ak": 1, "stride_wn": 1, "stride_bn": 1, "stride_cn": 1, "stride_hn": 1,
               **gemm_constexprs(slices=((0, 1),), activation=identity, has_bias=False, gather=False,
-                                num_experts=spec.num_experts, config=cfg)}
+                                num_experts=spec.num_experts, config=cfg, flat_pairs=flat_pairs)}
     args = {**gemm_signature(ptr), "stride_wk": "i32"}
     sources.append(source("dx_gemm", grouped_gemm_kernel, args, consts, cfg.num_warps, cfg.num_stages))
-    sources.append(combine_source("combine_unweighted", ptr, ptr, spec.hidden, weighted=False))
+    sources.append(combine_source("combine_unweighted", ptr, ptr, spec.hidden, weighted=False, flat_pairs=flat_pairs))
     return sources

@@ -3,7 +3,8 @@
 Rows are the expert-sorted pairs of a `RoutingPlan`: expert e owns rows offsets[e] .. offsets[e] + counts[e].
 One kernel, specialised by constexprs:
   - up-projection:   GATHER=True, A rows are gathered from x inside the load (row r of expert e is token
-                     sorted_pairs[offsets[e] + r] // K; the gathered X is never written to memory);
+                     sorted_pairs[offsets[e] + r] // K, or pair_token[that pair] with FLAT_PAIRS; the gathered
+                     X is never written to memory);
                      NUM_INPUTS=2 for a GLU, the epilogue applies the activation; STORE_H=True also writes
                      the pre-activations H for the backward, from the same accumulators (no extra pass).
   - down-projection: GATHER=False, A = [S, I] already in sorted order; NUM_INPUTS=1, identity epilogue.
@@ -64,12 +65,17 @@ def locate_m_tile(pid_m, counts_ptr, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
-def operand_rows(sorted_row, mask, sorted_pairs_ptr, TOP_K, GATHER: tl.constexpr):
-    """The row each sorted row reads in an operand, int64: its token sorted_pairs[r] // TOP_K if GATHER (an
-    operand indexed by token, x or dy, gathered inside the load and never materialised), else r itself."""
+def operand_rows(sorted_row, mask, sorted_pairs_ptr, pair_token_ptr, TOP_K, GATHER: tl.constexpr,
+                 FLAT_PAIRS: tl.constexpr):
+    """The row each sorted row reads in an operand, int64: if GATHER (an operand indexed by token, x or dy,
+    gathered inside the load and never materialised) the token of its pair p = sorted_pairs[r] — p // TOP_K,
+    or pair_token[p] with FLAT_PAIRS — else r itself."""
     if GATHER:
         pair = tl.load(sorted_pairs_ptr + sorted_row, mask=mask, other=0)
-        row = (pair // TOP_K).to(tl.int64)
+        if FLAT_PAIRS:
+            row = tl.load(pair_token_ptr + pair, mask=mask, other=0).to(tl.int64)
+        else:
+            row = (pair // TOP_K).to(tl.int64)
     else:
         row = sorted_row
     return row
@@ -123,6 +129,7 @@ def grouped_gemm_kernel(
     counts_ptr,  # [E] int32, rows of each expert
     offsets_ptr,  # [E + 1] int32, first sorted row of each expert
     sorted_pairs_ptr,  # [S] int32, pair t·TOP_K + k of each sorted row; read only if GATHER
+    pair_token_ptr,  # [S] int32/int64, token of each pair; read only if GATHER and FLAT_PAIRS
     # Sizes
     N, KDIM, E, TOP_K,
     # Strides
@@ -138,6 +145,7 @@ def grouped_gemm_kernel(
     ACTIVATION: tl.constexpr,  # @triton.jit fn of NUM_INPUTS fp32 tiles -> fp32 tile
     HAS_BIAS: tl.constexpr,
     GATHER: tl.constexpr,
+    FLAT_PAIRS: tl.constexpr,  # pairs are flat (`routing.flat_pairs_plan`): tokens come from pair_token
     STORE_H: tl.constexpr,  # also store each accumulator at its weight rows' columns of h (for the backward)
     # Meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -153,7 +161,7 @@ def grouped_gemm_kernel(
     num_tiles, expert, m_mask, sorted_row = locate_m_tile(pid_m, counts_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if pid_m >= num_tiles:
         return
-    a_row = operand_rows(sorted_row, m_mask, sorted_pairs_ptr, TOP_K, GATHER)
+    a_row = operand_rows(sorted_row, m_mask, sorted_pairs_ptr, pair_token_ptr, TOP_K, GATHER, FLAT_PAIRS)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     w_row0 = (OFF0 + STEP0 * rn).to(tl.int64)  # int64: E·N_ROWS·KDIM can pass 2**31
@@ -239,6 +247,7 @@ def gemm_constexprs(
     num_experts: int,
     config: GemmConfig,
     store_h: bool = False,
+    flat_pairs: bool = False,
 ) -> dict:
     """The constexpr arguments of one grouped-GEMM specialisation (shared by the launch and compile-only builds)."""
     if not 1 <= len(slices) <= 2:
@@ -246,7 +255,8 @@ def gemm_constexprs(
     (off0, step0), (off1, step1) = slices[0], slices[-1]
     return dict(
         OFF0=off0, STEP0=step0, OFF1=off1, STEP1=step1,
-        NUM_INPUTS=len(slices), ACTIVATION=activation, HAS_BIAS=has_bias, GATHER=gather, STORE_H=store_h,
+        NUM_INPUTS=len(slices), ACTIVATION=activation, HAS_BIAS=has_bias, GATHER=gather, FLAT_PAIRS=flat_pairs,
+        STORE_H=store_h,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts),
     )
@@ -267,7 +277,8 @@ def grouped_gemm(
 ) -> torch.Tensor:
     """C [S, out_cols] (dtype of a) in expert-sorted order: C[r] = activation(A[r] · W[e]ᵀ[rows of slices] + b).
 
-    a: x [T, KDIM] if `gather` (rows gathered through plan.sorted_pairs), else [S, KDIM] sorted.
+    a: x [T, KDIM] if `gather` (rows gathered through plan.sorted_pairs, and plan.pair_token for flat pairs),
+    else [S, KDIM] sorted.
     w: [E, N_ROWS, KDIM], any strides. bias: [E, N_ROWS] or None. Rows of dropped pairs are left unwritten.
     h: None, or an [S, N_ROWS] output (dtype of a) that receives the pre-activations A[r] · W[e]ᵀ + b at the
     columns of the weight rows the slices read (the others, and rows of dropped pairs, are left unwritten).
@@ -278,7 +289,10 @@ def grouped_gemm(
     if a.dim() != 2:
         raise ValueError(f"a: expected a 2-D tensor, got shape {tuple(a.shape)}")
     kdim = a.shape[1]
-    if gather and a.shape[0] * K != S:
+    if gather and plan.flat_pairs and a.shape[0] != plan.num_tokens:
+        raise ValueError(f"a: expected [T, KDIM] with T = {plan.num_tokens} (token_offsets has T + 1 entries), "
+                         f"got shape {tuple(a.shape)}")
+    if gather and not plan.flat_pairs and a.shape[0] * K != S:
         raise ValueError(f"a: expected [T, KDIM] with T·{K} = {S} pairs, got shape {tuple(a.shape)}")
     if not gather and a.shape[0] != S:
         raise ValueError(f"a: expected [{S}, KDIM] (one row per sorted pair), got shape {tuple(a.shape)}")
@@ -302,17 +316,18 @@ def grouped_gemm(
 
     # ---- Launch ----
     meta = gemm_constexprs(slices=slices, activation=activation, has_bias=bias is not None, gather=gather,
-                           num_experts=E, config=config, store_h=h is not None)
+                           num_experts=E, config=config, store_h=h is not None, flat_pairs=plan.flat_pairs)
     # Never read: HAS_BIAS=False / STORE_H=False compile the loads and stores away
     bias_arg = bias if bias is not None else c
     bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     h_arg = h if h is not None else c
     h_strides = (h.stride(0), h.stride(1)) if h is not None else (0, 0)
+    pair_token = plan.pair_token if plan.flat_pairs else plan.sorted_pairs  # sorted_pairs: never read
     # Σ_e cdiv(counts[e], BLOCK_M) <= cdiv(S, BLOCK_M) + E, and never more than S (a tile holds >= 1 row).
     max_tiles = min(S, triton.cdiv(S, config.block_m) + E)
     grid = (max_tiles, triton.cdiv(out_cols, config.block_n))
     grouped_gemm_kernel[grid](
-        a, w, bias_arg, c, h_arg, plan.counts, plan.offsets, plan.sorted_pairs,
+        a, w, bias_arg, c, h_arg, plan.counts, plan.offsets, plan.sorted_pairs, pair_token,
         out_cols, kdim, E, K,
         a.stride(0), a.stride(1),
         w.stride(0), w.stride(1), w.stride(2),

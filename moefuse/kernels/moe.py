@@ -5,6 +5,10 @@
   Y    = A · w2[e]ᵀ + b2[e]                   [S, H]  dtype of x  (expert-sorted order)
   y    = Σ_k topk_w[t, k] · Y[pair_pos[t·K + k]]  [T, H]  spec.out_dtype, summed in fp32
 
+Flat pairs (`moe_pairs_forward`: a variable number of experts per token, see `moefuse.runtime.pairs`) run the
+same launches on `routing.flat_pairs_plan`: the gather reads x row pair_token[p], the combine sums each token's
+pairs token_offsets[t] .. token_offsets[t+1]; every other step is unchanged.
+
 With save_h, the up GEMM's epilogue also stores its pre-activation accumulators H [S, N1] (sorted order, bias
 included), which is all the memory-efficient backward (`moefuse.kernels.backward`) needs besides x and ids.
 
@@ -24,7 +28,7 @@ from moefuse.kernels import routing
 from moefuse.kernels.combine import NUM_WARPS as COMBINE_WARPS
 from moefuse.kernels.combine import combine, combine_block_h, combine_kernel
 from moefuse.kernels.grouped_gemm import GemmConfig, gemm_constexprs, grouped_gemm, grouped_gemm_kernel, identity
-from moefuse.kernels.routing import RoutingMeta, routing_plan
+from moefuse.kernels.routing import RoutingMeta, flat_pairs_plan, routing_plan
 from moefuse.spec import MoESpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -45,21 +49,46 @@ def check_dtype(name: str, tensor: torch.Tensor, expected: tuple[torch.dtype, ..
 
 def check_layer_inputs(spec: MoESpec, x, topk_ids, topk_w, w1, w2, b1, b2) -> None:
     """The checks the forward and the backward share: shapes, dtypes and devices of the layer's inputs."""
-    E, K, H, I, N1 = spec.num_experts, spec.top_k, spec.hidden, spec.intermediate, spec.up_rows
-    dtype = TORCH_DTYPES[spec.dtype]
     if x.dim() != 2:
-        raise ValueError(f"x: expected a 2-D tensor [T, {H}], got shape {tuple(x.shape)}")
-    T = x.shape[0]
-    check_shape("x", x, (T, H))
+        raise ValueError(f"x: expected a 2-D tensor [T, {spec.hidden}], got shape {tuple(x.shape)}")
+    T, K = x.shape[0], spec.top_k
+    check_shape("x", x, (T, spec.hidden))
     check_shape("topk_ids", topk_ids, (T, K))
     check_shape("topk_w", topk_w, (T, K))
+    check_dtype("topk_ids", topk_ids, (torch.int32, torch.int64))
+    check_dtype("topk_w", topk_w, tuple(TORCH_DTYPES.values()))
+    _check_x_weights(spec, x, w1, w2, b1, b2, {"topk_ids": topk_ids, "topk_w": topk_w})
+
+
+def check_pairs_inputs(spec: MoESpec, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2) -> None:
+    """As `check_layer_inputs`, for flat pairs: pair_token/pair_expert/pair_weight [S_max] (any S_max) and
+    token_offsets [T + 1], int32 or int64 ids."""
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor [T, {spec.hidden}], got shape {tuple(x.shape)}")
+    T = x.shape[0]
+    check_shape("x", x, (T, spec.hidden))
+    if pair_expert.dim() != 1:
+        raise ValueError(f"pair_expert: expected a 1-D tensor [S_max], got shape {tuple(pair_expert.shape)}")
+    S = pair_expert.shape[0]
+    check_shape("pair_token", pair_token, (S,))
+    check_shape("pair_weight", pair_weight, (S,))
+    check_shape("token_offsets", token_offsets, (T + 1,))
+    for name, ids in (("pair_token", pair_token), ("pair_expert", pair_expert), ("token_offsets", token_offsets)):
+        check_dtype(name, ids, (torch.int32, torch.int64))
+    check_dtype("pair_weight", pair_weight, tuple(TORCH_DTYPES.values()))
+    _check_x_weights(spec, x, w1, w2, b1, b2, {"pair_token": pair_token, "pair_expert": pair_expert,
+                                               "pair_weight": pair_weight, "token_offsets": token_offsets})
+
+
+def _check_x_weights(spec: MoESpec, x, w1, w2, b1, b2, routing: dict[str, torch.Tensor]) -> None:
+    """Shapes and dtypes of x, the weights and the biases; devices of those and of the routing tensors."""
+    E, H, I, N1 = spec.num_experts, spec.hidden, spec.intermediate, spec.up_rows  # noqa: E741
+    dtype = TORCH_DTYPES[spec.dtype]
     check_shape("w1", w1, (E, N1, H))
     check_shape("w2", w2, (E, H, I))
     check_dtype("x", x, (dtype,))
     check_dtype("w1", w1, (dtype,))
     check_dtype("w2", w2, (dtype,))
-    check_dtype("topk_ids", topk_ids, (torch.int32, torch.int64))
-    check_dtype("topk_w", topk_w, tuple(TORCH_DTYPES.values()))
     for name, bias, wanted, shape in (("b1", b1, spec.w1_bias, (E, N1)), ("b2", b2, spec.w2_bias, (E, H))):
         if (bias is not None) != wanted:
             raise ValueError(f"{name}: the spec says w{name[1]}_bias={wanted} but {name} is "
@@ -67,7 +96,7 @@ def check_layer_inputs(spec: MoESpec, x, topk_ids, topk_w, w1, w2, b1, b2) -> No
         if bias is not None:
             check_shape(name, bias, shape)
             check_dtype(name, bias, tuple(TORCH_DTYPES.values()))
-    tensors = {"x": x, "topk_ids": topk_ids, "topk_w": topk_w, "w1": w1, "w2": w2, "b1": b1, "b2": b2}
+    tensors = {"x": x, **routing, "w1": w1, "w2": w2, "b1": b1, "b2": b2}
     for name, tensor in tensors.items():
         if tensor is not None and tensor.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (that of x), got {tensor.device}")
@@ -97,24 +126,63 @@ def moe_forward(
     (pair plan.sorted_pairs[r]), column c the pre-activation up-projection row c, b1 included. Rows of dropped
     pairs, and columns no activation slice reads, are unspecified.
     """
-    # ---- Check ----
     check_layer_inputs(spec, x, topk_ids, topk_w, w1, w2, b1, b2)
-    E, K, H, I, N1 = spec.num_experts, spec.top_k, spec.hidden, spec.intermediate, spec.up_rows
-    dtype, out_dtype = TORCH_DTYPES[spec.dtype], TORCH_DTYPES[spec.out_dtype]
-    T = x.shape[0]
+    check_activation(activation)
+    plan = routing_plan(topk_ids, spec.num_experts) if x.shape[0] else None
+    return _forward_on_plan(spec, x, plan, topk_w, w1, w2, b1, b2, activation, config, save_h,
+                            num_pairs=x.shape[0] * spec.top_k)
+
+
+def moe_pairs_forward(
+    spec: MoESpec,
+    x: torch.Tensor,
+    pair_token: torch.Tensor,
+    pair_expert: torch.Tensor,
+    pair_weight: torch.Tensor,
+    token_offsets: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    *,
+    activation: KernelInterface,
+    config: GemmConfig | None = None,
+    save_h: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`moe_forward` on flat pairs (the contract of `moefuse.runtime.pairs`): y [T, H], y[t] = Σ over pairs p
+    of t (token_offsets[t] .. token_offsets[t+1]) of pair_weight[p] · expert pair_expert[p] applied to x[t].
+
+    pair_token, pair_expert, pair_weight [S_max], token_offsets [T + 1]; slots with pair_expert outside [0, E)
+    (−1: unused) contribute nothing. save_h: h is [S_max, N1], rows in the plan's sorted order as in
+    `moe_forward`. No host sync: S_max, not the used count, sizes every buffer and grid.
+    """
+    check_pairs_inputs(spec, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2)
+    check_activation(activation)
+    plan = flat_pairs_plan(pair_token, pair_expert, token_offsets, spec.num_experts) if x.shape[0] else None
+    return _forward_on_plan(spec, x, plan, pair_weight.unsqueeze(1), w1, w2, b1, b2, activation, config, save_h,
+                            num_pairs=pair_expert.shape[0])
+
+
+def check_activation(activation) -> None:
     if not isinstance(activation, KernelInterface):
         raise ValueError(f"activation: expected a @triton.jit function, got {type(activation).__name__}")
 
+
+def _forward_on_plan(spec: MoESpec, x, plan, weights, w1, w2, b1, b2, activation, config, save_h, *, num_pairs):
+    """The launches of both forms; weights [T, K] or [S, 1] as the plan's combine reads them; plan is None
+    when T = 0 (nothing to launch)."""
+    H, I, N1 = spec.hidden, spec.intermediate, spec.up_rows  # noqa: E741
+    dtype, out_dtype = TORCH_DTYPES[spec.dtype], TORCH_DTYPES[spec.out_dtype]
+
     # ---- Allocate / launch ----
-    h = torch.empty(T * K, N1, dtype=dtype, device=x.device) if save_h else None
-    if T == 0:
+    h = torch.empty(num_pairs, N1, dtype=dtype, device=x.device) if save_h else None
+    if plan is None:
         y = torch.empty(0, H, dtype=out_dtype, device=x.device)
         return (y, h) if save_h else y
-    plan = routing_plan(topk_ids, E)
     a = grouped_gemm(x, w1, plan, out_cols=I, slices=spec.activation.slices, activation=activation, bias=b1,
                      gather=True, h=h, config=config)
     y_sorted = grouped_gemm(a, w2, plan, out_cols=H, bias=b2, config=config)
-    y = combine(y_sorted, topk_w, plan, out_dtype=out_dtype)
+    y = combine(y_sorted, weights, plan, out_dtype=out_dtype)
     return (y, h) if save_h else y
 
 
@@ -166,8 +234,8 @@ class KernelSource:
 def gemm_signature(ptr: str) -> dict[str, str]:
     """The runtime arguments of `grouped_gemm_kernel` with operands of pointer type `ptr` ("*fp16" …)."""
     return {"a_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "c_ptr": ptr, "h_ptr": ptr, "counts_ptr": "*i32",
-            "offsets_ptr": "*i32", "sorted_pairs_ptr": "*i32", "N": "i32", "KDIM": "i32", "E": "i32", "TOP_K": "i32",
-            "stride_am": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_be": "i32", "stride_cm": "i32",
+            "offsets_ptr": "*i32", "sorted_pairs_ptr": "*i32", "pair_token_ptr": "*i32", "N": "i32", "KDIM": "i32",
+            "E": "i32", "TOP_K": "i32", "stride_am": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_be": "i32", "stride_cm": "i32",
             "stride_hm": "i32"}
 
 
@@ -181,9 +249,11 @@ def kernel_sources(
     config: GemmConfig | None = None,
     ids_dtype: torch.dtype = torch.int32,
     save_h: bool = False,
+    flat_pairs: bool = False,
 ) -> list[KernelSource]:
     """Every kernel `moe_forward(spec, …, activation=activation, config=config, save_h=save_h)` launches, in
-    launch order.
+    launch order; with flat_pairs, those of `moe_pairs_forward` (the routing kernels are the same: they sort
+    pair_expert as a [S_max, 1] top-k).
 
     Inner strides are fixed to 1 as constexprs, which is how Triton specialises a launch on contiguous
     tensors (and what lets it vectorise the loads)."""
@@ -218,22 +288,25 @@ def kernel_sources(
     unit_strides = {"stride_ak": 1, "stride_wk": 1, "stride_bn": 1, "stride_cn": 1, "stride_hn": 1}
     for name, kwargs in (
         ("up_gemm", dict(slices=spec.activation.slices, activation=activation, has_bias=spec.w1_bias, gather=True,
-                         store_h=save_h)),
-        ("down_gemm", dict(slices=((0, 1),), activation=identity, has_bias=spec.w2_bias, gather=False)),
+                         store_h=save_h, flat_pairs=flat_pairs)),
+        ("down_gemm", dict(slices=((0, 1),), activation=identity, has_bias=spec.w2_bias, gather=False,
+                           flat_pairs=flat_pairs)),
     ):
         consts = {**unit_strides, **gemm_constexprs(**kwargs, num_experts=E, config=config)}
         sources.append(KernelSource(name, grouped_gemm_kernel, with_constexprs(gemm_signature(ptr), consts), consts,
                                     config.num_warps, config.num_stages))
 
     # ---- Combine ----
-    sources.append(combine_source("combine", ptr, out_ptr, spec.hidden, weighted=True))
+    sources.append(combine_source("combine", ptr, out_ptr, spec.hidden, weighted=True, flat_pairs=flat_pairs))
     return sources
 
 
-def combine_source(name: str, ptr: str, out_ptr: str, hidden: int, *, weighted: bool) -> KernelSource:
+def combine_source(name: str, ptr: str, out_ptr: str, hidden: int, *, weighted: bool,
+                   flat_pairs: bool = False) -> KernelSource:
     """`combine_kernel` as `combine` launches it on rows of pointer type `ptr`, writing `out_ptr`."""
-    consts = {"stride_yh": 1, "stride_oh": 1, "WEIGHTED": weighted, "BLOCK_H": combine_block_h(hidden)}
+    consts = {"stride_yh": 1, "stride_oh": 1, "WEIGHTED": weighted, "FLAT_PAIRS": flat_pairs,
+              "BLOCK_H": combine_block_h(hidden)}
     signature = {"y_ptr": ptr, "topk_w_ptr": "*fp32" if weighted else ptr, "pair_pos_ptr": "*i32",
-                 "offsets_ptr": "*i32", "out_ptr": out_ptr, "H": "i32", "E": "i32", "TOP_K": "i32",
+                 "offsets_ptr": "*i32", "token_offsets_ptr": "*i32", "out_ptr": out_ptr, "H": "i32", "E": "i32", "TOP_K": "i32",
                  "stride_ym": "i32", "stride_wt": "i32", "stride_wk": "i32", "stride_ot": "i32"}
     return KernelSource(name, combine_kernel, with_constexprs(signature, consts), consts, COMBINE_WARPS, 1)

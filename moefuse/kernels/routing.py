@@ -9,6 +9,12 @@ contiguous segment:
   sorted_pairs [S]    int32  the pair of each sorted row (the GEMM gather index: token = pair // K)
   pair_pos     [S]    int32  the sorted row of each pair (the inverse; the combine's scatter index)
 
+Flat pairs (token rounding gives tokens a variable number of experts; see `moefuse.runtime.pairs`) are the
+same plan over `pair_expert` [S_max] viewed as a [S_max, 1] top-k (K = 1, pair p = its slot), plus the two
+tensors that say whose pairs they are: `pair_token` [S_max] (a GEMM gathers x row pair_token[p] instead of
+p // K) and `token_offsets` [T+1] (the combine sums pairs token_offsets[t] .. token_offsets[t+1]). Unused slots
+(expert −1) are dropped pairs like any other.
+
 Ids outside [0, E) are *dropped*: they count for no expert, they sort after every kept pair (rows
 offsets[E] .. S-1, still stable), no GEMM computes their rows, and the combine gives them weight 0. The common
 use is `-1` for "no expert" (expert parallelism, padding); it also keeps a corrupt id from writing out of
@@ -23,6 +29,7 @@ atomics):
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -42,10 +49,21 @@ class RoutingPlan:
     pair_pos: torch.Tensor  # [S] int32
     num_experts: int
     top_k: int
+    # Flat pairs only (top_k = 1): the token of each pair, and each token's pairs. None for a [T, K] top-k.
+    pair_token: torch.Tensor | None = None  # [S] int32 or int64
+    token_offsets: torch.Tensor | None = None  # [T + 1] int32 or int64
 
     @property
     def num_pairs(self) -> int:
         return self.sorted_pairs.numel()
+
+    @property
+    def flat_pairs(self) -> bool:
+        return self.pair_token is not None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_offsets.numel() - 1 if self.flat_pairs else self.num_pairs // max(self.top_k, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,6 +241,25 @@ def routing_plan(topk_ids: torch.Tensor, num_experts: int) -> RoutingPlan:
             BLOCK_S=meta.block_s, BLOCK_E=meta.block_e, num_warps=NUM_WARPS,
         )
     return RoutingPlan(totals[:E], offsets, sorted_pairs, pair_pos, num_experts=E, top_k=K)
+
+
+def flat_pairs_plan(
+    pair_token: torch.Tensor, pair_expert: torch.Tensor, token_offsets: torch.Tensor, num_experts: int
+) -> RoutingPlan:
+    """The expert-sorted layout of flat pairs (`pair_expert` [S], −1 in unused slots), as `routing_plan` of
+    pair_expert viewed [S, 1]; no host sync. Within an expert, pairs keep their (token-major) order."""
+    for name, t in (("pair_token", pair_token), ("pair_expert", pair_expert), ("token_offsets", token_offsets)):
+        if t.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D tensor, got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: expected dtype int32 or int64, got {t.dtype}")
+    if pair_token.shape != pair_expert.shape:
+        raise ValueError(f"pair_token {tuple(pair_token.shape)} and pair_expert {tuple(pair_expert.shape)}: "
+                         f"expected one shape [S_max]")
+    if token_offsets.numel() < 1:
+        raise ValueError("token_offsets: expected T + 1 >= 1 entries, got an empty tensor")
+    plan = routing_plan(pair_expert.unsqueeze(1), num_experts)
+    return dataclasses.replace(plan, pair_token=pair_token, token_offsets=token_offsets)
 
 
 def routing_plan_reference(topk_ids: torch.Tensor, num_experts: int) -> RoutingPlan:

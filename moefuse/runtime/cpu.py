@@ -16,6 +16,10 @@ never exist. Per expert, on its sorted rows with s = topk_w of each row's pair:
   dW2_e = gather(dy)ᵀ·(s·A)          dW1_e = dHᵀ·gather(x)            db2_e = Σ s·dy_t,  db1_e = Σ dH
   dx = Σ_k dH·W1_e over each token's pairs (unweighted: the weight is already in dH).
 
+Flat pairs (`moefuse::moe_pairs`, a variable number of experts per token: `moe_pairs_forward_cpu`,
+`moe_pairs_backward_cpu`) run the same plan with the token of pair p read from pair_token instead of p // K;
+each token's rows are then summed with index_add (pairs in order) instead of the [T, K] batched matmul.
+
 On the CPU a host read of the counts costs nothing (there is no device to sync with), so experts are walked
 with plain slices. Math runs in fp32 for the spec's dtypes (fp32/fp16/bf16), like the kernels' epilogues;
 the functions are dtype-generic, and float64 tensors (which no MoESpec describes) run in float64, which is
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -130,30 +135,95 @@ def moe_forward_cpu(
       column c = up-projection row c before the activation (b1 included); rows of dropped pairs are zero.
     out_dtype: dtype of y (default: spec.out_dtype); float64 for gradcheck.
     """
-    T, K = topk_ids.shape
+    return _forward(spec, x, _Pairs.from_top_k(topk_ids, topk_weights), w1, w2, b1, b2, save_h, out_dtype)
+
+
+def moe_pairs_forward_cpu(
+    spec: MoESpec,
+    x: torch.Tensor,
+    pair_token: torch.Tensor,
+    pair_expert: torch.Tensor,
+    pair_weight: torch.Tensor,
+    token_offsets: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    *,
+    save_h: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`moe_forward_cpu` on flat pairs (`moefuse.runtime.pairs`): y[T, H], y[t] = Σ over t's pairs p of
+    pair_weight[p] · expert pair_expert[p] applied to x[t]; h is [S_max, N1]. Unused slots (expert outside
+    [0, E)) contribute nothing whatever their token. token_offsets is not read: pair_token says the same."""
+    del token_offsets
+    return _forward(spec, x, _Pairs.from_flat(pair_token, pair_expert, pair_weight, x.shape[0], spec.num_experts),
+                    w1, w2, b1, b2, save_h, out_dtype)
+
+
+class _Pairs(NamedTuple):
+    """Both routing forms as flat pairs: expert [S], weight [S] and token [S] (int64, in [0, T)) of each pair;
+    top_k is K for a [T, K] top-k (pairs t·K + k: the combine is a batched matmul over K), None for flat pairs
+    (the combine sums each token's pairs with index_add)."""
+
+    expert: torch.Tensor
+    weight: torch.Tensor
+    token: torch.Tensor
+    num_tokens: int
+    top_k: int | None
+
+    @classmethod
+    def from_top_k(cls, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> _Pairs:
+        T, K = topk_ids.shape
+        token = torch.arange(T * K, device=topk_ids.device) // max(K, 1)
+        return cls(topk_ids.reshape(-1), topk_weights.reshape(-1), token, T, K)
+
+    @classmethod
+    def from_flat(cls, pair_token, pair_expert, pair_weight, num_tokens: int, num_experts: int) -> _Pairs:
+        # An unused slot's token is unspecified: token 0 (in range) for it; its rows are zero, so it adds nothing.
+        used = (pair_expert >= 0) & (pair_expert < num_experts)
+        token = torch.where(used, pair_token.long(), 0)
+        return cls(pair_expert, pair_weight, token, num_tokens, None)
+
+
+def _forward(spec: MoESpec, x, pairs: _Pairs, w1, w2, b1, b2, save_h: bool, out_dtype):
+    T, S = pairs.num_tokens, pairs.expert.numel()
     out_dtype = out_dtype or getattr(torch, spec.out_dtype)
     math = _math_dtype(x.dtype)
-    h = x.new_zeros((T * K, spec.up_rows)) if save_h else None
+    h = x.new_zeros((S, spec.up_rows)) if save_h else None
     if T == 0:
         y = x.new_zeros((0, spec.hidden), dtype=out_dtype)
         return (y, h) if save_h else y
     act = _activation(spec)
-    order, counts = sort_pairs(topk_ids, spec.num_experts)
+    order, counts = sort_pairs(pairs.expert, spec.num_experts)
     kept = sum(counts)  # rows of pairs that belong to an expert; the rest (dropped ids) stay zero
-    xs = x.index_select(0, order // K)
+    xs = x.index_select(0, pairs.token[order])
     up = _grouped_linear(xs, w1, b1, counts)
     if h is not None:
         h[:kept] = up[:kept]
     # One activation over every row at once: it is elementwise, so this is what per-expert calls would give.
     a = act(*(s.to(math) for s in expert_slices(up[:kept], spec))).to(x.dtype)
-    y_sorted = _grouped_linear(a, w2, b2, counts, rows=T * K)
-    # Combine: back to pair order (inverse permutation), then y[t] = w[t, :] · Y[t, :, :] as one batched
-    # matmul in fp32 — a fixed order of K terms per token, no scatter, no atomics.
+    y_sorted = _grouped_linear(a, w2, b2, counts, rows=S)
+    # Combine: back to pair order (inverse permutation), then sum each token's weighted rows in fp32 in a fixed
+    # order, no atomics — for [T, K] one batched matmul y[t] = w[t, :] · Y[t, :, :].
     pos = torch.empty_like(order)
     pos[order] = torch.arange(order.numel(), device=order.device)
-    y_pairs = y_sorted.index_select(0, pos).view(T, K, spec.hidden).to(math)
-    y = torch.bmm(topk_weights.to(math).unsqueeze(1), y_pairs).squeeze(1).to(out_dtype)
+    y_pairs = y_sorted.index_select(0, pos).to(math)
+    y = _sum_by_token(y_pairs, pairs.weight.to(math), pairs).to(out_dtype)
     return (y, h) if save_h else y
+
+
+def _sum_by_token(rows: torch.Tensor, weight: torch.Tensor | None, pairs: _Pairs) -> torch.Tensor:
+    """[T, H]: Σ over each token's pairs of weight · row (unweighted with weight=None), rows [S, H] in pair
+    order; rows of dropped pairs must be zero."""
+    T, K, H = pairs.num_tokens, pairs.top_k, rows.shape[1]
+    if K is not None:
+        if weight is None:
+            return rows.view(T, K, H).sum(dim=1)
+        return torch.bmm(weight.view(T, 1, K), rows.view(T, K, H)).squeeze(1)
+    if weight is not None:
+        rows = rows * weight.unsqueeze(1)
+    return rows.new_zeros((T, H)).index_add_(0, pairs.token, rows)
 
 
 def moe_backward_cpu(
@@ -176,21 +246,49 @@ def moe_backward_cpu(
     biases. Dropped pairs (ids outside [0, E)) contribute nothing and get a zero weight gradient.
     Deterministic: fixed summation orders, no atomics.
     """
-    T, K = topk_ids.shape
+    grads = _backward(spec, dy, x, _Pairs.from_top_k(topk_ids, topk_weights), w1, w2, b1, b2, h)
+    return (grads[0], grads[1].view(topk_ids.shape), *grads[2:])
+
+
+def moe_pairs_backward_cpu(
+    spec: MoESpec,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    pair_token: torch.Tensor,
+    pair_expert: torch.Tensor,
+    pair_weight: torch.Tensor,
+    token_offsets: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    h: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`moe_backward_cpu` on flat pairs: (dx, dpair_weight [S_max], dw1, dw2, db1, db2) given dy and the h
+    [S_max, N1] of `moe_pairs_forward_cpu`; unused slots get a zero weight gradient."""
+    del token_offsets
+    pairs = _Pairs.from_flat(pair_token, pair_expert, pair_weight, x.shape[0], spec.num_experts)
+    return _backward(spec, dy, x, pairs, w1, w2, b1, b2, h)
+
+
+def _backward(spec: MoESpec, dy, x, pairs: _Pairs, w1, w2, b1, b2, h):
+    """The gradients of `_forward`, the weights' as [S] in pair order."""
+    T, S = pairs.num_tokens, pairs.expert.numel()
     E, H, N1 = spec.num_experts, spec.hidden, spec.up_rows
-    if tuple(h.shape) != (T * K, N1):
-        raise ValueError(f"h: expected shape {(T * K, N1)} (T·K, up_rows), got {tuple(h.shape)}")
+    if tuple(h.shape) != (S, N1):
+        raise ValueError(f"h: expected shape {(S, N1)} (pairs, up_rows), got {tuple(h.shape)}")
     if tuple(dy.shape) != (T, H):
         raise ValueError(f"dy: expected shape {(T, H)}, got {tuple(dy.shape)}")
     math = _math_dtype(x.dtype)
     act = _activation(spec)
     act_grads = _activation_grads(spec.activation.expr, spec.activation.num_inputs)
-    order, counts = sort_pairs(topk_ids, E)
-    weights = topk_weights.reshape(-1)
+    order, counts = sort_pairs(pairs.expert, E)
+    weights = pairs.weight
 
-    # Per pair (not per token) so that dx is summed over k in a fixed order, like the kernels' gather-sum.
-    dx_pairs = torch.zeros((T * K, H), dtype=math, device=x.device)
-    ds_pairs = torch.zeros(T * K, dtype=math, device=x.device)
+    # Per pair (not per token) so that dx is summed over a token's pairs in a fixed order, like the kernels'
+    # gather-sum.
+    dx_pairs = torch.zeros((S, H), dtype=math, device=x.device)
+    ds_pairs = torch.zeros(S, dtype=math, device=x.device)
     dw1 = torch.zeros((E, N1, H), dtype=math, device=x.device)
     dw2 = torch.zeros((E, H, spec.intermediate), dtype=math, device=x.device)
     db1 = torch.zeros((E, N1), dtype=math, device=x.device) if b1 is not None else None
@@ -199,10 +297,10 @@ def moe_backward_cpu(
     for e, c in enumerate(counts):
         if c == 0:
             continue
-        pairs = order[start : start + c]
-        tokens = pairs // K
+        rows = order[start : start + c]
+        tokens = pairs.token[rows]
         dy_e = dy[tokens].to(math)  # [c, H]
-        s = weights[pairs].to(math).unsqueeze(-1)  # [c, 1]
+        s = weights[rows].to(math).unsqueeze(-1)  # [c, 1]
         ins = [v.to(math) for v in expert_slices(h[start : start + c], spec)]
         start += c
 
@@ -212,7 +310,7 @@ def moe_backward_cpu(
         ds = (da * a).sum(dim=-1)
         if b2 is not None:
             ds = ds + dy_e @ b2[e].to(math)
-        ds_pairs[pairs] = ds
+        ds_pairs[rows] = ds
 
         # ---- dH, into the up-projection rows each variable read ----
         da = da * s
@@ -227,12 +325,12 @@ def moe_backward_cpu(
             db1[e] = dh.sum(dim=0)
         if db2 is not None:
             db2[e] = (dy_e * s).sum(dim=0)
-        dx_pairs[pairs] = dh @ w1[e].to(math)
+        dx_pairs[rows] = dh @ w1[e].to(math)
 
-    dx = dx_pairs.view(T, K, H).sum(dim=1)
+    dx = _sum_by_token(dx_pairs, None, pairs)
     return (
         dx.to(x.dtype),
-        ds_pairs.view(T, K).to(topk_weights.dtype),
+        ds_pairs.to(weights.dtype),
         dw1.to(w1.dtype),
         dw2.to(w2.dtype),
         db1.to(b1.dtype) if db1 is not None else None,
