@@ -168,3 +168,55 @@ def test_no_spills_and_shared_memory_fits(records):
     for r in records:
         assert r["spill_bytes"] == 0, r
         assert r["shared"] <= SHARED_LIMIT[r["cap"]], r
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flat pairs (`moefuse::moe_pairs`): the kernels whose code the FLAT_PAIRS switch changes, fp16, sm_80 and sm_90
+# ---------------------------------------------------------------------------------------------------------
+
+# The gathering GEMMs (x or dy rows through pair_token), the per-token combine (a loop over token_offsets)
+# and the router gradient (dy rows through pair_token in the bias term). The down and dX GEMMs gather nothing:
+# FLAT_PAIRS compiles to their [T, K] code, checked above; combine_unweighted is combine's loop without the
+# weight load.
+PAIRS_KERNELS = ("up_gemm", "combine", "activation_backward", "router_grad", "weight_grad_dw2", "weight_grad_dw1")
+PAIRS_GEMMS = ("up_gemm", "activation_backward", "weight_grad_dw2", "weight_grad_dw1")
+# The same script with other jobs: its imports, helpers and compile loop, the flat-pairs specialisations.
+_HEAD, _REST = SCRIPT.split("jobs = []", 1)
+PAIRS_SCRIPT = _HEAD + r'''
+glu = MoESpec(8, 2, H, I, 2 * I, Activation("silu(x0)*x1", ((0, 1), (I, 1))), "float16", "float16", True, True)
+sources = [s for s in kernel_sources(glu, silu_mul, save_h=True, flat_pairs=True)
+           + backward_kernel_sources(glu, load_activation_grad(glu.activation.expr, 2), flat_pairs=True)
+           if s.name in ''' + repr(PAIRS_KERNELS) + r''']
+jobs = [(s.name, "float16", s, cap) for cap in (80, 90) for s in sources]
+
+
+def compile_one''' + _REST.split("def compile_one", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def pairs_records(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compile_only_pairs")
+    script = tmp / "compile_pairs_kernels.py"
+    script.write_text(PAIRS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(tmp / "cache")
+    env["MOEFUSE_CACHE_DIR"] = str(tmp / "moefuse")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_flat_pairs_kernels_compile(pairs_records):
+    # Every specialisation builds for both targets without spills; the GEMMs keep tensor cores (wgmma on sm_90,
+    # mma.sync on sm_80) and their cp.async pipelines with the pair_token gather in the load.
+    for cap in CAPABILITIES:
+        assert {r["kernel"] for r in select(pairs_records, cap=cap)} == set(PAIRS_KERNELS)
+    for r in pairs_records:
+        assert r["ptx_bytes"] > 0 and r["spill_bytes"] == 0 and r["shared"] <= SHARED_LIMIT[r["cap"]], r
+    for kernel in PAIRS_GEMMS:
+        (hopper,) = select(pairs_records, kernel=kernel, cap=90)
+        (ampere,) = select(pairs_records, kernel=kernel, cap=80)
+        assert hopper["wgmma"] and hopper["cp_async"], hopper
+        assert ampere["mma_sync"] and ampere["cp_async"] and not ampere["wgmma"], ampere

@@ -93,25 +93,35 @@ def moe_bwd(
     else:
         counters["bwd_cpu"] += 1
         grads = moe_backward_cpu(s, dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h)
-    dx, dtopk_weights, dw1, dw2, db1, db2 = grads
-    # A custom op cannot return None (nor one tensor twice): an absent bias gets its own empty gradient,
-    # mapped back to None in _backward.
-    return (dx, dtopk_weights, dw1, dw2,
-            x.new_empty(0) if db1 is None else db1, x.new_empty(0) if db2 is None else db2)
+    return op_grads(x, *grads)
 
 
-@moe_bwd.register_fake
-def _moe_bwd_fake(dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h, spec):
-    s = spec_from_key(spec)
+def op_grads(x: Tensor, dx, drouting, dw1, dw2, db1, db2) -> tuple[Tensor, ...]:
+    """The backward ops' outputs: a custom op cannot return None (nor one tensor twice), so an absent bias gets
+    its own empty gradient, mapped back to None by `bias_grads`."""
+    return (dx, drouting, dw1, dw2, x.new_empty(0) if db1 is None else db1, x.new_empty(0) if db2 is None else db2)
+
+
+def bias_grads(b1, b2, db1: Tensor, db2: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    return (db1 if b1 is not None else None, db2 if b2 is not None else None)
+
+
+def grads_fake(s: MoESpec, x, routing_weights, w1, w2, b1, b2) -> tuple[Tensor, ...]:
+    """The backward ops' fake outputs (see `op_grads`); the routing weights' gradient has their shape."""
     E, H, I, N1 = s.num_experts, s.hidden, s.intermediate, s.up_rows  # noqa: E741
     return (
         x.new_empty(x.shape),
-        topk_weights.new_empty(topk_weights.shape),
+        routing_weights.new_empty(routing_weights.shape),
         w1.new_empty((E, N1, H)),
         w2.new_empty((E, H, I)),
         b1.new_empty((E, N1)) if b1 is not None else x.new_empty(0),
         b2.new_empty((E, H)) if b2 is not None else x.new_empty(0),
     )
+
+
+@moe_bwd.register_fake
+def _moe_bwd_fake(dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h, spec):
+    return grads_fake(spec_from_key(spec), x, topk_weights, w1, w2, b1, b2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,12 +142,7 @@ def _backward(ctx, dy, _dh):
     dx, dtopk_weights, dw1, dw2, db1, db2 = torch.ops.moefuse.moe_bwd(
         dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h, ctx.spec
     )
-    return (
-        dx, None, dtopk_weights, dw1, dw2,
-        db1 if b1 is not None else None,
-        db2 if b2 is not None else None,
-        None,
-    )
+    return (dx, None, dtopk_weights, dw1, dw2, *bias_grads(b1, b2, db1, db2), None)
 
 
 torch.library.register_autograd("moefuse::moe_fwd", _backward, setup_context=_setup_context)
@@ -152,7 +157,11 @@ def moe_train_call(spec: MoESpec, x, topk_ids, topk_weights, w1, w2, b1=None, b2
 def fused_moe(x, topk_ids, topk_weights, w1, w2, b1, b2, spec: str) -> Tensor:
     """y of the fused MoE for a spec key: the training op when gradients flow through any input, the
     inference op (no h kept) otherwise. Traceable by dynamo (what `moefuse.convert`'s modules call)."""
-    differentiable = (x, topk_weights, w1, w2, b1, b2)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+    if needs_grad(x, topk_weights, w1, w2, b1, b2):
         return torch.ops.moefuse.moe_fwd(x, topk_ids, topk_weights, w1, w2, b1, b2, spec)[0]
     return torch.ops.moefuse.moe(x, topk_ids, topk_weights, w1, w2, b1, b2, spec)
+
+
+def needs_grad(*differentiable: Tensor | None) -> bool:
+    """Whether gradients will flow through any of these inputs (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)

@@ -27,6 +27,8 @@ log = logging.getLogger("moefuse.runtime")
 # count `moefuse::moe`, "fwd_train_*"/"bwd_*" its training pair `moefuse::moe_fwd`/`moefuse::moe_bwd`.
 counters: dict[str, int] = {
     "triton": 0, "cpu": 0, "fwd_train_triton": 0, "fwd_train_cpu": 0, "bwd_triton": 0, "bwd_cpu": 0,
+    "pairs_triton": 0, "pairs_cpu": 0, "pairs_fwd_train_triton": 0, "pairs_fwd_train_cpu": 0, "pairs_bwd_triton": 0,
+    "pairs_bwd_cpu": 0,  # the same for the flat-pairs ops moefuse::moe_pairs / moe_pairs_fwd / moe_pairs_bwd
 }
 
 

@@ -1,0 +1,261 @@
+"""The fused MoE on flat pairs (`moefuse::moe_pairs` and its training pair, `moefuse.runtime.pairs`), forward
+and every gradient, on the Triton kernels under the interpreter and on the CPU path:
+
+  - exact top-K passed as flat pairs (with an unused tail, as token rounding's S_max buffers have) gives what
+    `moefuse::moe` / `moe_fwd` / `moe_bwd` give;
+  - variable-count pairs (tokens with 0, 1 and many experts in any order, an expert without tokens, unused
+    slots whose token and weight must not leak) match a float64 per-token loop differentiated by torch.autograd.
+"""
+import os
+
+# Before triton or moefuse's kernels are imported: `triton.jit` picks the interpreter when a kernel is defined.
+os.environ["TRITON_INTERPRET"] = "1"
+
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from test_backward_kernels import ACTS, TOLERANCES, assert_grads_close, slices_of  # noqa: E402
+
+import moefuse.runtime.autograd  # noqa: E402,F401  (registers moefuse::moe_fwd / moe_bwd)
+from moefuse.rounding import exact_pairs  # noqa: E402
+from moefuse.runtime import op  # noqa: E402
+from moefuse.runtime.pairs import FlatPairs, fused_moe_pairs  # noqa: E402
+from moefuse.spec import Activation, MoESpec  # noqa: E402
+
+# The interpreter evaluates with numpy, which warns where a branch that tl.where then discards divides 0/0 (the
+# small-|x| branch of gelu-tanh's expm1 helper); the results are what is checked.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+DTYPES = list(TOLERANCES)  # fp32, fp16: never bf16 here, the interpreter's tl.dot multiplies bf16's raw bits
+PATHS = ("triton", "cpu")  # the kernels under TRITON_INTERPRET=1; the torch CPU plan without it
+# (assert_grads_close's names: the routing weights' gradient is dpair_weight here, checked under "dtopk_w")
+GRADS = ("dx", "dtopk_w", "dw1", "dw2", "db1", "db2")
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    if request.param == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return request.param
+
+
+@dataclass(frozen=True)
+class Layer:
+    act: str  # a key of test_backward_kernels.ACTS
+    layout: str  # gate_up | plain
+    bias: bool
+    E: int = 5
+    H: int = 32
+    I: int = 32  # noqa: E741
+
+
+LAYERS = {
+    "swiglu_biases": Layer("swiglu", "gate_up", bias=True),  # GLU: two activation inputs; db1, db2, ⟨dy, b2⟩
+    "gelu_tanh": Layer("gelu_tanh", "plain", bias=False),  # non-GLU, one input, no bias
+}
+
+
+def make_layer(layer: Layer, dtype: torch.dtype, top_k: int, gen: torch.Generator):
+    """(spec, w1, w2, b1, b2) with random weights in `dtype`."""
+    slices = slices_of(layer.layout, layer.I)
+    up_rows = layer.I * len(slices)
+    name = str(dtype).removeprefix("torch.")
+    spec = MoESpec(num_experts=layer.E, top_k=top_k, hidden=layer.H, intermediate=layer.I, up_rows=up_rows,
+                   activation=Activation(ACTS[layer.act].expr, slices), dtype=name, out_dtype=name,
+                   w1_bias=layer.bias, w2_bias=layer.bias)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    w1 = randn(layer.E, up_rows, layer.H, scale=layer.H**-0.5)
+    w2 = randn(layer.E, layer.H, layer.I, scale=layer.I**-0.5)
+    b1 = randn(layer.E, up_rows, scale=0.5) if layer.bias else None
+    b2 = randn(layer.E, layer.H, scale=0.5) if layer.bias else None
+    return spec, w1, w2, b1, b2
+
+
+# Variable-count routing over E = 5 experts; expert 4 gets no token. Each token's experts in a shuffled order
+# (the contract only asks for token-major pairs).
+EXPERTS_OF_TOKEN = (
+    (),  # token 0: no expert, y = 0, dx = 0
+    (2,),  # one expert
+    (3, 0, 1),  # many, not sorted
+    (1,),
+    (),  # another empty token in the middle of the pairs
+    (0, 3, 2, 1),  # all the used experts
+    (3, 0),
+    (2, 1),
+)
+UNUSED_TAIL = 6  # slots past token_offsets[T]: expert -1, weight 0, token 3 (a real token: a leak would show)
+
+
+def variable_pairs(weights: torch.Tensor) -> FlatPairs:
+    """FlatPairs of EXPERTS_OF_TOKEN with pair weights `weights` [used pairs] and the unused tail."""
+    token = [t for t, experts in enumerate(EXPERTS_OF_TOKEN) for _ in experts] + [3] * UNUSED_TAIL
+    expert = [e for experts in EXPERTS_OF_TOKEN for e in experts] + [-1] * UNUSED_TAIL
+    counts = torch.tensor([len(experts) for experts in EXPERTS_OF_TOKEN])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    weight = torch.cat([weights, weights.new_zeros(UNUSED_TAIL)])
+    i32 = torch.int32
+    return FlatPairs(torch.tensor(token, dtype=i32), torch.tensor(expert, dtype=i32), weight, offsets.to(i32))
+
+
+def with_tail(pairs: FlatPairs, tail: int) -> FlatPairs:
+    """The same pairs in a buffer `tail` slots longer (token rounding's S_max), the tail unused."""
+    pad = (0, tail)
+    return FlatPairs(torch.nn.functional.pad(pairs.token, pad, value=0),
+                     torch.nn.functional.pad(pairs.expert, pad, value=-1),
+                     torch.nn.functional.pad(pairs.weight, pad, value=0.0), pairs.token_offsets)
+
+
+def reference(spec: MoESpec, act, x, pairs: FlatPairs, w1, w2, b1, b2, dy):
+    """(y, grads) in float64 from a per-token loop over each token's pairs, differentiated by torch.autograd;
+    grads in GRADS order, the routing weights' gradient [S_max] (0 in the tail)."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None
+              for t in (x, pairs.weight, w1, w2, b1, b2)]
+    x_, s_, w1_, w2_, b1_, b2_ = leaves
+    cols = torch.arange(spec.intermediate)
+    rows = []
+    for t in range(x.shape[0]):
+        y_t = torch.zeros(spec.hidden, dtype=torch.float64)
+        for p in range(int(pairs.token_offsets[t]), int(pairs.token_offsets[t + 1])):
+            e = int(pairs.expert[p])
+            h = w1_[e] @ x_[t] + (b1_[e] if b1 is not None else 0)
+            o = w2_[e] @ act.torch_fn(*(h[off + step * cols] for off, step in spec.activation.slices))
+            y_t = y_t + s_[p] * (o + (b2_[e] if b2 is not None else 0))
+        rows.append(y_t)
+    y = torch.stack(rows)
+    present = [leaf for leaf in leaves if leaf is not None]
+    grads = iter(torch.autograd.grad(y, present, dy.double(), materialize_grads=True))
+    return y.detach(), {name: next(grads) if leaf is not None else None for name, leaf in zip(GRADS, leaves)}
+
+
+def run_op(spec: MoESpec, x, pairs: FlatPairs, w1, w2, b1, b2, dy):
+    """(y of the inference op, y of the training op, grads of the training op) through `fused_moe_pairs`."""
+    with torch.no_grad():
+        y_inference = fused_moe_pairs(spec, x, pairs, w1, w2, b1, b2)
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None
+              for t in (x, pairs.weight, w1, w2, b1, b2)]
+    x_, s_, w1_, w2_, b1_, b2_ = leaves
+    y = fused_moe_pairs(spec, x_, pairs._replace(weight=s_), w1_, w2_, b1_, b2_)
+    y.backward(dy)
+    grads = {name: leaf.grad if leaf is not None else None for name, leaf in zip(GRADS, leaves)}
+    return y_inference, y.detach(), grads
+
+
+def counts_since(before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before[k] for k, v in op.counters.items() if v != before[k]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exact top-K as flat pairs is moefuse::moe
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_exact_top_k_as_flat_pairs_is_the_moe_op(path, dtype):
+    # T = 9, K = 2 over E = 5: the same rows in the same order per expert, the same per-token sums. The pairs sit
+    # in a buffer with an E·(M−1) tail (M = 4), as token rounding's S_max = T·K + E·(M−1) buffers.
+    gen = torch.Generator().manual_seed(1)
+    spec, w1, w2, b1, b2 = make_layer(LAYERS["swiglu_biases"], dtype, top_k=2, gen=gen)
+    T, K, E = 9, 2, spec.num_experts
+    x = torch.randn(T, spec.hidden, generator=gen).to(dtype)
+    topk_w, topk_ids = torch.topk(torch.randn(T, E, generator=gen).softmax(-1), K)
+    dy = torch.randn(T, spec.hidden, generator=gen).to(dtype)
+    pairs = with_tail(exact_pairs(topk_ids, topk_w), E * 3)
+
+    before = dict(op.counters)
+    y_inference, y, grads = run_op(spec, x, pairs, w1, w2, b1, b2, dy)
+    assert counts_since(before) == {f"pairs_{path}": 1, f"pairs_fwd_train_{path}": 1, f"pairs_bwd_{path}": 1}
+
+    before = dict(op.counters)
+    want_y = torch.ops.moefuse.moe(x, topk_ids, topk_w, w1, w2, b1, b2, spec.to_key())
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, topk_w, w1, w2, b1, b2)]
+    y_train = torch.ops.moefuse.moe_fwd(leaves[0], topk_ids, *leaves[1:], spec.to_key())[0]
+    y_train.backward(dy)
+    assert counts_since(before) == {path: 1, f"fwd_train_{path}": 1, f"bwd_{path}": 1}
+    want = {name: leaf.grad if leaf is not None else None for name, leaf in zip(GRADS, leaves)}
+    # The routing weights' gradient: [T·K] in pair order, then 0 in the unused tail.
+    want["dtopk_w"] = torch.cat([want["dtopk_w"].reshape(-1), want["dtopk_w"].new_zeros(E * 3)])
+
+    if path == "triton":
+        # The kernels see the same tiles and sum each token's pairs in the same order: bit for bit.
+        assert torch.equal(y_inference, want_y) and torch.equal(y, want_y)
+        for name in GRADS:
+            assert torch.equal(grads[name], want[name]), name
+    else:
+        # The CPU plan combines [T, K] with a batched matmul and flat pairs with index_add: the same terms,
+        # summed in another order (a few ulps of the output dtype).
+        tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(y_inference, want_y, **tol)
+        torch.testing.assert_close(y, want_y, **tol)
+        for name in GRADS:
+            torch.testing.assert_close(grads[name], want[name], **tol, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Variable-count pairs against a float64 reference
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_variable_count_pairs_match_reference(path, name, dtype):
+    gen = torch.Generator().manual_seed(2)
+    layer = LAYERS[name]
+    spec, w1, w2, b1, b2 = make_layer(layer, dtype, top_k=2, gen=gen)  # top_k: the spec's, unused by the pairs op
+    T = len(EXPERTS_OF_TOKEN)
+    used = sum(len(experts) for experts in EXPERTS_OF_TOKEN)
+    x = torch.randn(T, layer.H, generator=gen).to(dtype)
+    pairs = variable_pairs(torch.rand(used, generator=gen) + 0.1)
+    dy = torch.randn(T, layer.H, generator=gen).to(dtype)
+
+    before = dict(op.counters)
+    y_inference, y, got = run_op(spec, x, pairs, w1, w2, b1, b2, dy)
+    assert counts_since(before) == {f"pairs_{path}": 1, f"pairs_fwd_train_{path}": 1, f"pairs_bwd_{path}": 1}
+    want_y, want = reference(spec, ACTS[layer.act], x, pairs, w1, w2, b1, b2, dy)
+
+    assert torch.equal(y_inference, y)  # the training op's y is the inference op's
+    assert y.dtype == dtype and y.shape == (T, layer.H)
+    for t, experts in enumerate(EXPERTS_OF_TOKEN):
+        if not experts:  # a token without experts: exactly zero output and input gradient
+            assert not y[t].any() and not got["dx"][t].any(), t
+    assert not got["dtopk_w"][used:].any()  # unused slots get no gradient
+    assert not got["dw1"][4].any() and not got["dw2"][4].any()  # nor does the expert without tokens
+    # y's tolerance is test_kernels' (the forward's), the gradients' test_backward_kernels'.
+    tol = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}[dtype]
+    torch.testing.assert_close(y.double(), want_y, **tol)
+    assert_grads_close(got, want, dtype)
+
+
+def test_kernels_do_not_sync_with_the_host(monkeypatch):
+    # The Triton host path of both ops reads nothing back from the device (CUDA-graph capturable): every way it
+    # could is made to raise while the kernels run forward and backward.
+    from moefuse.kernels.backward import moe_pairs_backward
+    from moefuse.kernels.codegen import load_activation
+    from moefuse.kernels.moe import moe_pairs_forward
+
+    gen = torch.Generator().manual_seed(3)
+    spec, w1, w2, b1, b2 = make_layer(LAYERS["swiglu_biases"], torch.float32, top_k=2, gen=gen)
+    T = len(EXPERTS_OF_TOKEN)
+    used = sum(len(experts) for experts in EXPERTS_OF_TOKEN)
+    x, dy = torch.randn(T, spec.hidden, generator=gen), torch.randn(T, spec.hidden, generator=gen)
+    pairs = variable_pairs(torch.rand(used, generator=gen))
+    activation = load_activation(spec.activation.expr, spec.activation.num_inputs)
+
+    def sync(*_args, **_kwargs):
+        raise AssertionError("host sync in the flat-pairs kernels' host path")
+
+    for name in ("item", "tolist", "nonzero", "unique", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    monkeypatch.setattr(torch, "nonzero", sync)
+    monkeypatch.setattr(torch, "unique", sync)
+    y, h = moe_pairs_forward(spec, x, *pairs, w1, w2, b1, b2, activation=activation, save_h=True)
+    grads = moe_pairs_backward(spec, dy, x, *pairs, w1, w2, b1, b2, h)
+    monkeypatch.undo()
+    want_y, want = reference(spec, ACTS["swiglu"], x, pairs, w1, w2, b1, b2, dy)
+    torch.testing.assert_close(y.double(), want_y, atol=1e-5, rtol=1e-5)
+    assert_grads_close(dict(zip(GRADS, grads)), want, torch.float32)
