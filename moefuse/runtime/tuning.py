@@ -8,7 +8,8 @@ neither re-tunes nor compiles anything new. The winner is written to
 `$MOEFUSE_CACHE_DIR/tuning/<key hash>.json` (default `~/.cache/moefuse/tuning`, the kernel cache's root, see
 `moefuse.kernels.codegen.cache_dir`) through a temp file and `os.replace`, so a concurrent process reads the
 old file or the new one, never half of one. An unreadable or mismatched file is ignored with a warning and
-re-tuned. Each config timed is logged on the "moefuse.tuning" logger at INFO.
+re-tuned. The start of each tuning is logged on the "moefuse.tuning" logger at WARNING (it costs seconds of
+compiles), each config timed at INFO.
 
 Environment: MOEFUSE_AUTOTUNE=1 tunes, =0 uses `GemmConfig.default(dtype)`; unset, tuning is on for CUDA
 tensors and off on the CPU (under TRITON_INTERPRET=1, where timings mean nothing). Tuning never runs while a
@@ -199,7 +200,7 @@ def enabled(device: torch.device) -> bool:
 def time_ms(run: Callable[[], object], device: torch.device) -> float:
     """Median milliseconds of `run()`: triton's do_bench on CUDA; one warm-up and three timed calls elsewhere."""
     if device.type == "cuda":
-        return triton.testing.do_bench(run, warmup=5, rep=25)
+        return triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
     run()
     times = []
     for _ in range(3):
@@ -260,7 +261,9 @@ def gemm_config(spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, run: Cal
                 return GemmConfig.default(dtype)  # timing syncs, which capture forbids; tuned on a later eager call
             configs = (space or default_space(dtype, x.device)).configs(dtype, spec.activation.num_inputs,
                                                                         key.m_bucket)
-            log.info("tuning %s over %d configs", key, len(configs))
+            # Once per layer shape and M bucket per machine, but seconds of compiles: say so where it shows
+            log.warning("moefuse: tuning the GEMM config of %s over %d configs (cached in %s; %s=0 turns it off)",
+                        key, len(configs), tuning_dir(), ENV)
             config = tune(key, configs, run, timer or functools.partial(time_ms, device=x.device))
         _chosen[memo] = config
     return config
