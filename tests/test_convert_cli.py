@@ -223,6 +223,17 @@ def test_existing_destination_is_never_overwritten(saved, tmp_path, capsys):
     assert [p.name for p in dst.iterdir()] == ["keep.txt"] and (dst / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("where, message", [("inside_src", "lies inside the source"),
+                                             ("no_parent", "parent directory of")])
+def test_bad_destination_is_refused(where, message, saved, tmp_path, capsys):
+    src = saved["mixtral"][0]
+    before = tree_hash(src)
+    dst = src / "converted" if where == "inside_src" else tmp_path / "missing" / "dst"
+    rc, io = run_cli([src, dst], capsys)
+    assert rc == 2 and message in io.err, io.err
+    assert not dst.exists() and tree_hash(src) == before
+
+
 def test_probe_mismatch_exits_1_and_writes_nothing(saved, tmp_path, capsys, monkeypatch):
     """A layout bug (gate and up halves swapped in w1) is what the probe exists to catch."""
     import moefuse.checkpoint as ckpt
