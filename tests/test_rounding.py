@@ -201,3 +201,115 @@ def test_bad_arguments():
         round_routing(scores, ids, w, "up", 24)
     # an expert no token chose stays empty even under "up" (⌈0/M⌉ = 0): the 4 pairs of expert 0 only
     assert used(round_routing(scores, ids, w, "up", 16)) == [(t, 0, 1.0) for t in range(4)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: the backend option on tiny HF models, against plain PyTorch applying the reference routing
+# ----------------------------------------------------------------------------------------------------------
+
+M_E2E = 16  # the smallest tile: with 2·12 tokens and 8 experts every mode really changes the routing
+
+
+def reference_block_forward(block, mode: str, m: int):
+    """A plain-PyTorch MoE block (Qwen3-MoE / Mixtral / OLMoE layout) whose routing is `reference_rounding`'s:
+    every expert on every token, weighted by the rounded routing (0 off it), so gradients reach the router."""
+    def forward(hidden_states):
+        b, s, h = hidden_states.shape
+        x = hidden_states.reshape(-1, h)
+        logits, weights, ids = block.gate(x)
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)  # what these routers take top-k over
+        T, E = scores.shape
+        keep = torch.zeros(T, E, dtype=torch.bool)
+        for t, e, _ in reference_rounding(scores.detach(), ids, weights.detach(), mode, m):
+            keep[t, e] = True
+        chosen = torch.zeros(T, E, dtype=torch.bool).scatter(1, ids, True)
+        dense = torch.where(chosen, torch.zeros(T, E, dtype=weights.dtype).scatter(1, ids, weights),
+                            scores.to(weights.dtype)) * keep
+        ex = block.experts
+        y = torch.zeros_like(x)
+        for e in range(E):
+            gate, up = torch.nn.functional.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
+            y = y + dense[:, e, None] * torch.nn.functional.linear(ex.act_fn(gate) * up, ex.down_proj[e])
+        return y.reshape(b, s, h)
+    return forward
+
+
+def rounded_reference(model, mode: str, m: int):
+    import copy
+
+    ref = copy.deepcopy(model)
+    for module in ref.modules():
+        if hasattr(module, "gate") and hasattr(module, "experts"):
+            module.forward = reference_block_forward(module, mode, m)
+    return ref
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    logits = model(ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    return logits.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}
+
+
+def pairs_calls(path: str) -> int:
+    """Calls of the flat-pairs training op's forward and backward on `path` ("cpu" / "triton")."""
+    from moefuse.runtime import op as moe_op
+
+    return moe_op.counters[f"pairs_fwd_train_{path}"] + moe_op.counters[f"pairs_bwd_{path}"]
+
+
+@pytest.mark.usefixtures("cpu_path")
+@pytest.mark.parametrize("family,mode,path", [("qwen3_moe", "nearest", "cpu"), ("mixtral", "up", "cpu"),
+                                              ("olmoe", "down", "cpu"), ("qwen3_moe", "nearest", "triton")])
+def test_backend_rounds_tokens_forward_and_backward(family, mode, path, monkeypatch):
+    from moefuse import Backend
+    from moefuse.testing import num_moe_layers, rel_err, tiny_model
+
+    if path == "triton":  # the flat-pairs op's Triton kernels, on the interpreter
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = tiny_model(family).train()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref_logits, ref_grads = loss_and_grads(rounded_reference(model, mode, M_E2E), ids)
+    exact_logits = model(ids).logits.detach()
+    backend = Backend({"inner": "eager", "token_rounding": mode, "tile_m": M_E2E})
+    before = pairs_calls(path)
+    logits, grads = loss_and_grads(torch.compile(model, backend=backend), ids)
+    lowered = backend.explanation.lowered
+    assert len(lowered) == num_moe_layers(model) == 2, str(backend.explanation)
+    assert all(lw.rounding == mode and lw.tile_m == M_E2E for lw in lowered)
+    assert str(backend.explanation).count(f"TOKEN ROUNDING {mode!r} to multiples of M={M_E2E}") == 2
+    assert pairs_calls(path) - before == 4  # the flat-pairs op ran on `path`: forward and backward of both layers
+    assert rel_err(logits, ref_logits) <= 1e-4
+    assert rel_err(logits, exact_logits) > 1e-2  # rounding really changed the routing
+    assert grads.keys() == ref_grads.keys()
+    assert any(n.endswith("gate.weight") for n in grads)  # the router's gradient is among those checked
+    worst = max(ref_grads, key=lambda n: rel_err(grads[n], ref_grads[n]))
+    assert rel_err(grads[worst], ref_grads[worst]) <= 1e-4, worst
+
+
+@pytest.mark.usefixtures("cpu_path")
+def test_backend_rounding_off_is_exact_and_unfound_scores_lower_exactly():
+    """"off" lowers exact top-K; a router that takes top-k over raw logits (GPT-OSS) is lowered exactly with
+    rounding on, and the report says why."""
+    from moefuse import Backend
+    from moefuse.runtime import op as moe_op
+    from moefuse.testing import rel_err, tiny_model
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    for family, options in (("qwen3_moe", {"token_rounding": "off"}), ("gpt_oss", {"token_rounding": "nearest"})):
+        model = tiny_model(family)
+        with torch.no_grad():
+            ref = model(ids).logits
+            backend = Backend({"inner": "eager", "tile_m": M_E2E, **options})
+            before = moe_op.counters["cpu"]
+            got = torch.compile(model, backend=backend)(ids).logits
+        lowered = backend.explanation.lowered
+        assert len(lowered) == 2 and moe_op.counters["cpu"] - before == 2, str(backend.explanation)
+        assert all(lw.rounding == "off" for lw in lowered) and "TOKEN ROUNDING" not in str(backend.explanation)
+        assert rel_err(got, ref) <= 1e-5
+        if family == "gpt_oss":
+            assert all("raw router logits" in lw.rounding_skipped for lw in lowered)
+            assert str(backend.explanation).count("token rounding not applied, exact top-K") == 2
+        torch._dynamo.reset()
