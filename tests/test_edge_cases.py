@@ -32,6 +32,7 @@ from test_kernels import TOLERANCES, Case, make_problem, reference_moe
 
 from moefuse import Backend
 from moefuse.runtime import op
+from moefuse.spec import MoESpec
 from moefuse.testing import rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -146,11 +147,30 @@ def duplicated_ids_problem(dtype=torch.float32):
     return spec, act, (x, ids, w, w1, w2, b1, b2)
 
 
+def transformers_experts(w1, w2, implementation: str):
+    """transformers' Qwen3-MoE experts (SwiGLU over [gate; up], no biases) holding w1, w2."""
+    import transformers
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    E, N1, H = w1.shape
+    config = transformers.Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=N1 // 2, num_experts=E,
+                                         num_experts_per_tok=2)
+    config._experts_implementation = implementation
+    experts = Qwen3MoeSparseMoeBlock(config).experts
+    experts.gate_up_proj.data, experts.down_proj.data = w1, w2
+    return experts
+
+
 def test_duplicated_expert_ids_count_once_per_slot(path):
-    spec, act, args = duplicated_ids_problem()
-    y = run_op(path, spec, *args)
-    torch.testing.assert_close(y.double(), reference_moe(*args, act, spec.activation.slices, 32),
-                               **TOLERANCES[torch.float32])
+    spec, act, (x, ids, w, w1, w2, b1, b2) = duplicated_ids_problem()
+    spec = MoESpec(**{**spec.__dict__, "w1_bias": False, "w2_bias": False})
+    y = run_op(path, spec, x, ids, w, w1, w2, None, None)
+    torch.testing.assert_close(y.double(), reference_moe(x, ids, w, w1, w2, None, None, act, spec.activation.slices,
+                                                         32), **TOLERANCES[torch.float32])
+    with torch.no_grad():
+        for implementation in ("eager", "grouped_mm"):  # transformers' own experts agree: one pair per slot
+            eager = transformers_experts(w1, w2, implementation)(x, ids, w)
+            torch.testing.assert_close(y, eager, atol=1e-5, rtol=1e-5, msg=implementation)
 
 
 def test_duplicated_expert_ids_gradients(path):
