@@ -259,3 +259,77 @@ def test_kernels_do_not_sync_with_the_host(monkeypatch):
     want_y, want = reference(spec, ACTS["swiglu"], x, pairs, w1, w2, b1, b2, dy)
     torch.testing.assert_close(y.double(), want_y, atol=1e-5, rtol=1e-5)
     assert_grads_close(dict(zip(GRADS, grads)), want, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tracing: fake implementations, the autograd registration, AOTAutograd
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("cpu_path")
+def test_opcheck():
+    # Schema, fake tensors, the autograd registration and AOT dispatch with dynamic shapes for the three ops,
+    # with and without biases (an absent bias: an empty gradient from moe_pairs_bwd).
+    gen = torch.Generator().manual_seed(4)
+    T = len(EXPERTS_OF_TOKEN)
+    used = sum(len(experts) for experts in EXPERTS_OF_TOKEN)
+    for layer in LAYERS.values():
+        spec, w1, w2, b1, b2 = make_layer(layer, torch.float32, top_k=2, gen=gen)
+        key = spec.to_key()
+        x = torch.randn(T, spec.hidden, generator=gen, requires_grad=True)
+        token, expert, weight, offsets = variable_pairs(torch.rand(used, generator=gen))
+        weight.requires_grad_()
+        weights = [t.requires_grad_() if t is not None else None for t in (w1, w2, b1, b2)]
+        args = (x, token, expert, weight, offsets, *weights, key)
+        detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        if layer.bias:  # the forward ops once; the no-bias case matters for the backward's outputs
+            torch.library.opcheck(torch.ops.moefuse.moe_pairs.default, detached)  # inference op: no autograd
+            torch.library.opcheck(torch.ops.moefuse.moe_pairs_fwd.default, args)
+        y, h = torch.ops.moefuse.moe_pairs_fwd(*detached)
+        torch.library.opcheck(torch.ops.moefuse.moe_pairs_bwd.default, (torch.randn_like(y), *detached[:-1], h, key))
+
+
+@pytest.mark.usefixtures("cpu_path")
+def test_aot_eager_training_step():
+    # fused_moe_pairs in one fullgraph through AOTAutograd: moe_pairs_fwd in the forward graph, moe_pairs_bwd in
+    # the backward graph, the same numbers as eager; a dropped dynamo cache would show as a second compile.
+    gen = torch.Generator().manual_seed(5)
+    spec, w1, w2, b1, b2 = make_layer(LAYERS["swiglu_biases"], torch.float32, top_k=2, gen=gen)
+    T = len(EXPERTS_OF_TOKEN)
+    used = sum(len(experts) for experts in EXPERTS_OF_TOKEN)
+    x = torch.randn(T, spec.hidden, generator=gen)
+    pairs = variable_pairs(torch.rand(used, generator=gen))
+
+    key = spec.to_key()  # inside compiled code the key, as the compiler's rewrites pass it
+
+    def fn(x, weight, w1, w2, b1, b2):
+        y = fused_moe_pairs(key, x, pairs._replace(weight=weight), w1, w2, b1, b2)
+        return (y * y).sum()
+
+    def run(f):
+        args = [t.detach().clone().requires_grad_() for t in (x, pairs.weight, w1, w2, b1, b2)]
+        loss = f(*args)
+        loss.backward()
+        return loss, [a.grad for a in args]
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._dynamo.backends.debugging import boxed_nop
+
+        def capture(gm, example_inputs):
+            graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+            return boxed_nop(gm, example_inputs)
+
+        return aot_autograd(fw_compiler=capture, bw_compiler=capture)(gm, example_inputs)
+
+    eager_loss, eager_grads = run(fn)
+    before = dict(op.counters)
+    compiled_loss, compiled_grads = run(torch.compile(fn, backend=backend, fullgraph=True))
+    assert counts_since(before) == {"pairs_fwd_train_cpu": 1, "pairs_bwd_cpu": 1}
+    assert len(graphs) == 2
+    assert "moefuse.moe_pairs_fwd.default" in graphs[0] and "moefuse.moe_pairs_bwd.default" in graphs[1]
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=0, rtol=1e-6)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, atol=0, rtol=1e-6)

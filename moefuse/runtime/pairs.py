@@ -171,7 +171,8 @@ torch.library.register_autograd("moefuse::moe_pairs_fwd", _backward, setup_conte
 def fused_moe_pairs(spec: MoESpec | str, x: Tensor, pairs: FlatPairs, w1: Tensor, w2: Tensor,
                     b1: Tensor | None = None, b2: Tensor | None = None) -> Tensor:
     """y [T, H] of the fused MoE on flat pairs: the training op when gradients flow through x, pairs.weight,
-    the weights or biases, the inference op (no h kept) otherwise. Traceable by dynamo."""
+    the weights or biases, the inference op (no h kept) otherwise. Traceable by dynamo when `spec` is the key
+    (`MoESpec.to_key()`, what compiled code passes); a MoESpec is an eager convenience."""
     key = spec if isinstance(spec, str) else spec.to_key()
     args = (x, pairs.token, pairs.expert, pairs.weight, pairs.token_offsets, w1, w2, b1, b2, key)
     if needs_grad(x, pairs.weight, w1, w2, b1, b2):
