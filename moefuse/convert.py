@@ -11,8 +11,13 @@ model's own code:
     tokens over capacity become dropped pairs, id −1, so any capacity lowers exactly),
   - JetMoE (`JetMoeMoE`: per-expert stacked linears run by splitting the tokens with a host-synced
     `tolist()`; its top-k → softmax gating is re-done on the gate's own linear, without the sync),
-  - a `nn.ModuleList` / `nn.ModuleDict` of expert MLPs (Linear → act → Linear, or a GLU with gate/up
-    Linears) called as `experts(x, top_k_index, top_k_weights)` the way transformers' experts are.
+  - a user's block holding a router `nn.Linear(H, E)`, an `nn.ModuleList` / `nn.ModuleDict` of E expert
+    MLPs (Linear → act → Linear, or a GLU with gate/up Linears) and a `top_k` attribute, looping over the
+    experts in Python. Its router Linear is kept; how the block turns logits into weights is not readable
+    from Python, so convert keeps the one of a few common rules (softmax → top-k, with or without
+    renormalising; top-k → softmax) that reproduces the block on a random probe, and skips it otherwise;
+  - an experts container with its own forward called as `experts(x, top_k_index, top_k_weights)` the way
+    transformers' experts are (checked on a random probe too).
 
 Weights: `FusedExperts` owns the stacked parameters `w1` [E, N1, H], `w2` [E, H, I] (and `b1`, `b2`). Where
 the model already stores them so (JetMoE) they are the same `Parameter` objects, otherwise copies; the
@@ -121,17 +126,18 @@ class FusedExperts(nn.Module):
 
     w1 [E, N1, H] and w2 [E, H, I] (out × in; N1 = 2·I for a GLU stored [gate; up]), b1 [E, N1] and b2 [E, H]
     optional, all in one dtype. A `Parameter` passed in is registered as it is (shared, no copy); a tensor is
-    copied into a new `Parameter`. `activation` is read from the model's own code (`capture_activation`).
+    copied into a new `Parameter` trained iff `requires_grad` (the original experts' setting). `activation`
+    is read from the model's own code (`capture_activation`).
     """
 
     def __init__(self, w1, w2, b1=None, b2=None, *, activation: Activation, router: str,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, requires_grad: bool = True):
         super().__init__()
 
         def param(t):
             if t is None or isinstance(t, nn.Parameter):
                 return t
-            return nn.Parameter(t.detach().clone().contiguous(), requires_grad=t.requires_grad)
+            return nn.Parameter(t.detach().clone().contiguous(), requires_grad=requires_grad)
 
         self.w1, self.w2, self.b1, self.b2 = param(w1), param(w2), param(b1), param(b2)
         self.num_experts = self.w1.shape[0]
@@ -189,6 +195,92 @@ class _JetMoeBlock(nn.Module):
         top_k_logits, top_k_indices = logits.topk(self.top_k, dim=1)
         top_k_gates = torch.softmax(top_k_logits, dim=1).type_as(x)
         return self.experts(x, top_k_indices, top_k_gates).view(b, s, h) + self.bias
+
+
+# How a user's block may turn its router's logits [T, E] into (ids [T, K], weights [T, K]). Python code does
+# not say which one a block uses: `convert` keeps the rule that reproduces the block on a random probe.
+def _softmax_topk(logits, k, dtype):
+    w, ids = torch.softmax(logits, dim=-1, dtype=torch.float32).topk(k, dim=-1)
+    return ids, w.to(dtype)
+
+
+def _softmax_topk_renorm(logits, k, dtype):
+    w, ids = torch.softmax(logits, dim=-1, dtype=torch.float32).topk(k, dim=-1)
+    return ids, (w / w.sum(dim=-1, keepdim=True)).to(dtype)
+
+
+def _topk_softmax(logits, k, dtype):
+    w, ids = logits.topk(k, dim=-1)
+    return ids, torch.softmax(w, dim=-1, dtype=torch.float32).to(dtype)
+
+
+_RULES = {"softmax → top-k": _softmax_topk, "softmax → top-k → renormalise": _softmax_topk_renorm,
+          "top-k → softmax": _topk_softmax}
+_TOP_K_NAMES = ("top_k", "num_experts_per_tok", "topk", "k", "num_selected")
+
+
+class _RoutedBlock(nn.Module):
+    """A user's MoE block (a router `nn.Linear` and an `nn.ModuleList` of expert MLPs, looped over in Python)
+    with its experts fused: (x [..., H]) → [..., H]. Calls the block's own router Linear, then its rule."""
+
+    def __init__(self, router: nn.Linear, experts: FusedExperts, rule: str, top_k: int):
+        super().__init__()
+        self.router, self.experts, self.rule, self.top_k = router, experts, rule, top_k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        ids, weights = _RULES[self.rule](self.router(flat), self.top_k, flat.dtype)
+        return self.experts(flat, ids, weights).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule!r}, top_k={self.top_k}"
+
+
+def _user_block(m: nn.Module):
+    """A builder for a block holding one router `nn.Linear(H, E)`, a plain `nn.ModuleList`/`nn.ModuleDict` of
+    E ≥ 2 experts and an int top-k attribute; None when `m` is not such a block."""
+    containers = [c for c in m.children() if isinstance(c, (nn.ModuleList, nn.ModuleDict))
+                  and type(c).forward is nn.Module.forward and len(c) >= 2]
+    if len(containers) != 1:
+        return None
+    experts = list(containers[0]) if isinstance(containers[0], nn.ModuleList) else [containers[0][k] for k in containers[0]]
+    routers = [c for c in m.children() if isinstance(c, nn.Linear) and c.out_features == len(experts)]
+    k = next((getattr(m, a) for a in _TOP_K_NAMES if isinstance(getattr(m, a, None), int)), None)
+    if len(routers) != 1 or k is None or not 1 <= k <= len(experts):
+        return None
+
+    def build():
+        fused = _mlp_experts(experts, "")
+        new = None
+        for rule in _RULES:
+            fused._moefuse_router = f"{type(m).__name__}'s router Linear → {rule} (probed) → moefuse.convert"
+            candidate = _RoutedBlock(routers[0], fused, rule, k)
+            if _same_on_probe(m, candidate, routers[0]):
+                new = candidate
+                break
+        if new is None:
+            raise ValueError(f"{type(m).__name__}'s routing is none of {list(_RULES)} on a random probe (or the "
+                             "block computes more than routed experts): left as it is")
+        return new
+    return build
+
+
+def _same_on_probe(old: nn.Module, new: nn.Module, router: nn.Linear) -> bool:
+    w = router.weight
+    x = torch.randn(2, 5, router.in_features, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    was = old.training
+    old.train(False)
+    try:
+        with torch.no_grad():
+            want, got = old(x), new(x)
+    except Exception:  # noqa: BLE001 - a block that does not take [B, S, H] is not this form
+        return False
+    finally:
+        old.train(was)
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+        return False
+    tol = 1e-4 if w.dtype == torch.float32 else 2e-2
+    return ((want.float() - got.float()).abs().max() <= tol * want.float().abs().max().clamp_min(1e-6)).item()
 
 
 class _RowsOf(nn.Module):
@@ -252,7 +344,8 @@ def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts) -> Fus
     b1 = stacked(lambda e: torch.cat([e.get_submodule(n).bias for n in ups])) if has_b1 else None
     w2 = stacked(lambda e: e.get_submodule(down_name).weight)
     b2 = stacked(lambda e: e.get_submodule(down_name).bias)
-    return cls(w1, w2, b1, b2, activation=activation, router=router, dropout=dropout)
+    trained = any(p.requires_grad for e in experts for p in e.parameters())
+    return cls(w1, w2, b1, b2, activation=activation, router=router, dropout=dropout, requires_grad=trained)
 
 
 def _called_last(expert: nn.Module, linears: list[tuple[str, nn.Linear]]) -> str:
@@ -291,7 +384,8 @@ def _module_form(m: nn.Module):
             w1 = torch.cat([m.mlp.w1.view(e, f, h), m.mlp.v1.view(e, f, h)], dim=1)  # [E, 2F, H]: [gate; up]
             act = capture_activation(_glu_of(m.mlp.activation_fn, f), 2 * f)
             return _DbrxExperts(w1, m.mlp.w2.view(e, f, h).transpose(1, 2), activation=act,
-                                router="DBRX router (model code) → moefuse.convert")
+                                router="DBRX router (model code) → moefuse.convert",
+                                requires_grad=any(p.requires_grad for p in m.parameters()))
         return build
     if name == "SwitchTransformersExperts":
         return lambda: _mlp_experts([m[k] for k in m], "Switch top-1 router with capacity (model code) "
@@ -303,6 +397,9 @@ def _module_form(m: nn.Module):
             return _JetMoeBlock(m, FusedExperts(w1, w2, activation=act, router="JetMoE top-k gating "
                                                 "→ moefuse.convert"))
         return build
+    block = _user_block(m)
+    if block is not None:
+        return block
     if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and type(m).forward is not nn.Module.forward:
         experts = list(m) if isinstance(m, nn.ModuleList) else [m[k] for k in m]
         if len(experts) >= 2 and all(isinstance(e, nn.Module) for e in experts):
