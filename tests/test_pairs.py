@@ -17,7 +17,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from test_backward_kernels import ACTS, TOLERANCES, assert_grads_close, slices_of  # noqa: E402
 
-import moefuse.runtime.autograd  # noqa: E402,F401  (registers moefuse::moe_fwd / moe_bwd)
 from moefuse.rounding import exact_pairs  # noqa: E402
 from moefuse.runtime import op  # noqa: E402
 from moefuse.runtime.pairs import FlatPairs, fused_moe_pairs  # noqa: E402
@@ -111,23 +110,30 @@ def with_tail(pairs: FlatPairs, tail: int) -> FlatPairs:
                      torch.nn.functional.pad(pairs.weight, pad, value=0.0), pairs.token_offsets)
 
 
-def reference(spec: MoESpec, act, x, pairs: FlatPairs, w1, w2, b1, b2, dy):
-    """(y, grads) in float64 from a per-token loop over each token's pairs, differentiated by torch.autograd;
-    grads in GRADS order, the routing weights' gradient [S_max] (0 in the tail)."""
-    leaves = [t.detach().double().requires_grad_() if t is not None else None
-              for t in (x, pairs.weight, w1, w2, b1, b2)]
-    x_, s_, w1_, w2_, b1_, b2_ = leaves
+def naive_y(spec: MoESpec, act, x, pairs: FlatPairs, w1, w2, b1, b2) -> torch.Tensor:
+    """y [T, H] in float64 from a per-token loop over each token's pairs, differentiable in every input."""
+    x, s, w1, w2 = x.double(), pairs.weight.double(), w1.double(), w2.double()
+    b1, b2 = (b.double() if b is not None else None for b in (b1, b2))
     cols = torch.arange(spec.intermediate)
     rows = []
     for t in range(x.shape[0]):
         y_t = torch.zeros(spec.hidden, dtype=torch.float64)
         for p in range(int(pairs.token_offsets[t]), int(pairs.token_offsets[t + 1])):
             e = int(pairs.expert[p])
-            h = w1_[e] @ x_[t] + (b1_[e] if b1 is not None else 0)
-            o = w2_[e] @ act.torch_fn(*(h[off + step * cols] for off, step in spec.activation.slices))
-            y_t = y_t + s_[p] * (o + (b2_[e] if b2 is not None else 0))
+            h = w1[e] @ x[t] + (b1[e] if b1 is not None else 0)
+            o = w2[e] @ act.torch_fn(*(h[off + step * cols] for off, step in spec.activation.slices))
+            y_t = y_t + s[p] * (o + (b2[e] if b2 is not None else 0))
         rows.append(y_t)
-    y = torch.stack(rows)
+    return torch.stack(rows)
+
+
+def reference(spec: MoESpec, act, x, pairs: FlatPairs, w1, w2, b1, b2, dy):
+    """(y, grads) of `naive_y` in float64, by torch.autograd; grads in GRADS order, the routing weights'
+    gradient [S_max] (0 in the tail)."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None
+              for t in (x, pairs.weight, w1, w2, b1, b2)]
+    x_, s_, w1_, w2_, b1_, b2_ = leaves
+    y = naive_y(spec, act, x_, pairs._replace(weight=s_), w1_, w2_, b1_, b2_)
     present = [leaf for leaf in leaves if leaf is not None]
     grads = iter(torch.autograd.grad(y, present, dy.double(), materialize_grads=True))
     return y.detach(), {name: next(grads) if leaf is not None else None for name, leaf in zip(GRADS, leaves)}
@@ -193,7 +199,7 @@ def test_exact_top_k_as_flat_pairs_is_the_moe_op(path, dtype):
         torch.testing.assert_close(y_inference, want_y, **tol)
         torch.testing.assert_close(y, want_y, **tol)
         for name in GRADS:
-            torch.testing.assert_close(grads[name], want[name], **tol, msg=name)
+            torch.testing.assert_close(grads[name], want[name], **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,6 +235,37 @@ def test_variable_count_pairs_match_reference(path, name, dtype):
     tol = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}[dtype]
     torch.testing.assert_close(y.double(), want_y, **tol)
     assert_grads_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("mode", ["down", "nearest"])
+def test_token_rounding_pairs_train_the_router(path, mode):
+    # What token rounding hands the op (moefuse.rounding.round_routing, M = 16 over T = 28 tokens, E = 4, K = 2:
+    # experts filled to 16 or emptied, so tokens with 0 to 4 experts, and an S_max tail): y and the gradients
+    # of the router's logits (through the kept pairs' weights: routing weights or added scores) and of x,
+    # against the float64 loop on the same pairs.
+    from moefuse.rounding import round_routing
+
+    gen = torch.Generator().manual_seed(6)
+    spec, w1, w2, b1, b2 = make_layer(Layer("swiglu", "gate_up", bias=True, E=4), torch.float32, top_k=2, gen=gen)
+    T, E = 28, spec.num_experts
+    x = torch.randn(T, spec.hidden, generator=gen, requires_grad=True)
+    logits = torch.randn(T, E, generator=gen, requires_grad=True)
+    scores = logits.softmax(-1)
+    topk_w, topk_ids = torch.topk(scores, 2)
+    pairs = round_routing(scores, topk_ids, topk_w / topk_w.sum(-1, keepdim=True), mode=mode, tile_m=16)
+    per_token = pairs.token_offsets.diff()
+    assert (per_token != 2).any() and int(pairs.token_offsets[-1]) < pairs.expert.numel()  # not top-2; a tail
+
+    before = dict(op.counters)
+    y = fused_moe_pairs(spec, x, pairs, w1, w2, b1, b2)
+    dy = torch.randn(T, spec.hidden, generator=gen)
+    got = torch.autograd.grad(y, (logits, x), dy, retain_graph=True)  # the router graph serves both
+    assert counts_since(before) == {f"pairs_fwd_train_{path}": 1, f"pairs_bwd_{path}": 1}
+    y_ref = naive_y(spec, ACTS["swiglu"], x, pairs, w1, w2, b1, b2)
+    want = torch.autograd.grad(y_ref, (logits, x), dy.double())
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
+    for name, g, w in zip(("logits", "x"), got, want):  # w in fp32: the reference's casts pass fp32 gradients back
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_kernels_do_not_sync_with_the_host(monkeypatch):

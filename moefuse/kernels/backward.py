@@ -595,7 +595,8 @@ def activation_backward_constexprs(spec: MoESpec, activation_grad, config: GemmC
 
 
 def router_grad_constexprs(has_bias: bool, meta: RouterGradMeta, *, flat_pairs: bool = False) -> dict:
-    return dict(HAS_BIAS=has_bias, FLAT_PAIRS=flat_pairs, BLOCK_P=meta.block_p, BLOCK_J=meta.block_j, BLOCK_H=meta.block_h)
+    return dict(HAS_BIAS=has_bias, FLAT_PAIRS=flat_pairs, BLOCK_P=meta.block_p, BLOCK_J=meta.block_j,
+                BLOCK_H=meta.block_h)
 
 
 def weight_grad_constexprs(*, gather_p: bool, has_bias: bool, bias_weighted: bool, config: GemmConfig,
@@ -656,8 +657,8 @@ def backward_kernel_sources(
     consts = {"stride_dsn": 1, "stride_dyh": 1, "stride_bh": 1, "stride_ik": 1, "stride_ok": 1,
               **router_grad_constexprs(spec.w2_bias, meta, flat_pairs=flat_pairs)}
     args = {"ds_ptr": f32p, "dy_ptr": ptr, "b2_ptr": ptr, "topk_ids_ptr": POINTER_TYPES[ids_dtype],
-            "pair_token_ptr": i32p, "pair_pos_ptr": i32p, "offsets_ptr": i32p, "out_ptr": f32p, "S": "i32", "H": "i32", "E": "i32",
-            "TOP_K": "i32", "NT": "i32", "stride_dsm": "i32", "stride_dyt": "i32", "stride_be": "i32",
+            "pair_token_ptr": i32p, "pair_pos_ptr": i32p, "offsets_ptr": i32p, "out_ptr": f32p, "S": "i32", "H": "i32",
+            "E": "i32", "TOP_K": "i32", "NT": "i32", "stride_dsm": "i32", "stride_dyt": "i32", "stride_be": "i32",
             "stride_it": "i32", "stride_ot": "i32"}
     sources.append(source("router_grad", router_grad_kernel, args, consts, ROUTER_WARPS, 1))
 

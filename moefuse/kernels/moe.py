@@ -235,8 +235,8 @@ def gemm_signature(ptr: str) -> dict[str, str]:
     """The runtime arguments of `grouped_gemm_kernel` with operands of pointer type `ptr` ("*fp16" …)."""
     return {"a_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "c_ptr": ptr, "h_ptr": ptr, "counts_ptr": "*i32",
             "offsets_ptr": "*i32", "sorted_pairs_ptr": "*i32", "pair_token_ptr": "*i32", "N": "i32", "KDIM": "i32",
-            "E": "i32", "TOP_K": "i32", "stride_am": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_be": "i32", "stride_cm": "i32",
-            "stride_hm": "i32"}
+            "E": "i32", "TOP_K": "i32", "stride_am": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_be": "i32",
+            "stride_cm": "i32", "stride_hm": "i32"}
 
 
 def with_constexprs(runtime_args: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
@@ -307,6 +307,6 @@ def combine_source(name: str, ptr: str, out_ptr: str, hidden: int, *, weighted: 
     consts = {"stride_yh": 1, "stride_oh": 1, "WEIGHTED": weighted, "FLAT_PAIRS": flat_pairs,
               "BLOCK_H": combine_block_h(hidden)}
     signature = {"y_ptr": ptr, "topk_w_ptr": "*fp32" if weighted else ptr, "pair_pos_ptr": "*i32",
-                 "offsets_ptr": "*i32", "token_offsets_ptr": "*i32", "out_ptr": out_ptr, "H": "i32", "E": "i32", "TOP_K": "i32",
-                 "stride_ym": "i32", "stride_wt": "i32", "stride_wk": "i32", "stride_ot": "i32"}
+                 "offsets_ptr": "*i32", "token_offsets_ptr": "*i32", "out_ptr": out_ptr, "H": "i32", "E": "i32",
+                 "TOP_K": "i32", "stride_ym": "i32", "stride_wt": "i32", "stride_wk": "i32", "stride_ot": "i32"}
     return KernelSource(name, combine_kernel, with_constexprs(signature, consts), consts, COMBINE_WARPS, 1)
