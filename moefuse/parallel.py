@@ -35,24 +35,25 @@ tokens only: reduce them across the group as for any data-parallel parameter (al
 Every rank must run every forward and backward of the model (the collectives pair up across ranks), even a rank
 with no tokens.
 
-torch.compile: the experts module's forward is a graph break (`torch.compiler.disable`): the split sizes are
-host integers that would otherwise specialise the graph on every batch's routing. The router and the rest of
-the model compile as usual; the experts of each layer run as the same fused op, eagerly, between two graphs.
-The backend's report therefore lists each layer's routing as EXPERTS_OUTSIDE_GRAPH — expected here (its hint
-to call moefuse.convert does not apply to a parallelized model).
+torch.compile: steps 2–5 are one opaque custom op per layer, `moefuse::ep_moe` (backward `moefuse::ep_moe_bwd`,
+which calls the fused op's `moefuse::moe_bwd`), so the host read of the split sizes happens inside it and
+never specialises a graph on a batch's routing. The only data-dependent size a graph sees is R, the rows this
+rank's experts received (an unbacked size in the op's fake). Dynamo captures such ops only with
+`torch._dynamo.config.capture_dynamic_output_shape_ops = True`: set it and a parallelized model compiles into
+one graph (forward and backward; one compile serves every routing); without it each layer's op is a graph
+break and the rest still compiles around it. moefuse's backend passes the op through untouched.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
+import itertools
 import logging
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -60,13 +61,13 @@ from moefuse.convert import _activation_fn, _is_interface_experts, _spec_key, _w
 from moefuse.errors import MoefuseError
 from moefuse.passes.detect import capture_activation
 from moefuse.passes.region import Reject
-from moefuse.runtime.autograd import fused_moe
+from moefuse.runtime import autograd as _training_op  # noqa: F401  (registers moefuse::moe_fwd / moe_bwd)
+from moefuse.runtime import op as _inference_op  # noqa: F401  (registers moefuse::moe)
 
 log = logging.getLogger("moefuse.parallel")
 
 _ROUTER = "the model's own, replicated; pairs dispatched by all-to-all (moefuse.parallelize_experts)"
-# torch 2.13 renamed the functional all-gather (the old name warns); earlier versions have only the old one.
-_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+Tensor = torch.Tensor
 
 __all__ = ["ExpertParallelError", "LayerStats", "ParallelSummary", "parallelize_experts", "stats"]
 
@@ -111,17 +112,14 @@ class ParallelSummary:
 
 @dataclass
 class _EPState:
-    mesh: DeviceMesh
     group: dist.ProcessGroup
-    rank: int
-    world: int
-    local_experts: int
-    calls: int = 0
-    counts: list[list[int]] | None = None  # [W][W]: pairs sent from rank i to rank j, last forward
+    spec: str  # the local experts' MoESpec key (E/W experts, K=1)
+    dtype: torch.dtype  # the experts' dtype when sharded (the spec's)
+    key: str  # this layer's entry in the traffic record
 
     def __deepcopy__(self, memo):
-        # A copied model (e.g. an EMA copy) shares the group: process groups are handles, not state to copy.
-        return dataclasses.replace(self, counts=copy.deepcopy(self.counts, memo))
+        # A copied model (e.g. an EMA copy) shares the group (a handle, not state) and records its own traffic.
+        return dataclasses.replace(self, key=str(next(_KEYS)))
 
 
 def _mesh_and_group(mesh_or_group, device_type: str) -> tuple[DeviceMesh, dist.ProcessGroup]:
@@ -187,7 +185,11 @@ def parallelize_experts(model: torch.nn.Module, mesh_or_group=None) -> ParallelS
             setattr(m, pname, torch.nn.Parameter(DTensor.from_local(shard, mesh, [Shard(0)], run_check=False),
                                                  requires_grad=p.requires_grad))
         m._moefuse_activation = activations[name]
-        m._moefuse_ep = _EPState(mesh, group, rank, world, local)
+        view = SimpleNamespace(has_gate=m.has_gate, has_bias=m.has_bias, is_transposed=m.is_transposed,
+                               _moefuse_activation=m._moefuse_activation, _moefuse_router=_ROUTER,
+                               **{n: p.to_local() for n, p in m.named_parameters(recurse=False)})
+        w1 = _weights(view)[0]
+        m._moefuse_ep = _EPState(group, _spec_key(view, w1.dtype, 1), w1.dtype, str(next(_KEYS)))
         m.__class__ = _parallel_class(type(m))
         summary.sharded[name] = (lo, local)
     log.info("%s", summary)
@@ -195,10 +197,20 @@ def parallelize_experts(model: torch.nn.Module, mesh_or_group=None) -> ParallelS
 
 
 class _ExpertParallel:
-    """Mixed into a sharded experts module's class, before its own: the forward becomes `_ep_forward`."""
+    """Mixed into a sharded experts module's class, before its own: the forward runs `moefuse::ep_moe`."""
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        return _ep_forward(self, hidden_states, top_k_index, top_k_weights)
+        """x[T,H], ids[T,K] (global expert ids), weights[T,K] → y[T,H] in x's dtype, as the unsharded layer."""
+        st: _EPState = self._moefuse_ep
+        w1, w2, b1, b2 = (None if t is None else t.to_local() for t in _weights(self))
+        if w1.dtype != st.dtype:
+            raise ExpertParallelError(f"the experts were sharded in {st.dtype} and are now {w1.dtype}: "
+                                      "cast the model before parallelize_experts, not after")
+        differentiable = (hidden_states, top_k_weights, w1, w2, b1, b2)
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+        y, *_ = torch.ops.moefuse.ep_moe(hidden_states.to(w1.dtype), top_k_index, top_k_weights, w1, w2, b1, b2,
+                                         st.spec, st.group.group_name, st.key, save)
+        return y.to(hidden_states.dtype)
 
 
 @functools.cache
@@ -207,46 +219,147 @@ def _parallel_class(cls: type) -> type:
     return type(f"ExpertParallel{cls.__name__}", (_ExpertParallel, cls), {})
 
 
-def _local_weights(m):
-    """(w1, w2, b1, b2) of this rank's experts as the op takes them, and the module view `_spec_key` reads."""
-    view = SimpleNamespace(has_gate=m.has_gate, has_bias=m.has_bias, is_transposed=m.is_transposed,
-                           _moefuse_activation=m._moefuse_activation, _moefuse_router=_ROUTER,
-                           **{n: p.to_local() for n, p in m.named_parameters(recurse=False)})
-    return _weights(view), view
+# ---------------------------------------------------------------------------------------------------------
+# moefuse::ep_moe — one opaque op per layer: exchange, dispatch, local experts, return, combine
+# ---------------------------------------------------------------------------------------------------------
+# The op is opaque to dynamo (a custom op with a fake), so a parallelized model compiles into one graph: the
+# host read of the split sizes happens inside it, where no graph sees a data-dependent size except the rows
+# received, which the fake gives as an unbacked size.
 
 
-@torch.compiler.disable  # the split sizes are host ints: traced, they would specialise the graph per batch
-def _ep_forward(m, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """x[T,H], ids[T,K] (global expert ids), weights[T,K] → y[T,H] in x's dtype, as the unsharded layer."""
-    st: _EPState = m._moefuse_ep
-    (w1, w2, b1, b2), view = _local_weights(m)
-    T, K = ids.shape
-    flat = ids.reshape(-1)
-    dest = flat // st.local_experts  # [S] int64: the rank owning each pair's expert
-    order = torch.argsort(dest, stable=True)  # pairs grouped by destination, in pair order within each rank
+def _group(name: str) -> dist.ProcessGroup:
+    return dist.distributed_c10d._resolve_process_group(name)
 
-    # Counts: index_add rather than bincount, which syncs on CUDA; then the layer's one host read.
-    send = dest.new_zeros(st.world).index_add_(0, dest, torch.ones_like(dest))
-    counts = _all_gather(send, 0, st.group).view(st.world, st.world).tolist()
-    send_sizes = counts[st.rank]
-    recv_sizes = [row[st.rank] for row in counts]
-    st.counts, st.calls = counts, st.calls + 1
 
-    # Dispatch: one row per pair; the ids travel as local expert ids.
-    local_ids = funcol.all_to_all_single(flat[order] - dest[order] * st.local_experts, recv_sizes, send_sizes,
-                                         st.group)
-    x_recv = funcol.all_to_all_single_autograd(x[order // K].to(w1.dtype), recv_sizes, send_sizes, st.group)
+def _all_to_all(rows: Tensor, out_sizes: list[int], in_sizes: list[int], group) -> Tensor:
+    out = rows.new_empty((sum(out_sizes), *rows.shape[1:]))
+    dist.all_to_all_single(out, rows.contiguous(), out_sizes, in_sizes, group=group)
+    return out
 
-    # Local experts: K=1, unit weights (the routing weight is applied at home).
-    y_recv = fused_moe(x_recv, local_ids.view(-1, 1), x_recv.new_ones(x_recv.shape[0], 1), w1, w2, b1, b2,
-                       _spec_key(view, x_recv.dtype, 1))
 
-    # Return and combine in fp32, in pair order.
-    y_sorted = funcol.all_to_all_single_autograd(y_recv, send_sizes, recv_sizes, st.group)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    y_pairs = y_sorted[inverse].float().view(T, K, -1)
-    return (y_pairs * weights.float().unsqueeze(-1)).sum(1).to(x.dtype)
+@torch.library.custom_op("moefuse::ep_moe", mutates_args=())
+def ep_moe(
+    x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None,
+    b2: Tensor | None, spec: str, group_name: str, layer: str, save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One expert-parallel MoE layer on this rank. x[T,H] in the experts' dtype, topk_ids[T,K] global expert
+    ids, topk_weights[T,K]; w1/w2/b1/b2 this rank's E/W experts; `spec` their MoESpec key (K=1).
+
+    Returns y[T,H] and what the backward needs: y_pairs[S,H] (each pair's expert output, S = T·K), order[S]
+    (pairs sorted by destination rank), x_recv[R,H] and local_ids[R] (the R pairs this rank's experts ran),
+    h (the fused op's pre-activation, [R,N1]; empty unless `save`), counts[W,W] int64 on the CPU (pairs from
+    rank i to rank j: the split sizes)."""
+    group = _group(group_name)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    local_experts = w1.shape[0]
+    T, K = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    dest = flat // local_experts  # [S]: the rank owning each pair's expert
+    order = torch.argsort(dest, stable=True)  # grouped by destination, pair order within a rank
+
+    # Counts: index_add, not bincount (which syncs on CUDA), then the layer's one host read.
+    send = dest.new_zeros(world).index_add_(0, dest, torch.ones_like(dest))
+    gathered = [torch.empty_like(send) for _ in range(world)]
+    dist.all_gather(gathered, send, group=group)
+    counts = torch.stack(gathered).cpu()
+    sizes = counts.tolist()
+    send_sizes, recv_sizes = sizes[rank], [row[rank] for row in sizes]
+    _record(layer, rank, sizes)
+
+    # Dispatch one row per pair, with its expert's local id; run the local experts with K=1, unit weights.
+    local_ids = _all_to_all(flat[order] - dest[order] * local_experts, recv_sizes, send_sizes, group)
+    x_recv = _all_to_all(x[order // K], recv_sizes, send_sizes, group)
+    ones = x_recv.new_ones(x_recv.shape[0], 1)
+    if save:
+        y_recv, h = torch.ops.moefuse.moe_fwd(x_recv, local_ids.view(-1, 1), ones, w1, w2, b1, b2, spec)
+    else:
+        y_recv, h = torch.ops.moefuse.moe(x_recv, local_ids.view(-1, 1), ones, w1, w2, b1, b2, spec), x.new_empty(0)
+
+    # Return; combine at home in fp32, in pair order.
+    y_pairs = x.new_empty((T * K, x.shape[1]))
+    y_pairs[order] = _all_to_all(y_recv, send_sizes, recv_sizes, group)
+    y = (y_pairs.float().view(T, K, -1) * topk_weights.float().unsqueeze(-1)).sum(1).to(x.dtype)
+    return y, y_pairs, order, x_recv, local_ids, h, counts
+
+
+@ep_moe.register_fake
+def _ep_moe_fake(x, topk_ids, topk_weights, w1, w2, b1, b2, spec, group_name, layer, save):
+    T, K = topk_ids.shape
+    rows = torch.library.get_ctx().new_dynamic_size()
+    world = dist.get_world_size(_group(group_name))
+    h = x.new_empty((rows, w1.shape[1])) if save else x.new_empty(0)
+    return (x.new_empty(x.shape), x.new_empty((T * K, x.shape[1])), topk_ids.new_empty(T * K, dtype=torch.int64),
+            x.new_empty((rows, x.shape[1])), topk_ids.new_empty(rows, dtype=torch.int64), h,
+            torch.empty((world, world), dtype=torch.int64))
+
+
+@torch.library.custom_op("moefuse::ep_moe_bwd", mutates_args=())
+def ep_moe_bwd(
+    dy: Tensor, topk_weights: Tensor, y_pairs: Tensor, order: Tensor, x_recv: Tensor, local_ids: Tensor,
+    w1: Tensor, w2: Tensor, b1: Tensor | None, b2: Tensor | None, h: Tensor, counts: Tensor, spec: str,
+    group_name: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward of `ep_moe`, the forward's exchanges in reverse: (dx[T,H], dtopk_weights[T,K], dw1, dw2,
+    db1, db2) — the expert gradients for this rank's experts, from every rank's pairs; empty db without bias."""
+    group = _group(group_name)
+    rank = dist.get_rank(group)
+    T, K = topk_weights.shape
+    sizes = counts.tolist()  # a CPU tensor: no device sync
+    send_sizes, recv_sizes = sizes[rank], [row[rank] for row in sizes]
+
+    # Combine: y[t] = Σ_k w[t,k]·Y[t,k] → dw[t,k] = ⟨dy[t], Y[t,k]⟩, dY[t,k] = w[t,k]·dy[t].
+    dy32 = dy.float().unsqueeze(1)
+    dweights = (dy32 * y_pairs.float().view(T, K, -1)).sum(-1).to(topk_weights.dtype)
+    dy_pairs = (dy32 * topk_weights.float().unsqueeze(-1)).view(T * K, -1).to(x_recv.dtype)
+
+    # The owners' fused backward on the rows they ran (unit weights), then the input gradients travel home.
+    dy_recv = _all_to_all(dy_pairs[order], recv_sizes, send_sizes, group)
+    ones = x_recv.new_ones(x_recv.shape[0], 1)
+    dx_recv, _, dw1, dw2, db1, db2 = torch.ops.moefuse.moe_bwd(dy_recv, x_recv, local_ids.view(-1, 1), ones,
+                                                                w1, w2, b1, b2, h, spec)
+    dx_sorted = _all_to_all(dx_recv, send_sizes, recv_sizes, group)
+    dx = dx_sorted.new_zeros((T, dx_sorted.shape[1]), dtype=torch.float32).index_add_(0, order // K, dx_sorted.float())
+    return dx.to(dy.dtype), dweights, dw1, dw2, db1, db2
+
+
+@ep_moe_bwd.register_fake
+def _ep_moe_bwd_fake(dy, topk_weights, y_pairs, order, x_recv, local_ids, w1, w2, b1, b2, h, counts, spec,
+                     group_name):
+    return (dy.new_empty(dy.shape), topk_weights.new_empty(topk_weights.shape), w1.new_empty(w1.shape),
+            w2.new_empty(w2.shape), b1.new_empty(b1.shape) if b1 is not None else dy.new_empty(0),
+            b2.new_empty(b2.shape) if b2 is not None else dy.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, topk_ids, topk_weights, w1, w2, b1, b2, spec, group_name, layer, save = inputs
+    _, y_pairs, order, x_recv, local_ids, h, counts = output
+    ctx.save_for_backward(topk_weights, y_pairs, order, x_recv, local_ids, w1, w2, b1, b2, h, counts)
+    ctx.spec, ctx.group_name = spec, group_name
+    ctx.mark_non_differentiable(y_pairs, order, x_recv, local_ids, h, counts)
+
+
+def _backward(ctx, dy, *_):
+    topk_weights, y_pairs, order, x_recv, local_ids, w1, w2, b1, b2, h, counts = ctx.saved_tensors
+    dx, dweights, dw1, dw2, db1, db2 = torch.ops.moefuse.ep_moe_bwd(
+        dy, topk_weights, y_pairs, order, x_recv, local_ids, w1, w2, b1, b2, h, counts, ctx.spec, ctx.group_name)
+    return (dx, None, dweights, dw1, dw2, db1 if b1 is not None else None, db2 if b2 is not None else None,
+            None, None, None, None)
+
+
+torch.library.register_autograd("moefuse::ep_moe", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Traffic: recorded by the op (eager or compiled), read by `stats`
+# ---------------------------------------------------------------------------------------------------------
+
+_TRAFFIC: dict[str, tuple[int, list[list[int]], int]] = {}  # layer key → (rank, counts [W][W], calls)
+_KEYS = itertools.count()
+
+
+def _record(layer: str, rank: int, counts: list[list[int]]) -> None:
+    calls = _TRAFFIC[layer][2] if layer in _TRAFFIC else 0
+    _TRAFFIC[layer] = (rank, counts, calls + 1)
 
 
 def stats(model: torch.nn.Module) -> dict[str, LayerStats]:
@@ -254,9 +367,9 @@ def stats(model: torch.nn.Module) -> dict[str, LayerStats]:
     out = {}
     for name, m in model.named_modules():
         st = getattr(m, "_moefuse_ep", None)
-        if st is None or st.counts is None:
+        if st is None or st.key not in _TRAFFIC:
             continue
-        out[name] = LayerStats(rank=st.rank, sent=list(st.counts[st.rank]),
-                               received=[row[st.rank] for row in st.counts],
-                               load=[sum(col) for col in zip(*st.counts)], calls=st.calls)
+        rank, counts, calls = _TRAFFIC[st.key]
+        out[name] = LayerStats(rank=rank, sent=list(counts[rank]), received=[row[rank] for row in counts],
+                               load=[sum(col) for col in zip(*counts)], calls=calls)
     return out
