@@ -22,6 +22,10 @@ after their main loop: no extra launch, a fixed order, and the main loop stays a
 It reads dy / dH once more (S·(H + N1) elements, against the cdiv(N, BLOCK_N) reads the GEMM already makes),
 and only for layers with biases.
 
+Flat pairs (`moe_pairs_backward`, for `moe.moe_pairs_forward`) run the same launches on
+`routing.flat_pairs_plan` with K = 1: s is pair_weight[p], the gathers read dy and x at row pair_token[p], dx
+sums each token's pairs token_offsets[t] .. token_offsets[t+1], and dpair_weight is [S_max] (0 in unused slots).
+
 No atomics, no host sync: every output element is written by one program that sums in a fixed order, so the
 result is bit-for-bit reproducible; grids are sized by upper bounds like the forward's.
 """
