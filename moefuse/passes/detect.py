@@ -205,8 +205,10 @@ def _stacked_bmm_pairs(graph: fx.Graph):
     for n in graph.nodes:
         if fu.op_name(n) not in _BMM or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
             continue
-        if len(fu.shape(n.args[0]) or ()) != 3 or len(fu.shape(n.args[1]) or ()) != 3 or _weight_gather(n.args[1]):
+        if len(fu.shape(n.args[0]) or ()) != 3 or len(fu.shape(n.args[1]) or ()) != 3:
             continue
+        if fu.peel_casts(n.args[1]).op not in ("placeholder", "get_attr"):
+            continue  # expert weights are parameters; a computed operand is attention's q·kᵀ or p·v
         # in graph order an up projection is followed by its down projection, which depends on it
         if pending is not None and pending in fu.ancestors([n]):
             yield "dense_bmm", pending, [pending, n]
