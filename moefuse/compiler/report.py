@@ -27,7 +27,8 @@ class Lowered:
         lines = [f"  LOWERED  {self.module} → {self.node}{mode}: {self.spec.describe()} [{check}]"]
         if self.rounding != "off":
             lines.append(f"           TOKEN ROUNDING {self.rounding!r} to multiples of M={self.tile_m}: routing changed, "
-                         "outputs differ from exact top-K (meant for training; evaluate with token_rounding='off')")
+                         "outputs differ from exact top-K (meant for training; evaluate with token_rounding='off'); "
+                         "runs moefuse.rounding.round_routing (torch ops, no host sync) → moefuse::moe_pairs")
         elif self.rounding_skipped:
             lines.append(f"           token rounding not applied, exact top-K: {self.rounding_skipped}")
         lines += [f"           kernel: {k}" for k in self.kernels]
