@@ -286,3 +286,38 @@ def test_user_moe_with_unknown_routing_is_skipped():
         assert not summary.converted and set(summary.skipped) == {"blocks.0", "blocks.1"}
         assert "none of" in summary.skipped["blocks.0"]
         assert torch.equal(model(x), ref)  # untouched
+
+
+class UserExpertsList(torch.nn.ModuleList):
+    """A ModuleList of experts with transformers' experts call, experts(x, ids, weights): the loop inside."""
+
+    def forward(self, x, ids, weights):
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self):
+            tok, slot = torch.where(ids == e)
+            out.index_add_(0, tok, expert(x[tok]) * weights[tok, slot, None])
+        return out
+
+
+class UserBlockCallingExperts(torch.nn.Module):
+    def __init__(self, h=32, e=4):
+        super().__init__()
+        self.gate = torch.nn.Linear(h, e, bias=False)
+        self.experts = UserExpertsList(UserGLU(h, 16) for _ in range(e))
+
+    def forward(self, x):
+        w, ids = torch.sigmoid(self.gate(x)).topk(2, dim=-1)  # any routing: it stays the block's own code
+        return self.experts(x, ids, w)
+
+
+def test_user_experts_container_with_forward_converted():
+    torch.manual_seed(0)
+    model = UserBlockCallingExperts()
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        ref = model(x)
+        summary = convert(model)
+        assert summary.converted == ["experts"], str(summary)
+        before = moe_op.counters["cpu"]
+        out = model(x)
+    assert moe_op.counters["cpu"] - before == 1 and rel_err(out, ref) <= 1e-4
