@@ -8,7 +8,8 @@ the whole batch on an unsharded copy. Each rank prints its traffic per layer and
 gradients are from that single-process run (replicated gradients summed over the ranks first, as data
 parallelism would). Output of a 2-rank run:
 
-    model.layers.0.mlp.experts: rank 0: sent 32 [16, 16], received 40 [16, 24], load per rank [40, 24], imbalance 1.25, calls 1
+    model.layers.0.mlp.experts: rank 0: sent 32 [16, 16], received 40 [16, 24], load per rank [40, 24],
+        imbalance 1.25, calls 1
     ...
     rank 0: logits rel err 2.5e-07, worst gradient rel err 9.9e-07
 """

@@ -2,46 +2,55 @@
 
     dist.init_process_group("gloo")                     # or "nccl"; one process per device
     moefuse.parallelize_experts(model, mesh)            # a 1-D DeviceMesh or a ProcessGroup (default: WORLD)
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True   # one graph (see torch.compile below)
     compiled = torch.compile(model, backend="moefuse")
-    print(moefuse.parallel.stats(model))                # per layer: pairs sent/received, imbalance
+    print(moefuse.parallel.stats(model))                # per layer: pairs sent/received, load, imbalance
 
 Layout. Every experts module moefuse can run (transformers' `@use_experts_implementation` experts, the same
 modules `moefuse.convert` serves) keeps, on rank r of an EP group of size W, the contiguous block of experts
-[r·E/W, (r+1)·E/W); E % W != 0 is refused (`ExpertParallelError`). Each of its parameters (gate_up_proj /
-up_proj, down_proj, their biases) becomes a DTensor of global shape [E, …] placed `Shard(0)` on the 1-D mesh,
-so `state_dict()` holds the global layout and `torch.distributed.checkpoint` saves and loads the shards as
-they are (each rank writes and reads its own block). Everything else — attention, norms, embeddings, the
-router, shared experts — stays an ordinary replicated tensor.
+[r·E/W, (r+1)·E/W); E % W != 0 is refused (`ExpertParallelError`, naming E and W; nothing is changed). Each
+of its parameters (gate_up_proj / up_proj, down_proj, their biases) becomes a DTensor of global shape [E, …]
+placed `Shard(0)` on the 1-D mesh, so `state_dict()` holds the global layout: `torch.distributed.checkpoint`
+saves and loads each rank's block as it is, and the same checkpoint loads into the unsharded model (or
+another W). Everything else — attention, norms, embeddings, the router, shared experts — stays an ordinary
+replicated tensor.
 
 Forward of one layer, on every rank, with its own tokens x[T,H] and their routing (ids, weights)[T,K]:
   1. route locally: the router stays in the model, replicated; pair p = t·K + k goes to rank ids[p] // (E/W);
   2. exchange counts: one all-gather of each rank's [W] send counts gives the whole W×W matrix of pairs, read
      on the host once — the split sizes every all-to-all needs. This is the layer's only host sync (on a GPU a
-     stream sync per layer per forward; the backward reuses the sizes and needs none);
+     stream sync per layer per forward; the backward reads the saved CPU copy and needs none);
   3. dispatch: all-to-all of the pairs' token rows (x[t], one row per pair, sorted by destination rank) and of
      their local expert ids;
-  4. the local experts run as one `moefuse::moe` call (the training pair under autograd) with K=1 and unit
-     weights, on whatever rows arrived — possibly none;
+  4. the local experts run as one fused-op call (`moefuse::moe_fwd` when gradients are needed, `moefuse::moe`
+     otherwise) with K=1 and unit weights, on whatever rows arrived — possibly none;
   5. all-to-all the expert outputs back, and combine at home: y[t] = Σ_k weights[t,k] · Y[pair (t,k)] in fp32.
 The routing weight is applied at home, so the router's gradient never leaves its rank. Dropless and exact: no
 capacity factor; every pair is computed once by its owner. A token whose k experts live on one rank is sent
 k times (one row per pair), which keeps the op's K=1 contract simple at the price of some traffic.
 
-Backward: both all-to-alls are autograd functions (their backward is the reverse all-to-all with the split
-sizes swapped), so gradients flow to x and through it to the router and everything before. Expert weight
-gradients stay on the owner rank (a DTensor grad, Shard(0)) and already sum the contributions of every rank's
-tokens. Replicated parameters (router, shared experts, attention, embeddings) get the gradient of this rank's
-tokens only: reduce them across the group as for any data-parallel parameter (all-reduce, DDP or FSDP2).
-Every rank must run every forward and backward of the model (the collectives pair up across ranks), even a rank
-with no tokens.
+Backward (`moefuse::ep_moe_bwd`) mirrors the forward: dweights and dY from the combine at home, dY
+all-to-all to the owners, the fused op's backward (`moefuse::moe_bwd`) on the rows each owner ran, dx
+all-to-all home and summed over each token's pairs. Saved for it: this rank's routing and per-pair outputs
+[T·K, H], and the owner's received rows [R, H], their ids and the fused op's h [R, N1]. Expert weight
+gradients stay on the owner rank (a DTensor grad, Shard(0)) and already sum every rank's tokens. Replicated
+parameters (router, shared experts, attention, embeddings) get this rank's tokens' gradient only: reduce them
+over the group as for any data-parallel parameter (all-reduce, DDP, or FSDP2 as below). Every rank must run
+every forward and backward (the collectives pair up across ranks), even a rank without tokens.
 
-torch.compile: steps 2–5 are one opaque custom op per layer, `moefuse::ep_moe` (backward `moefuse::ep_moe_bwd`,
-which calls the fused op's `moefuse::moe_bwd`), so the host read of the split sizes happens inside it and
-never specialises a graph on a batch's routing. The only data-dependent size a graph sees is R, the rows this
-rank's experts received (an unbacked size in the op's fake). Dynamo captures such ops only with
-`torch._dynamo.config.capture_dynamic_output_shape_ops = True`: set it and a parallelized model compiles into
-one graph (forward and backward; one compile serves every routing); without it each layer's op is a graph
-break and the rest still compiles around it. moefuse's backend passes the op through untouched.
+Composition with FSDP2 on a 2-D mesh (dp × ep): `parallelize_experts(model, mesh["ep"])`, then
+`fully_shard(block, mesh=mesh, ignored_params=<the expert DTensors>)` on each decoder layer and the model
+(HSDP: replicated over "dp", sharded over "ep"); FSDP2 then reduces the non-expert gradients over all ranks,
+and the caller all-reduces the expert gradients over mesh["dp"] (each expert block is replicated there). On
+gloo (no PREMUL_SUM) call `set_force_sum_reduction_for_comms(True)` on each FSDP module. Tested on CPU.
+
+torch.compile: steps 2–5 are one opaque custom op per layer, `moefuse::ep_moe`, so the host read of the split
+sizes happens inside it and never specialises a graph on a batch's routing. The only data-dependent size a
+graph sees is R, the rows this rank's experts received (an unbacked size in the op's fake). Dynamo captures
+such ops only with `torch._dynamo.config.capture_dynamic_output_shape_ops = True`: set it and a parallelized
+model compiles into one graph (forward and backward; one compile serves every routing); without it each
+layer's op is a graph break and the rest still compiles around it. moefuse's backend passes the op through
+untouched (its report does not list it: `stats` does).
 """
 from __future__ import annotations
 
@@ -163,8 +172,9 @@ def parallelize_experts(model: torch.nn.Module, mesh_or_group=None) -> ParallelS
         why = _why_not(m)
         if why is None:
             w1 = m.gate_up_proj if m.has_gate else m.up_proj
+            rows = w1.shape[2] if m.is_transposed else w1.shape[1]
             try:
-                activations[name] = capture_activation(_activation_fn(m), w1.shape[2] if m.is_transposed else w1.shape[1])
+                activations[name] = capture_activation(_activation_fn(m), rows)
             except Reject as r:
                 why = f"{r.reason.value}: {r.detail}"
         if why is not None:

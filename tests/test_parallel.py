@@ -224,6 +224,39 @@ def _checkpoint(rank, world, base, path):
         assert torch.equal(a, b), name
 
 
+def _fsdp2_2d(rank, world, base):
+    """EP × data parallelism on a 2-D mesh: experts sharded over "ep", FSDP2 (HSDP: replicated over "dp",
+    sharded over "ep") on everything else; outputs and gradients equal the single-process model's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "ep"))
+    ref, ep = copy.deepcopy(base), copy.deepcopy(base)
+    moefuse.parallelize_experts(ep, mesh["ep"])
+    experts = {p for p in ep.parameters() if isinstance(p, DTensor)}
+    for block in [*ep.model.layers, ep]:
+        fully_shard(block, mesh=mesh, ignored_params=experts)
+        # Sums, as the loss is normalised by the whole batch; gloo has no PREMUL_SUM, FSDP2's default.
+        block.set_gradient_divide_factor(1.0)
+        block.set_force_sum_reduction_for_comms(True)
+    ids = _batch(world)
+    mine = slice(rank * ROWS, (rank + 1) * ROWS)
+    want, loss = _loss(ref, ids, ids.numel())
+    loss.backward()
+    got, loss = _loss(ep, ids[mine], ids.numel())
+    loss.backward()
+    assert rel_err(got, want[mine]) <= TOL
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    for name, p in ep.named_parameters():
+        if p in experts:  # replicated over "dp": the caller reduces them there
+            got = p.grad.to_local().clone()
+            dist.all_reduce(got, group=mesh["dp"].get_group())
+            want = ref_grads[name].chunk(2)[mesh["ep"].get_local_rank()]
+        else:
+            got, want = p.grad.full_tensor(), ref_grads[name]
+        assert rel_err(got, want) <= TOL, (name, rel_err(got, want))
+
+
 def _ep2_checks(rank, world, models, path):
     for family in FAMILIES:
         _parity(rank, world, models[family])
@@ -242,6 +275,7 @@ def _ep4_checks(rank, world, models, indivisible):
     for family in FAMILIES:
         _parity(rank, world, models[family])
     _parity(rank, world, models["deepseek_v3"], skew=3)  # every pair to rank 3's experts
+    _fsdp2_2d(rank, world, models["qwen3_moe"])
     with pytest.raises(parallel.ExpertParallelError, match=r"E=6 .*world=4"):
         moefuse.parallelize_experts(indivisible)
     assert not isinstance(indivisible.model.layers[0].mlp.experts.down_proj, DTensor)  # left as it was
@@ -274,7 +308,7 @@ def test_ep2_parity_skew_training_checkpoint_compile(models, tmp_path):
         assert torch.equal(p, q), name
 
 
-def test_ep4_parity_and_skew(models):
+def test_ep4_parity_skew_fsdp2(models):
     indivisible = tiny_model("qwen3_moe", num_experts=6)
     run_ranks(4, _ep4_checks, models, indivisible)
 
