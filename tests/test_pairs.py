@@ -268,6 +268,21 @@ def test_token_rounding_pairs_train_the_router(path, mode):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_no_tokens(path):
+    # T = 0 with a buffer of unused slots (S_max = E·(M−1) > 0): an empty y, zero weight and bias gradients.
+    gen = torch.Generator().manual_seed(7)
+    spec, w1, w2, b1, b2 = make_layer(LAYERS["swiglu_biases"], torch.float32, top_k=2, gen=gen)
+    pairs = with_tail(exact_pairs(torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, 2)), 15)
+    x, dy = torch.zeros(0, spec.hidden), torch.zeros(0, spec.hidden)
+    before = dict(op.counters)
+    y_inference, y, grads = run_op(spec, x, pairs, w1, w2, b1, b2, dy)
+    assert counts_since(before) == {f"pairs_{path}": 1, f"pairs_fwd_train_{path}": 1, f"pairs_bwd_{path}": 1}
+    assert y_inference.shape == y.shape == (0, spec.hidden)
+    for name in GRADS:
+        assert grads[name] is not None and not grads[name].any(), name
+    assert grads["dtopk_w"].shape == (15,)
+
+
 def test_kernels_do_not_sync_with_the_host(monkeypatch):
     # The Triton host path of both ops reads nothing back from the device (CUDA-graph capturable): every way it
     # could is made to raise while the kernels run forward and backward.

@@ -221,6 +221,8 @@ def _sum_by_token(rows: torch.Tensor, weight: torch.Tensor | None, pairs: _Pairs
         if weight is None:
             return rows.view(T, K, H).sum(dim=1)
         return torch.bmm(weight.view(T, 1, K), rows.view(T, K, H)).squeeze(1)
+    if T == 0:  # only unused slots, whose token 0 does not exist
+        return rows.new_zeros((0, H))
     if weight is not None:
         rows = rows * weight.unsqueeze(1)
     return rows.new_zeros((T, H)).index_add_(0, pairs.token, rows)
