@@ -37,7 +37,8 @@ TOL = 1e-5  # fp32: the EP path sums the same products as the reference, in anot
 
 @pytest.fixture(scope="module")
 def models():
-    return {f: tiny_model(f).train() for f in FAMILIES}
+    # GPT-OSS: transposed, interleaved gate/up weights with biases (db1/db2 through the EP backward).
+    return {f: tiny_model(f).train() for f in (*FAMILIES, "gpt_oss")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,6 +233,8 @@ def _fsdp2_2d(rank, world, base):
 
     mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "ep"))
     ref, ep = copy.deepcopy(base), copy.deepcopy(base)
+    with pytest.raises(parallel.ExpertParallelError, match=r"1-D mesh.*mesh\['ep'\]"):
+        moefuse.parallelize_experts(ep, mesh)
     moefuse.parallelize_experts(ep, mesh["ep"])
     experts = {p for p in ep.parameters() if isinstance(p, DTensor)}
     for block in [*ep.model.layers, ep]:
@@ -258,7 +261,7 @@ def _fsdp2_2d(rank, world, base):
 
 
 def _ep2_checks(rank, world, models, path):
-    for family in FAMILIES:
+    for family in (*FAMILIES, "gpt_oss"):
         _parity(rank, world, models[family])
     _parity(rank, world, models["qwen3_moe"], skew=0)  # rank 1's experts receive no tokens
     _adamw(rank, world, models["qwen3_moe"])
