@@ -127,19 +127,20 @@ def _assert_grads_match(ep, ref, rank, world):
         assert rel_err(got, want) <= TOL, (name, rel_err(got, want))
 
 
-def _parity(rank, world, base, skew=None, backend=None, batches=1):
-    """Outputs and all gradients of the EP model on this rank's slice equal the reference's on the batch."""
+def _parity(rank, world, base, skew=None, backend=None, batches=1, path="cpu"):
+    """Outputs and all gradients of the EP model on this rank's slice equal the reference's on the batch.
+    `path`: where the fused op runs ("cpu": its torch path; "triton": the kernels, on the interpreter)."""
     ep = copy.deepcopy(base)
     summary = moefuse.parallelize_experts(ep)
     if skew is not None:
         _skew_to(ep, skew, world)
     model = ep if backend is None else torch.compile(ep, backend=backend)
     for seed in range(batches):
-        stats = _parity_step(rank, world, base, ep, model, len(summary.sharded), skew, seed)
+        stats = _parity_step(rank, world, base, ep, model, len(summary.sharded), skew, seed, path)
     return stats
 
 
-def _parity_step(rank, world, base, ep, model, layers, skew, seed):
+def _parity_step(rank, world, base, ep, model, layers, skew, seed, path):
     ref = copy.deepcopy(base)
     ep.zero_grad(set_to_none=True)
     if skew is not None:
@@ -148,19 +149,19 @@ def _parity_step(rank, world, base, ep, model, layers, skew, seed):
     mine = slice(rank * ROWS, (rank + 1) * ROWS)
     want, loss = _loss(ref, ids, ids.numel() * 128)
     loss.backward()
-    fwd, bwd = moe_op.counters["fwd_train_cpu"], moe_op.counters["bwd_cpu"]
+    fwd, bwd = moe_op.counters[f"fwd_train_{path}"], moe_op.counters[f"bwd_{path}"]
     got, loss = _loss(model, ids[mine], ids.numel() * 128)
     loss.backward()
     assert rel_err(got, want[mine]) <= TOL, rel_err(got, want[mine])
     _assert_grads_match(ep, ref, rank, world)
     # The fused op ran once per layer each way, and pairs crossed ranks as routed.
-    assert moe_op.counters["fwd_train_cpu"] - fwd == layers and moe_op.counters["bwd_cpu"] - bwd == layers
+    assert moe_op.counters[f"fwd_train_{path}"] - fwd == layers and moe_op.counters[f"bwd_{path}"] - bwd == layers
     calls = seed + 1
     if model is ep:  # inference: the plain op, no h kept
-        inferred = moe_op.counters["cpu"]
+        inferred = moe_op.counters[path]
         with torch.no_grad():
             assert rel_err(ep(ids[mine]).logits, want[mine]) <= TOL
-        assert moe_op.counters["cpu"] - inferred == layers
+        assert moe_op.counters[path] - inferred == layers
         calls += 1
     stats = parallel.stats(ep)
     assert len(stats) == layers and all(s.calls == calls for s in stats.values())
@@ -264,6 +265,9 @@ def _ep2_checks(rank, world, models, path):
     for family in (*FAMILIES, "gpt_oss"):
         _parity(rank, world, models[family])
     _parity(rank, world, models["qwen3_moe"], skew=0)  # rank 1's experts receive no tokens
+    os.environ["TRITON_INTERPRET"] = "1"  # this rank only (a forked child): the generated Triton kernels
+    _parity(rank, world, models["qwen3_moe"], skew=0, path="triton")
+    del os.environ["TRITON_INTERPRET"]
     _adamw(rank, world, models["qwen3_moe"])
     _checkpoint(rank, world, models["qwen3_moe"], path)
     # The one compiled check: one graph with the ep_moe ops in it, forward and backward, and no recompile
