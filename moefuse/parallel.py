@@ -299,7 +299,7 @@ def _ep_moe_fake(x, topk_ids, topk_weights, w1, w2, b1, b2, spec, group_name, la
     world = dist.get_world_size(_group(group_name))
     h = x.new_empty((rows, w1.shape[1])) if save else x.new_empty(0)
     return (x.new_empty(x.shape), x.new_empty((T * K, x.shape[1])), topk_ids.new_empty(T * K, dtype=torch.int64),
-            x.new_empty((rows, x.shape[1])), topk_ids.new_empty(rows, dtype=torch.int64), h,
+            x.new_empty((rows, x.shape[1])), topk_ids.new_empty(rows), h,
             torch.empty((world, world), dtype=torch.int64))
 
 
