@@ -3,8 +3,8 @@
     torchrun --nproc-per-node 2 examples/expert_parallel.py        # or 4: E=8 experts, 8 % W must be 0
 
 Every rank builds the same model (same seed), keeps E/W experts of each layer, compiles it with moefuse
-(Inductor: 20 s warm, 2 min on a cold cache and busy CPU), and runs forward and backward on its own slice of a batch, then
-the whole batch on an unsharded copy. Each rank prints its traffic per layer and how far its outputs and
+(Inductor: 20 s warm, 2 min on a cold cache and busy CPU), runs forward and backward on its own slice of a
+batch, then the whole batch on an unsharded copy. Each rank prints its traffic per layer and how far its outputs and
 gradients are from that single-process run (replicated gradients summed over the ranks first, as data
 parallelism would). Output of a 2-rank run:
 
