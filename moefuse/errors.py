@@ -8,3 +8,8 @@ class MoefuseError(Exception):
 
 class OptionsError(MoefuseError, ValueError):
     """An option passed to the backend (or read from its environment variable) is unknown or has a bad value."""
+
+
+class InputError(MoefuseError, ValueError):
+    """A tensor passed to the fused op does not fit its MoESpec (shape, dtype, device, a bias the spec does not
+    have): the message names the tensor, what the spec expects and what was given."""

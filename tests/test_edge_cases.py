@@ -345,9 +345,6 @@ def test_misshaped_inputs_name_tensor_and_shapes_interpreter(name, monkeypatch):
     _misshaped_call(name)
 
 
-@pytest.mark.xfail(strict=True, reason="the CPU path (moefuse/runtime/cpu.py::moe_forward_cpu) checks nothing: a "
-                   "mis-shaped tensor fails deep inside torch (e.g. 'contraction dimension of mat_a and mat_b must "
-                   "match') without naming it; it should run kernels.moe.check_layer_inputs first")
 @pytest.mark.parametrize("name", list(MISSHAPED))
 def test_misshaped_inputs_name_tensor_and_shapes_cpu(name, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -50,14 +50,11 @@ from moefuse.kernels.grouped_gemm import (
     operand_rows,
     varlen_m_mainloop,
 )
+from moefuse.inputs import TORCH_DTYPES, check_dtype, check_layer_inputs, check_pairs_inputs, check_shape
 from moefuse.kernels.moe import (
     POINTER_TYPES,
-    TORCH_DTYPES,
     KernelSource,
-    check_dtype,
-    check_layer_inputs,
-    check_pairs_inputs,
-    check_shape,
+    check_triton_device,
     combine_source,
     gemm_signature,
     with_constexprs,
@@ -430,6 +427,7 @@ def moe_backward(
     (default: `BackwardConfig.default(dtype)`).
     """
     check_layer_inputs(spec, x, topk_ids, topk_w, w1, w2, b1, b2)
+    check_triton_device(x)
     T = x.shape[0]
     plan = functools.partial(routing_plan, topk_ids, spec.num_experts)
     return _backward_on_plan(spec, dy, x, plan, topk_ids, topk_w, w1, w2, b1, b2, h, config, num_pairs=T * spec.top_k)
@@ -455,6 +453,7 @@ def moe_pairs_backward(
     [S_max, N1] pre-activations `moe_pairs_forward(..., save_h=True)` returned and dpair_weight [S_max] in
     pair_weight's dtype (0 in unused slots). Same launches, no host sync."""
     check_pairs_inputs(spec, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2)
+    check_triton_device(x)
     plan = functools.partial(flat_pairs_plan, pair_token, pair_expert, token_offsets, spec.num_experts)
     grads = _backward_on_plan(spec, dy, x, plan, pair_expert.unsqueeze(1), pair_weight.unsqueeze(1), w1, w2, b1, b2,
                               h, config, num_pairs=pair_expert.shape[0])

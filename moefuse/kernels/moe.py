@@ -29,79 +29,19 @@ from moefuse.kernels.combine import NUM_WARPS as COMBINE_WARPS
 from moefuse.kernels.combine import combine, combine_block_h, combine_kernel
 from moefuse.kernels.grouped_gemm import GemmConfig, gemm_constexprs, grouped_gemm, grouped_gemm_kernel, identity
 from moefuse.kernels.routing import RoutingMeta, flat_pairs_plan, routing_plan
+from moefuse.errors import InputError
+from moefuse.inputs import TORCH_DTYPES, check_layer_inputs, check_pairs_inputs
 from moefuse.spec import MoESpec
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
                   torch.int32: "*i32", torch.int64: "*i64"}
 
 
-def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
-    if tuple(tensor.shape) != expected:
-        raise ValueError(f"{name}: expected shape {expected}, got {tuple(tensor.shape)}")
-
-
-def check_dtype(name: str, tensor: torch.Tensor, expected: tuple[torch.dtype, ...]) -> None:
-    if tensor.dtype not in expected:
-        names = " or ".join(str(d) for d in expected)
-        raise ValueError(f"{name}: expected dtype {names}, got {tensor.dtype}")
-
-
-def check_layer_inputs(spec: MoESpec, x, topk_ids, topk_w, w1, w2, b1, b2) -> None:
-    """The checks the forward and the backward share: shapes, dtypes and devices of the layer's inputs."""
-    if x.dim() != 2:
-        raise ValueError(f"x: expected a 2-D tensor [T, {spec.hidden}], got shape {tuple(x.shape)}")
-    T, K = x.shape[0], spec.top_k
-    check_shape("x", x, (T, spec.hidden))
-    check_shape("topk_ids", topk_ids, (T, K))
-    check_shape("topk_w", topk_w, (T, K))
-    check_dtype("topk_ids", topk_ids, (torch.int32, torch.int64))
-    check_dtype("topk_w", topk_w, tuple(TORCH_DTYPES.values()))
-    _check_x_weights(spec, x, w1, w2, b1, b2, {"topk_ids": topk_ids, "topk_w": topk_w})
-
-
-def check_pairs_inputs(spec: MoESpec, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2) -> None:
-    """As `check_layer_inputs`, for flat pairs: pair_token/pair_expert/pair_weight [S_max] (any S_max) and
-    token_offsets [T + 1], int32 or int64 ids."""
-    if x.dim() != 2:
-        raise ValueError(f"x: expected a 2-D tensor [T, {spec.hidden}], got shape {tuple(x.shape)}")
-    T = x.shape[0]
-    check_shape("x", x, (T, spec.hidden))
-    if pair_expert.dim() != 1:
-        raise ValueError(f"pair_expert: expected a 1-D tensor [S_max], got shape {tuple(pair_expert.shape)}")
-    S = pair_expert.shape[0]
-    check_shape("pair_token", pair_token, (S,))
-    check_shape("pair_weight", pair_weight, (S,))
-    check_shape("token_offsets", token_offsets, (T + 1,))
-    for name, ids in (("pair_token", pair_token), ("pair_expert", pair_expert), ("token_offsets", token_offsets)):
-        check_dtype(name, ids, (torch.int32, torch.int64))
-    check_dtype("pair_weight", pair_weight, tuple(TORCH_DTYPES.values()))
-    _check_x_weights(spec, x, w1, w2, b1, b2, {"pair_token": pair_token, "pair_expert": pair_expert,
-                                               "pair_weight": pair_weight, "token_offsets": token_offsets})
-
-
-def _check_x_weights(spec: MoESpec, x, w1, w2, b1, b2, routing: dict[str, torch.Tensor]) -> None:
-    """Shapes and dtypes of x, the weights and the biases; devices of those and of the routing tensors."""
-    E, H, I, N1 = spec.num_experts, spec.hidden, spec.intermediate, spec.up_rows  # noqa: E741
-    dtype = TORCH_DTYPES[spec.dtype]
-    check_shape("w1", w1, (E, N1, H))
-    check_shape("w2", w2, (E, H, I))
-    check_dtype("x", x, (dtype,))
-    check_dtype("w1", w1, (dtype,))
-    check_dtype("w2", w2, (dtype,))
-    for name, bias, wanted, shape in (("b1", b1, spec.w1_bias, (E, N1)), ("b2", b2, spec.w2_bias, (E, H))):
-        if (bias is not None) != wanted:
-            raise ValueError(f"{name}: the spec says w{name[1]}_bias={wanted} but {name} is "
-                             f"{'given' if bias is not None else 'None'}")
-        if bias is not None:
-            check_shape(name, bias, shape)
-            check_dtype(name, bias, tuple(TORCH_DTYPES.values()))
-    tensors = {"x": x, **routing, "w1": w1, "w2": w2, "b1": b1, "b2": b2}
-    for name, tensor in tensors.items():
-        if tensor is not None and tensor.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (that of x), got {tensor.device}")
+def check_triton_device(x: torch.Tensor) -> None:
+    """The kernels run on CUDA tensors, or on CPU tensors under the interpreter (tests)."""
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"x: the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}")
+        raise InputError(f"x: the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}; "
+                         "move the layer to a GPU, or leave TRITON_INTERPRET unset so CPU tensors take the torch plan")
 
 
 def moe_forward(
@@ -127,6 +67,7 @@ def moe_forward(
     pairs, and columns no activation slice reads, are unspecified.
     """
     check_layer_inputs(spec, x, topk_ids, topk_w, w1, w2, b1, b2)
+    check_triton_device(x)
     check_activation(activation)
     plan = routing_plan(topk_ids, spec.num_experts) if x.shape[0] else None
     return _forward_on_plan(spec, x, plan, topk_w, w1, w2, b1, b2, activation, config, save_h,
@@ -157,6 +98,7 @@ def moe_pairs_forward(
     `moe_forward`. No host sync: S_max, not the used count, sizes every buffer and grid.
     """
     check_pairs_inputs(spec, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2)
+    check_triton_device(x)
     check_activation(activation)
     plan = flat_pairs_plan(pair_token, pair_expert, token_offsets, spec.num_experts) if x.shape[0] else None
     return _forward_on_plan(spec, x, plan, pair_weight.unsqueeze(1), w1, w2, b1, b2, activation, config, save_h,

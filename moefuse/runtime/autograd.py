@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from moefuse.inputs import check_layer_inputs
 from moefuse.runtime.cpu import moe_backward_cpu, moe_forward_cpu
 from moefuse.runtime.op import _use_triton, counters, spec_from_key
 from moefuse.spec import MoESpec
@@ -49,6 +50,7 @@ def moe_fwd(
     spec: str,
 ) -> tuple[Tensor, Tensor]:
     s = spec_from_key(spec)
+    check_layer_inputs(s, x, topk_ids, topk_weights, w1, w2, b1, b2)
     if _use_triton(x):
         from moefuse.runtime.triton_path import moe_forward_triton
 

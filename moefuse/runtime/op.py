@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from moefuse.inputs import check_layer_inputs
 from moefuse.spec import MoESpec
 
 log = logging.getLogger("moefuse.runtime")
@@ -53,6 +54,7 @@ def moe(
     spec: str,
 ) -> torch.Tensor:
     s = spec_from_key(spec)
+    check_layer_inputs(s, x, topk_ids, topk_weights, w1, w2, b1, b2)
     if _use_triton(x):
         from moefuse.runtime.triton_path import moe_forward_triton
 

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from moefuse.inputs import check_pairs_inputs
 from moefuse.runtime.autograd import bias_grads, grads_fake, needs_grad, op_grads
 from moefuse.runtime.cpu import moe_pairs_backward_cpu, moe_pairs_forward_cpu
 from moefuse.runtime.op import _use_triton, counters, spec_from_key
@@ -57,6 +58,7 @@ class FlatPairs(NamedTuple):
 
 def _forward(spec: str, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2, *, save_h: bool):
     s = spec_from_key(spec)
+    check_pairs_inputs(s, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2)
     args = (s, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2)
     train = "fwd_train_" if save_h else ""
     if _use_triton(x):
