@@ -66,6 +66,9 @@ class MoESpec:
     # The model scales the expert *input* by the routing weight (Llama4, top-1): the caller passes x already
     # scaled and unit weights, so the op computes the same; recorded for the report.
     weight_on_input: bool = False
+    # Token rounding's tile height M (0: exact top-K). Each expert's pair count is a multiple of it, so the GEMMs
+    # of the flat-pairs op use an M-tile that divides it and never compute a partial tile.
+    tile_m: int = 0
 
     def __post_init__(self):
         for name in ("num_experts", "top_k", "hidden", "intermediate", "up_rows"):
@@ -90,8 +93,9 @@ class MoESpec:
     def to_key(self) -> str:
         """A canonical string; `MoESpec.from_key(spec.to_key()) == spec`."""
         d = dataclasses.asdict(self)
-        if not d["weight_on_input"]:  # keys of specs without it stay as they were (kernel caches, golden files)
-            del d["weight_on_input"]
+        for name in ("weight_on_input", "tile_m"):
+            if not d[name]:  # keys of specs without it stay as they were (kernel caches, golden files)
+                del d[name]
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -107,4 +111,5 @@ class MoESpec:
             f"E={self.num_experts} K={self.top_k} H={self.hidden} I={self.intermediate} {self.dtype} "
             f"act={self.activation.expr} slices={list(self.activation.slices)} {bias} router={self.router}"
             + (" weights on input" if self.weight_on_input else "")
+            + (f" token rounding M={self.tile_m}" if self.tile_m else "")
         )
