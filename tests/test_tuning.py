@@ -131,3 +131,16 @@ def test_op_tunes_on_the_interpreter_when_asked(monkeypatch, fresh_cache):
     mtime = path.stat().st_mtime_ns
     op.moe_call(spec, *make_problem(Case(T=7, K=2, E=4, H=32, I=32), torch.float32)[2])  # M = 14: same bucket
     assert path.stat().st_mtime_ns == mtime and len(list(fresh_cache.iterdir())) == 1
+
+
+def test_token_rounding_tiles_never_straddle_the_rounded_counts(monkeypatch):
+    # Token rounding makes every expert's rows a multiple of tile_m: tuned or default, the M-tile must divide it.
+    import dataclasses
+
+    spec = dataclasses.replace(make_problem(Case(T=1, K=2, E=4, H=32, I=32), torch.float32)[0], tile_m=16)
+    layer = FakeLayer()
+    monkeypatch.setenv("MOEFUSE_AUTOTUNE", "0")
+    assert choose(layer, T=40, spec=spec).block_m == 16 and not layer.ran  # the default's 64 rows, clamped
+    monkeypatch.setenv("MOEFUSE_AUTOTUNE", "1")
+    assert choose(layer, T=40, spec=spec).block_m == 16
+    assert layer.ran and all(c.block_m == 16 for c in layer.ran)  # the 32-row config is never tried

@@ -13,6 +13,8 @@ AOTAutograd see the same value); no value that existed before is aliased by the 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import operator
 
 import torch
@@ -42,8 +44,9 @@ def rewrite(gm: fx.GraphModule, region: Region, rounding: str = "off", tile_m: i
         args = (x, ids, weights, w1, w2, region.b1, region.b2, spec.to_key())
         if rounding != "off" and region.scores is not None:
             pairs = graph.call_function(round_routing, (region.scores, ids, weights, rounding, tile_m))
+            rounded = dataclasses.replace(spec, tile_m=tile_m)  # so the op's GEMM tiles divide the rounded counts
             op_node = new = graph.call_function(_pairs.fused_moe_pairs,
-                                                (spec.to_key(), x, pairs, w1, w2, region.b1, region.b2))
+                                                (rounded.to_key(), x, pairs, w1, w2, region.b1, region.b2))
         elif region.needs_grad:
             # The training op returns (y, h): h, the pre-activation, is what its backward keeps.
             op_node = graph.call_function(torch.ops.moefuse.moe_fwd.default, args)

@@ -64,11 +64,14 @@ def _forward(spec: str, x, pair_token, pair_expert, pair_weight, token_offsets, 
     if _use_triton(x):
         from moefuse.kernels.codegen import load_activation
         from moefuse.kernels.moe import moe_pairs_forward
+        from moefuse.runtime.tuning import gemm_config
 
         counters[f"pairs_{train}triton"] += 1
-        # The default tiles: config selection (runtime.triton_path) is keyed on [T, K] routing.
         activation = load_activation(s.activation.expr, s.activation.num_inputs)
-        return moe_pairs_forward(*args, activation=activation, save_h=save_h)
+        # Tuned like the [T, K] op, bucketed on S_max; with token rounding no taller than the spec's tile_m.
+        config = gemm_config(s, x, pair_expert.view(-1, 1),
+                             lambda c: moe_pairs_forward(*args, activation=activation, config=c))
+        return moe_pairs_forward(*args, activation=activation, config=config, save_h=save_h)
     counters[f"pairs_{train}cpu"] += 1
     return moe_pairs_forward_cpu(*args, save_h=save_h)
 

@@ -241,6 +241,14 @@ def tune(key: TuningKey, configs: Sequence[GemmConfig], run: Callable[[GemmConfi
     return best
 
 
+def within_tile(config: GemmConfig, spec: MoESpec) -> GemmConfig:
+    """With token rounding every expert's row count is a multiple of spec.tile_m; an M-tile no taller than it
+    (both powers of two, so it divides it) never computes a partial tile."""
+    if spec.tile_m and config.block_m > spec.tile_m:
+        return dataclasses.replace(config, block_m=spec.tile_m)
+    return config
+
+
 def gemm_config(spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, run: Callable[[GemmConfig], object], *,
                 space: ConfigSpace | None = None,
                 timer: Callable[[Callable[[], object]], float] | None = None) -> GemmConfig:
@@ -250,7 +258,7 @@ def gemm_config(spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, run: Cal
     to try (default `default_space`) and how to time one (default `time_ms`), for tests."""
     dtype = x.dtype
     if topk_ids.numel() == 0 or not enabled(x.device):
-        return GemmConfig.default(dtype)  # an empty batch launches nothing: timing it would tune on noise
+        return within_tile(GemmConfig.default(dtype), spec)  # an empty batch launches nothing: nothing to time
     key = tuning_key(spec, x.device, topk_ids.numel())
     memo = (tuning_dir(), key)
     config = _chosen.get(memo)
@@ -258,9 +266,12 @@ def gemm_config(spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, run: Cal
         config = load(key)
         if config is None:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
-                return GemmConfig.default(dtype)  # timing syncs, which capture forbids; tuned on a later eager call
+                # timing syncs, which capture forbids; tuned on a later eager call
+                return within_tile(GemmConfig.default(dtype), spec)
             configs = (space or default_space(dtype, x.device)).configs(dtype, spec.activation.num_inputs,
                                                                         key.m_bucket)
+            configs = [c for c in configs if not spec.tile_m or c.block_m <= spec.tile_m] or [
+                within_tile(GemmConfig.default(dtype), spec)]
             # Once per layer shape and M bucket per machine, but seconds of compiles: say so where it shows
             log.warning("moefuse: tuning the GEMM config of %s over %d configs (cached in %s; %s=0 turns it off)",
                         key, len(configs), tuning_dir(), ENV)
