@@ -14,7 +14,6 @@ AOTAutograd see the same value); no value that existed before is aliased by the 
 from __future__ import annotations
 
 import dataclasses
-
 import operator
 
 import torch
