@@ -12,7 +12,13 @@ Layout conventions (logical shapes; any strides are accepted by the runtime):
   b1       [E, N1]     optional
   w2       [E, H, I]   down-projection, out × in
   b2       [E, H]      optional
-  y        [T, H]      Σ_k topk_w[t,k] · expert_{ids[t,k]}(x[t])
+  y        [T, H]      Σ_k topk_w[t,k] · expert_{ids[t,k]}(x[t])  (+ shared(x[t]) with a `SharedExpert`)
+
+A shared expert (one dense MLP every token goes through, added to the routed output) is optional:
+  shared_w1 [R1, H]    up-projection rows (R1 + R3 = SharedExpert.up_rows)
+  shared_w3 [R3, H]    optional second up-projection (models that hold gate and up as two linears)
+  shared_w2 [H, Is]    down-projection
+  shared_gate [1, H]   optional: the output is scaled per token by sigmoid(x @ shared_gateᵀ) (Qwen2-MoE)
 """
 from __future__ import annotations
 
@@ -49,6 +55,31 @@ class Activation:
 
 
 @dataclass(frozen=True)
+class SharedExpert:
+    """A dense MLP on every token whose output the layer adds to the routed experts' (DeepSeek-V3, Qwen2-MoE).
+
+    `activation`'s slices index the up-projection rows [shared_w1; shared_w3] (`up_rows` of them): SwiGLU
+    held as two linears gate, up is `x0*x1*sigmoid(x0)` with slices ((0, 1), (I, 1)). `gated`: the MLP's
+    output is multiplied by sigmoid(x @ shared_gateᵀ), a per-token scalar.
+    """
+
+    intermediate: int
+    up_rows: int
+    activation: Activation
+    gated: bool = False
+
+    def __post_init__(self):
+        if self.intermediate < 1 or self.up_rows < 1:
+            raise ValueError(f"SharedExpert sizes must be >= 1, got I={self.intermediate} up_rows={self.up_rows}")
+        last = max(off + step * (self.intermediate - 1) for off, step in self.activation.slices)
+        if last >= self.up_rows:
+            raise ValueError(f"shared activation slices {self.activation.slices} read row {last} of {self.up_rows}")
+
+    def describe(self) -> str:
+        return f"{'gated' if self.gated else 'ungated'}, I={self.intermediate}, act={self.activation.expr}"
+
+
+@dataclass(frozen=True)
 class MoESpec:
     """One MoE layer, as the kernels see it. E experts, top-K routing, hidden H, expert width I."""
 
@@ -69,6 +100,8 @@ class MoESpec:
     # Token rounding's tile height M (0: exact top-K). Each expert's pair count is a multiple of it, so the GEMMs
     # of the flat-pairs op use an M-tile that divides it and never compute a partial tile.
     tile_m: int = 0
+    # The shared expert computed inside the op (added to the routed output), or None: it stays in the graph.
+    shared: SharedExpert | None = None
 
     def __post_init__(self):
         for name in ("num_experts", "top_k", "hidden", "intermediate", "up_rows"):
@@ -93,7 +126,7 @@ class MoESpec:
     def to_key(self) -> str:
         """A canonical string; `MoESpec.from_key(spec.to_key()) == spec`."""
         d = dataclasses.asdict(self)
-        for name in ("weight_on_input", "tile_m"):
+        for name in ("weight_on_input", "tile_m", "shared"):
             if not d[name]:  # keys of specs without it stay as they were (kernel caches, golden files)
                 del d[name]
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
@@ -103,7 +136,15 @@ class MoESpec:
         d = json.loads(key)
         act = d.pop("activation")
         activation = Activation(act["expr"], tuple(tuple(s) for s in act["slices"]))
-        return cls(activation=activation, **d)
+        shared = d.pop("shared", None)
+        if shared is not None:
+            sact = shared.pop("activation")
+            shared = SharedExpert(activation=Activation(sact["expr"], tuple(tuple(s) for s in sact["slices"])), **shared)
+        return cls(activation=activation, shared=shared, **d)
+
+    def routed(self) -> MoESpec:
+        """This spec without its shared expert: what the routed experts' kernels (and their caches) see."""
+        return self if self.shared is None else dataclasses.replace(self, shared=None)
 
     def describe(self) -> str:
         bias = "+".join(n for n, b in (("b1", self.w1_bias), ("b2", self.w2_bias)) if b) or "no bias"
@@ -112,4 +153,5 @@ class MoESpec:
             f"act={self.activation.expr} slices={list(self.activation.slices)} {bias} router={self.router}"
             + (" weights on input" if self.weight_on_input else "")
             + (f" token rounding M={self.tile_m}" if self.tile_m else "")
+            + (f" shared expert: {self.shared.describe()}" if self.shared is not None else "")
         )
