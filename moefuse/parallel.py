@@ -16,27 +16,36 @@ another W). Everything else — attention, norms, embeddings, the router, shared
 replicated tensor.
 
 Forward of one layer, on every rank, with its own tokens x[T,H] and their routing (ids, weights)[T,K]:
-  1. route locally: the router stays in the model, replicated; pair p = t·K + k goes to rank ids[p] // (E/W);
-  2. exchange counts: one all-gather of each rank's [W] send counts gives the whole W×W matrix of pairs, read
-     on the host once — the split sizes every all-to-all needs. This is the layer's only host sync (on a GPU a
-     stream sync per layer per forward; the backward reads the saved CPU copy and needs none);
-  3. dispatch: all-to-all of the pairs' token rows (x[t], one row per pair, sorted by destination rank) and of
-     their local expert ids;
-  4. the local experts run as one fused-op call (`moefuse::moe_fwd` when gradients are needed, `moefuse::moe`
-     otherwise) with K=1 and unit weights, on whatever rows arrived — possibly none;
-  5. all-to-all the expert outputs back, and combine at home: y[t] = Σ_k weights[t,k] · Y[pair (t,k)] in fp32.
-The routing weight is applied at home, so the router's gradient never leaves its rank. Dropless and exact: no
-capacity factor; every pair is computed once by its owner. A token whose k experts live on one rank is sent
-k times (one row per pair), which keeps the op's K=1 contract simple at the price of some traffic.
+  1. route locally: the router stays in the model, replicated; pair p = t·K + k goes to rank ids[p] // (E/W)
+     (an id outside [0, E), e.g. Switch's capacity drops, is a dropped pair: sent nowhere, output 0);
+  2. exchange counts: one all-gather of each rank's [2, W] send counts (rows, pairs) gives the whole group's
+     counts, read on the host once — the split sizes every all-to-all needs. This is the layer's only host
+     sync (on a GPU a stream sync per layer per forward; the backward reads the saved CPU copy and needs none);
+  3. dispatch: one row per token and destination rank — a token whose k experts sit on one rank is sent once,
+     not k times — by all-to-all, and beside it, per pair, its expert's local id, whether it starts a row, and
+     its routing weight (one [pairs, 3] int32 all-to-all, the weight bit-cast from fp32, exact);
+  4. the received rows and pairs are flat pairs (`moefuse.runtime.pairs`): the local experts run as one
+     fused-op call (`moefuse::moe_pairs_fwd` when gradients are needed, `moefuse::moe_pairs` otherwise) that
+     returns each row's weighted partial sum Σ_{its pairs} w·expert(x) — possibly on no rows at all;
+  5. all-to-all the partial sums back (again one row per token and rank), and add them at home in fp32.
+Traffic per layer, rows R ≤ pairs S = T·K (R = S only when no two of a token's experts share a rank):
+forward R·H out + 12 bytes a pair, R·H back; backward R·H out, R·H back + one weight gradient a pair. One
+row per pair each way (S·H) would be the alternative that keeps the weights at home; sending them is what
+lets the partial sums come back already combined. `stats` gives rows and pairs per layer. Dropless and
+exact: no capacity factor; every pair is computed once by its owner; in fp32 the result differs from the
+single-process layer only by the order of the sum.
 
-Backward (`moefuse::ep_moe_bwd`) mirrors the forward: dweights and dY from the combine at home, dY
-all-to-all to the owners, the fused op's backward (`moefuse::moe_bwd`) on the rows each owner ran, dx
-all-to-all home and summed over each token's pairs. Saved for it: this rank's routing and per-pair outputs
-[T·K, H], and the owner's received rows [R, H], their ids and the fused op's h [R, N1]. Expert weight
-gradients stay on the owner rank (a DTensor grad, Shard(0)) and already sum every rank's tokens. Replicated
-parameters (router, shared experts, attention, embeddings) get this rank's tokens' gradient only: reduce them
-over the group as for any data-parallel parameter (all-reduce, DDP, or FSDP2 as below). Every rank must run
-every forward and backward (the collectives pair up across ranks), even a rank without tokens.
+Backward (`moefuse::ep_moe_bwd`) mirrors the forward: y[t] is the sum of its rows' partial sums, so each row's
+gradient is dy[t]: all-to-all it to the owners; the fused op's backward (`moefuse::moe_pairs_bwd`) on the
+rows each owner ran gives dx per row, the expert gradients and, per pair, the routing weight's gradient
+⟨dy[t], Y_pair⟩ (from h, without Y); dx and the weight gradients all-to-all home, where dx is summed over a
+token's rows and the weight gradients flow on into the router, which stays on its rank. Saved for it: at
+home the rows' tokens [R] and the pair order [T·K]; at the owner the received rows [R', H], their flat pairs
+and the fused op's h [P', N1] (P' pairs received) — nothing [T·K, H]. Expert weight gradients stay on the
+owner rank (a DTensor grad, Shard(0)) and already sum every rank's tokens. Replicated parameters (router,
+shared experts, attention, embeddings) get this rank's tokens' gradient only: reduce them over the group as
+for any data-parallel parameter (all-reduce, DDP, or FSDP2 as below). Every rank must run every forward and
+backward (the collectives pair up across ranks), even a rank without tokens.
 
 Composition with FSDP2 on a 2-D mesh (dp × ep): `parallelize_experts(model, mesh["ep"])`, then
 `fully_shard(block, mesh=mesh, ignored_params=<the expert DTensors>)` on each decoder layer and the model
@@ -45,8 +54,8 @@ and the caller all-reduces the expert gradients over mesh["dp"] (each expert blo
 gloo (no PREMUL_SUM) call `set_force_sum_reduction_for_comms(True)` on each FSDP module. Tested on CPU.
 
 torch.compile: steps 2–5 are one opaque custom op per layer, `moefuse::ep_moe`, so the host read of the split
-sizes happens inside it and never specialises a graph on a batch's routing. The only data-dependent size a
-graph sees is R, the rows this rank's experts received (an unbacked size in the op's fake). Dynamo captures
+sizes happens inside it and never specialises a graph on a batch's routing. The only data-dependent sizes a
+graph sees are the rows and pairs this rank sent and received (unbacked sizes in the op's fake). Dynamo captures
 such ops only with `torch._dynamo.config.capture_dynamic_output_shape_ops = True`: set it and a parallelized
 model compiles into one graph (forward and backward; one compile serves every routing); without it each
 layer's op is a graph break and the rest still compiles around it. moefuse's backend passes the op through
@@ -70,8 +79,7 @@ from moefuse.convert import _activation_fn, _is_interface_experts, _spec_key, _w
 from moefuse.errors import MoefuseError
 from moefuse.passes.detect import capture_activation
 from moefuse.passes.region import Reject
-from moefuse.runtime import autograd as _training_op  # noqa: F401  (registers moefuse::moe_fwd / moe_bwd)
-from moefuse.runtime import op as _inference_op  # noqa: F401  (registers moefuse::moe)
+from moefuse.runtime import pairs as _pairs_ops  # noqa: F401  (registers moefuse::moe_pairs / _fwd / _bwd)
 
 log = logging.getLogger("moefuse.parallel")
 
@@ -87,13 +95,16 @@ class ExpertParallelError(MoefuseError, ValueError):
 
 @dataclass
 class LayerStats:
-    """One layer's traffic in its last forward, as this rank saw it. Counts are (token, expert) pairs."""
+    """One layer's traffic in its last forward, as this rank saw it. Pairs are (token, expert) pairs; rows are
+    token rows on the wire: one per token and destination rank, however many of its experts that rank holds."""
 
     rank: int
     sent: list[int]  # [W]: pairs this rank sent to each rank (its own included)
     received: list[int]  # [W]: pairs this rank's experts received from each rank
     load: list[int]  # [W]: pairs each rank's experts ran (the column sums of the group's count matrix)
     calls: int  # forwards run so far
+    rows_sent: list[int] = field(default_factory=list)  # [W]: token rows this rank sent to each rank
+    rows_received: list[int] = field(default_factory=list)  # [W]: token rows received from each rank
 
     @property
     def imbalance(self) -> float:
@@ -102,8 +113,9 @@ class LayerStats:
         return max(self.load) / mean if mean else 1.0
 
     def __str__(self) -> str:
-        return (f"rank {self.rank}: sent {sum(self.sent)} {self.sent}, received {sum(self.received)} "
-                f"{self.received}, load per rank {self.load}, imbalance {self.imbalance:.2f}, calls {self.calls}")
+        return (f"rank {self.rank}: sent {sum(self.sent)} pairs in {sum(self.rows_sent)} rows {self.rows_sent}, "
+                f"received {sum(self.received)} pairs in {sum(self.rows_received)} rows {self.rows_received}, "
+                f"load per rank {self.load} pairs, imbalance {self.imbalance:.2f}, calls {self.calls}")
 
 
 @dataclass
@@ -233,8 +245,8 @@ def _parallel_class(cls: type) -> type:
 # moefuse::ep_moe — one opaque op per layer: exchange, dispatch, local experts, return, combine
 # ---------------------------------------------------------------------------------------------------------
 # The op is opaque to dynamo (a custom op with a fake), so a parallelized model compiles into one graph: the
-# host read of the split sizes happens inside it, where no graph sees a data-dependent size except the rows
-# received, which the fake gives as an unbacked size.
+# host read of the split sizes happens inside it, where no graph sees a data-dependent size except the row and
+# pair counts, which the fake gives as unbacked sizes.
 
 
 def _group(name: str) -> dist.ProcessGroup:
@@ -247,94 +259,121 @@ def _all_to_all(rows: Tensor, out_sizes: list[int], in_sizes: list[int], group) 
     return out
 
 
+def _splits(counts: Tensor, rank: int, kind: int) -> tuple[list[int], list[int]]:
+    """(sent to each rank, received from each rank) by this rank, from counts [W src, 2, W dst] on the CPU;
+    kind 0: rows, 1: pairs."""
+    sizes = counts[:, kind].tolist()
+    return sizes[rank], [row[rank] for row in sizes]
+
+
 @torch.library.custom_op("moefuse::ep_moe", mutates_args=())
 def ep_moe(
     x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None,
     b2: Tensor | None, spec: str, group_name: str, layer: str, save: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One expert-parallel MoE layer on this rank. x[T,H] in the experts' dtype, topk_ids[T,K] global expert
-    ids, topk_weights[T,K]; w1/w2/b1/b2 this rank's E/W experts; `spec` their MoESpec key (K=1).
+    ids (outside [0, E): a dropped pair, sent nowhere), topk_weights[T,K]; w1/w2/b1/b2 this rank's E/W
+    experts; `spec` their MoESpec key.
 
-    Returns y[T,H] and what the backward needs: y_pairs[S,H] (each pair's expert output, S = T·K), order[S]
-    (pairs sorted by destination rank), x_recv[R,H] and local_ids[R] (the R pairs this rank's experts ran),
-    h (the fused op's pre-activation, [R,N1]; empty unless `save`), counts[W,W] int64 on the CPU (pairs from
-    rank i to rank j: the split sizes)."""
+    Returns y[T,H] and what the backward needs. Home side: send_token[Ns] (the token of each row sent, by
+    destination rank then token), order[T·K] (pairs by destination rank, token, k; dropped pairs last).
+    Owner side: x_recv[N,H] (the N rows received), pair_token[P] / pair_expert[P] int32 and pair_weight[P]
+    (the P received pairs as flat pairs over those rows), token_offsets[N+1] int32, h (the fused op's
+    pre-activation, [P,N1]; empty unless `save`). counts[W,2,W] int64 on the CPU: rows (1: pairs) from rank i
+    to rank j, the split sizes."""
     group = _group(group_name)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     local_experts = w1.shape[0]
     T, K = topk_ids.shape
     flat = topk_ids.reshape(-1)
-    dest = flat // local_experts  # [S]: the rank owning each pair's expert
-    order = torch.argsort(dest, stable=True)  # grouped by destination, pair order within a rank
+    valid = (flat >= 0) & (flat < local_experts * world)
+    dest = torch.where(valid, flat // local_experts, world)  # [S]: the rank owning each pair; world: nowhere
+    order = torch.argsort(dest, stable=True)  # by destination, then token, then k
+    dest_sorted, token_sorted = dest[order], order // K
+    # A pair starts a row when its (destination, token) differs from the previous pair's: one row per token
+    # and destination rank, however many of the token's experts that rank holds.
+    first = torch.ones_like(dest_sorted, dtype=torch.bool)
+    first[1:] = (dest_sorted[1:] != dest_sorted[:-1]) | (token_sorted[1:] != token_sorted[:-1])
 
     # Counts: index_add, not bincount (which syncs on CUDA), then the layer's one host read.
-    send = dest.new_zeros(world).index_add_(0, dest, torch.ones_like(dest))
-    gathered = [torch.empty_like(send) for _ in range(world)]
-    dist.all_gather(gathered, send, group=group)
+    send = dest.new_zeros(2, world + 1)
+    send[0].index_add_(0, dest_sorted, first.long())
+    send[1].index_add_(0, dest_sorted, torch.ones_like(dest_sorted))
+    gathered = [torch.empty_like(send[:, :world]) for _ in range(world)]
+    dist.all_gather(gathered, send[:, :world].contiguous(), group=group)
     counts = torch.stack(gathered).cpu()
-    sizes = counts.tolist()
-    send_sizes, recv_sizes = sizes[rank], [row[rank] for row in sizes]
-    _record(layer, rank, sizes)
+    (send_rows, recv_rows), (send_pairs, recv_pairs) = _splits(counts, rank, 0), _splits(counts, rank, 1)
+    _record(layer, rank, counts.tolist())
 
-    # Dispatch one row per pair, with its expert's local id; run the local experts with K=1, unit weights.
-    local_ids = _all_to_all(flat[order] - dest[order] * local_experts, recv_sizes, send_sizes, group)
-    x_recv = _all_to_all(x[order // K], recv_sizes, send_sizes, group)
-    ones = x_recv.new_ones(x_recv.shape[0], 1)
+    # Dispatch each row once, and per pair (its expert's local id, whether it starts a row, its weight's bits:
+    # one int32 message, the weight bit-cast from fp32 so that it travels exactly).
+    row = torch.cumsum(first, 0) - 1  # [S]: the row of each sorted pair; the same token within a row
+    send_token = token_sorted.new_empty(T * K).scatter_(0, row, token_sorted)[: sum(send_rows)]
+    meta = torch.stack([(flat[order] - dest_sorted * local_experts).int(), first.int(),
+                        topk_weights.reshape(-1)[order].float().view(torch.int32)], 1)[: sum(send_pairs)]
+    x_recv = _all_to_all(x[send_token], recv_rows, send_rows, group)
+    meta_recv = _all_to_all(meta, recv_pairs, send_pairs, group)
+
+    # The received rows and pairs are flat pairs (rows in order, each row's pairs contiguous).
+    pair_token = (torch.cumsum(meta_recv[:, 1], 0) - 1).int()
+    pair_expert = meta_recv[:, 0].clone()  # clones, not views: an op's outputs must not alias each other
+    pair_weight = meta_recv[:, 2].clone().view(torch.float32).to(topk_weights.dtype)
+    token_offsets = torch.searchsorted(pair_token, torch.arange(x_recv.shape[0] + 1, dtype=torch.int32,
+                                                                device=x.device), out_int32=True)
+    pairs = (x_recv, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2, spec)
     if save:
-        y_recv, h = torch.ops.moefuse.moe_fwd(x_recv, local_ids.view(-1, 1), ones, w1, w2, b1, b2, spec)
+        y_recv, h = torch.ops.moefuse.moe_pairs_fwd(*pairs)
     else:
-        y_recv, h = torch.ops.moefuse.moe(x_recv, local_ids.view(-1, 1), ones, w1, w2, b1, b2, spec), x.new_empty(0)
+        y_recv, h = torch.ops.moefuse.moe_pairs(*pairs), x.new_empty(0)
 
-    # Return; combine at home in fp32, in pair order.
-    y_pairs = x.new_empty((T * K, x.shape[1]))
-    y_pairs[order] = _all_to_all(y_recv, send_sizes, recv_sizes, group)
-    y = (y_pairs.float().view(T, K, -1) * topk_weights.float().unsqueeze(-1)).sum(1).to(x.dtype)
-    return y, y_pairs, order, x_recv, local_ids, h, counts
+    # Each row comes back as its weighted partial sum; home adds a token's partial sums in fp32.
+    y_rows = _all_to_all(y_recv, send_rows, recv_rows, group)
+    y = y_rows.new_zeros((T, x.shape[1]), dtype=torch.float32).index_add_(0, send_token, y_rows.float())
+    return y.to(x.dtype), send_token, order, x_recv, pair_token, pair_expert, pair_weight, token_offsets, h, counts
 
 
 @ep_moe.register_fake
 def _ep_moe_fake(x, topk_ids, topk_weights, w1, w2, b1, b2, spec, group_name, layer, save):
     T, K = topk_ids.shape
-    rows = torch.library.get_ctx().new_dynamic_size()
+    ctx = torch.library.get_ctx()
+    sent, rows, pairs = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
     world = dist.get_world_size(_group(group_name))
-    h = x.new_empty((rows, w1.shape[1])) if save else x.new_empty(0)
-    return (x.new_empty(x.shape), x.new_empty((T * K, x.shape[1])), topk_ids.new_empty(T * K, dtype=torch.int64),
-            x.new_empty((rows, x.shape[1])), topk_ids.new_empty(rows), h,
-            torch.empty((world, world), dtype=torch.int64))
+    h = x.new_empty((pairs, w1.shape[1])) if save else x.new_empty(0)
+    ids = topk_ids.new_empty(pairs, dtype=torch.int32)
+    return (x.new_empty(x.shape), topk_ids.new_empty(sent, dtype=torch.int64),
+            topk_ids.new_empty(T * K, dtype=torch.int64), x.new_empty((rows, x.shape[1])), ids, ids.new_empty(pairs),
+            topk_weights.new_empty(pairs), ids.new_empty(rows + 1), h, torch.empty((world, 2, world), dtype=torch.int64))
 
 
 @torch.library.custom_op("moefuse::ep_moe_bwd", mutates_args=())
 def ep_moe_bwd(
-    dy: Tensor, topk_weights: Tensor, y_pairs: Tensor, order: Tensor, x_recv: Tensor, local_ids: Tensor,
-    w1: Tensor, w2: Tensor, b1: Tensor | None, b2: Tensor | None, h: Tensor, counts: Tensor, spec: str,
-    group_name: str,
+    dy: Tensor, topk_weights: Tensor, send_token: Tensor, order: Tensor, x_recv: Tensor, pair_token: Tensor,
+    pair_expert: Tensor, pair_weight: Tensor, token_offsets: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None,
+    b2: Tensor | None, h: Tensor, counts: Tensor, spec: str, group_name: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward of `ep_moe`, the forward's exchanges in reverse: (dx[T,H], dtopk_weights[T,K], dw1, dw2,
     db1, db2) — the expert gradients for this rank's experts, from every rank's pairs; empty db without bias."""
     group = _group(group_name)
     rank = dist.get_rank(group)
     T, K = topk_weights.shape
-    sizes = counts.tolist()  # a CPU tensor: no device sync
-    send_sizes, recv_sizes = sizes[rank], [row[rank] for row in sizes]
+    (send_rows, recv_rows), (send_pairs, recv_pairs) = _splits(counts, rank, 0), _splits(counts, rank, 1)  # no sync
 
-    # Combine: y[t] = Σ_k w[t,k]·Y[t,k] → dw[t,k] = ⟨dy[t], Y[t,k]⟩, dY[t,k] = w[t,k]·dy[t].
-    dy32 = dy.float().unsqueeze(1)
-    dweights = (dy32 * y_pairs.float().view(T, K, -1)).sum(-1).to(topk_weights.dtype)
-    dy_pairs = (dy32 * topk_weights.float().unsqueeze(-1)).view(T * K, -1).to(x_recv.dtype)
-
-    # The owners' fused backward on the rows they ran (unit weights), then the input gradients travel home.
-    dy_recv = _all_to_all(dy_pairs[order], recv_sizes, send_sizes, group)
-    ones = x_recv.new_ones(x_recv.shape[0], 1)
-    dx_recv, _, dw1, dw2, db1, db2 = torch.ops.moefuse.moe_bwd(dy_recv, x_recv, local_ids.view(-1, 1), ones,
-                                                                w1, w2, b1, b2, h, spec)
-    dx_sorted = _all_to_all(dx_recv, send_sizes, recv_sizes, group)
-    dx = dx_sorted.new_zeros((T, dx_sorted.shape[1]), dtype=torch.float32).index_add_(0, order // K, dx_sorted.float())
-    return dx.to(dy.dtype), dweights, dw1, dw2, db1, db2
+    # y[t] is the sum of its rows' partial sums, so each row's gradient is dy[t]; the owners run the fused
+    # backward on the rows they ran: dx per row, the routing weights' gradient per pair (⟨dy[t], Y_pair⟩).
+    dy_recv = _all_to_all(dy[send_token], recv_rows, send_rows, group)
+    dx_recv, dpair_weight, dw1, dw2, db1, db2 = torch.ops.moefuse.moe_pairs_bwd(
+        dy_recv, x_recv, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2, h, spec)
+    dx_rows = _all_to_all(dx_recv, send_rows, recv_rows, group)
+    dpairs = _all_to_all(dpair_weight.to(topk_weights.dtype), send_pairs, recv_pairs, group)
+    dx = dx_rows.new_zeros((T, dx_rows.shape[1]), dtype=torch.float32).index_add_(0, send_token, dx_rows.float())
+    dweights = topk_weights.new_zeros(T * K)  # dropped pairs: no gradient
+    dweights[order[: dpairs.shape[0]]] = dpairs
+    return dx.to(dy.dtype), dweights.view(T, K), dw1, dw2, db1, db2
 
 
 @ep_moe_bwd.register_fake
-def _ep_moe_bwd_fake(dy, topk_weights, y_pairs, order, x_recv, local_ids, w1, w2, b1, b2, h, counts, spec,
-                     group_name):
+def _ep_moe_bwd_fake(dy, topk_weights, send_token, order, x_recv, pair_token, pair_expert, pair_weight,
+                     token_offsets, w1, w2, b1, b2, h, counts, spec, group_name):
     return (dy.new_empty(dy.shape), topk_weights.new_empty(topk_weights.shape), w1.new_empty(w1.shape),
             w2.new_empty(w2.shape), b1.new_empty(b1.shape) if b1 is not None else dy.new_empty(0),
             b2.new_empty(b2.shape) if b2 is not None else dy.new_empty(0))
@@ -342,16 +381,18 @@ def _ep_moe_bwd_fake(dy, topk_weights, y_pairs, order, x_recv, local_ids, w1, w2
 
 def _setup_context(ctx, inputs, output):
     x, topk_ids, topk_weights, w1, w2, b1, b2, spec, group_name, layer, save = inputs
-    _, y_pairs, order, x_recv, local_ids, h, counts = output
-    ctx.save_for_backward(topk_weights, y_pairs, order, x_recv, local_ids, w1, w2, b1, b2, h, counts)
+    _, *saved = output
+    ctx.save_for_backward(topk_weights, w1, w2, b1, b2, *saved)
     ctx.spec, ctx.group_name = spec, group_name
-    ctx.mark_non_differentiable(y_pairs, order, x_recv, local_ids, h, counts)
+    ctx.mark_non_differentiable(*saved)
 
 
 def _backward(ctx, dy, *_):
-    topk_weights, y_pairs, order, x_recv, local_ids, w1, w2, b1, b2, h, counts = ctx.saved_tensors
+    topk_weights, w1, w2, b1, b2, send_token, order, x_recv, pair_token, pair_expert, pair_weight, token_offsets, \
+        h, counts = ctx.saved_tensors
     dx, dweights, dw1, dw2, db1, db2 = torch.ops.moefuse.ep_moe_bwd(
-        dy, topk_weights, y_pairs, order, x_recv, local_ids, w1, w2, b1, b2, h, counts, ctx.spec, ctx.group_name)
+        dy, topk_weights, send_token, order, x_recv, pair_token, pair_expert, pair_weight, token_offsets,
+        w1, w2, b1, b2, h, counts, ctx.spec, ctx.group_name)
     return (dx, None, dweights, dw1, dw2, db1 if b1 is not None else None, db2 if b2 is not None else None,
             None, None, None, None)
 
@@ -363,11 +404,11 @@ torch.library.register_autograd("moefuse::ep_moe", _backward, setup_context=_set
 # Traffic: recorded by the op (eager or compiled), read by `stats`
 # ---------------------------------------------------------------------------------------------------------
 
-_TRAFFIC: dict[str, tuple[int, list[list[int]], int]] = {}  # layer key → (rank, counts [W][W], calls)
+_TRAFFIC: dict[str, tuple[int, list, int]] = {}  # layer key → (rank, counts [W src][rows, pairs][W dst], calls)
 _KEYS = itertools.count()
 
 
-def _record(layer: str, rank: int, counts: list[list[int]]) -> None:
+def _record(layer: str, rank: int, counts: list[list[list[int]]]) -> None:
     calls = _TRAFFIC[layer][2] if layer in _TRAFFIC else 0
     _TRAFFIC[layer] = (rank, counts, calls + 1)
 
@@ -380,6 +421,8 @@ def stats(model: torch.nn.Module) -> dict[str, LayerStats]:
         if st is None or st.key not in _TRAFFIC:
             continue
         rank, counts, calls = _TRAFFIC[st.key]
-        out[name] = LayerStats(rank=rank, sent=list(counts[rank]), received=[row[rank] for row in counts],
-                               load=[sum(col) for col in zip(*counts)], calls=calls)
+        rows, pairs = [c[0] for c in counts], [c[1] for c in counts]
+        out[name] = LayerStats(rank=rank, sent=list(pairs[rank]), received=[p[rank] for p in pairs],
+                               load=[sum(col) for col in zip(*pairs)], calls=calls, rows_sent=list(rows[rank]),
+                               rows_received=[r[rank] for r in rows])
     return out

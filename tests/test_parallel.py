@@ -87,7 +87,7 @@ def run_ranks(world: int, fn, *args, timeout: float = 60.0) -> None:
     except ProcessException as e:
         traces = []
         for rank, path in enumerate(ctx.error_files):
-            if os.access(path, os.R_OK):
+            if os.access(path, os.R_OK) and os.path.getsize(path):  # a terminated rank may leave it empty
                 with open(path, "rb") as fh:
                     traces.append(f"-- rank {rank}:\n{pickle.load(fh)}")
         raise RanksFailed("\n".join(traces) or str(e)) from e
@@ -134,9 +134,19 @@ def _parity(rank, world, base, skew=None, backend=None, batches=1, path="cpu"):
     summary = moefuse.parallelize_experts(ep)
     if skew is not None:
         _skew_to(ep, skew, world)
+    routing = {}  # layer → the global expert ids of its last call, to count the rows the op should send
+    for name, m in ep.named_modules():
+        if name in summary.sharded and backend is None:  # (a hook would split the compiled graph)
+            m.register_forward_pre_hook(lambda _, a, name=name: routing.__setitem__(name, a[1].detach().clone()))
     model = ep if backend is None else torch.compile(ep, backend=backend)
     for seed in range(batches):
         stats = _parity_step(rank, world, base, ep, model, len(summary.sharded), skew, seed, path)
+        # One row per token and destination rank (the routing of the last call, inference or training):
+        # fewer rows than pairs whenever a token's experts share a rank.
+        for name, s in stats.items() if routing else ():
+            local = summary.sharded[name][1]
+            rows = len({(t, int(e) // local) for t, ids in enumerate(routing[name]) for e in ids})
+            assert sum(s.rows_sent) == rows < sum(s.sent), (name, s)
     return stats
 
 
@@ -149,19 +159,20 @@ def _parity_step(rank, world, base, ep, model, layers, skew, seed, path):
     mine = slice(rank * ROWS, (rank + 1) * ROWS)
     want, loss = _loss(ref, ids, ids.numel() * 128)
     loss.backward()
-    fwd, bwd = moe_op.counters[f"fwd_train_{path}"], moe_op.counters[f"bwd_{path}"]
+    fwd, bwd = moe_op.counters[f"pairs_fwd_train_{path}"], moe_op.counters[f"pairs_bwd_{path}"]
     got, loss = _loss(model, ids[mine], ids.numel() * 128)
     loss.backward()
     assert rel_err(got, want[mine]) <= TOL, rel_err(got, want[mine])
     _assert_grads_match(ep, ref, rank, world)
     # The fused op ran once per layer each way, and pairs crossed ranks as routed.
-    assert moe_op.counters[f"fwd_train_{path}"] - fwd == layers and moe_op.counters[f"bwd_{path}"] - bwd == layers
+    assert moe_op.counters[f"pairs_fwd_train_{path}"] - fwd == layers
+    assert moe_op.counters[f"pairs_bwd_{path}"] - bwd == layers
     calls = seed + 1
     if model is ep:  # inference: the plain op, no h kept
-        inferred = moe_op.counters[path]
+        inferred = moe_op.counters[f"pairs_{path}"]
         with torch.no_grad():
             assert rel_err(ep(ids[mine]).logits, want[mine]) <= TOL
-        assert moe_op.counters[path] - inferred == layers
+        assert moe_op.counters[f"pairs_{path}"] - inferred == layers
         calls += 1
     stats = parallel.stats(ep)
     assert len(stats) == layers and all(s.calls == calls for s in stats.values())
