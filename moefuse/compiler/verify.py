@@ -13,6 +13,8 @@ import torch.fx as fx
 from moefuse.passes import fxutil as fu
 from moefuse.passes.region import Reason, Region, Reject
 from moefuse.runtime.cpu import moe_forward_cpu
+from moefuse.runtime.op import shared_call
+from moefuse.runtime.shared import overlapped
 
 # Relative error (max |a-b| / max |b|) allowed between the captured region and the fused op. The op
 # accumulates in fp32 and applies the activation in fp32, the captured graph rounds each op to the dtype:
@@ -60,6 +62,13 @@ def _probe_inputs(region: Region, skewed: bool, gen: torch.Generator) -> list:
     for n in region.extra_inputs:
         v = fu.value(n)
         values[n] = fu.hint(v) if isinstance(v, torch.SymInt) else randn(n, 1.0) if isinstance(v, torch.Tensor) else v
+    sh = region.shared
+    if sh is not None:  # the shared MLP reads the same tokens (x, or the tensor x is a view of)
+        values[sh.x] = values[region.x].reshape(fu.shape(sh.x))
+        for w in (sh.w1, sh.w3, sh.gate):
+            if w is not None:
+                values[w] = randn(w, spec.hidden ** -0.5)
+        values[sh.w2] = randn(sh.w2, spec.shared.intermediate ** -0.5)
     return [values[n] for n in region.inputs]
 
 
@@ -98,21 +107,26 @@ def _probe(gm: fx.GraphModule, region: Region, seed: int) -> float:
     worst = 0.0
     for skewed in (False, True):
         args = _probe_inputs(region, skewed, gen)
-        x, ids, wts, w1, w2 = args[:5]
-        x, ids, wts = region.op_operands(x, ids, wts)
-        b1 = args[5] if region.b1 is not None else None
-        b2 = args[5 + (region.b1 is not None)] if region.b2 is not None else None
+        value = dict(zip(region.inputs, args))
+        x, ids, wts = region.op_operands(value[region.x], value[region.topk_ids], value[region.topk_weights])
+        w1, w2 = value[region.w1], value[region.w2]
+        b1, b2 = value.get(region.b1), value.get(region.b2)
         try:
             with torch.no_grad():
                 expected = sub(*args)
-                got = moe_forward_cpu(
-                    region.spec,
-                    x.to(getattr(torch, region.spec.dtype)),
-                    ids, wts,
-                    w1.transpose(-2, -1) if region.w1_transposed else w1,
-                    w2.transpose(-2, -1) if region.w2_transposed else w2,
-                    b1, b2,
-                )
+                x = x.to(getattr(torch, region.spec.dtype))
+                sh = region.shared
+                # the op's own composition (runtime.shared.overlapped: sequential on the CPU), so the probe
+                # checks the shared expert's form and the final add as well as the routed experts
+                shared_w = [value.get(n) for n in (sh.w1, sh.w2, sh.gate, sh.w3)] if sh is not None else [None] * 4
+                got, shared_y = overlapped(x, shared_call(region.spec, x, *shared_w), lambda: moe_forward_cpu(
+                        region.spec.routed(), x, ids, wts,
+                        w1.transpose(-2, -1) if region.w1_transposed else w1,
+                        w2.transpose(-2, -1) if region.w2_transposed else w2,
+                        b1, b2,
+                    ))
+                if shared_y is not None:
+                    got = got.add_(shared_y).reshape(expected.shape)
         except Exception as exc:  # the region runs arbitrary user ops: any failure means "do not lower"
             raise Reject(Reason.VERIFY_ERROR, region.output, f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(expected, torch.Tensor) or expected.shape != got.shape or expected.dtype != got.dtype:

@@ -29,8 +29,8 @@ import torch.fx as fx
 from moefuse import expr as _expr
 from moefuse.passes import fxutil as fu
 from moefuse.passes.activation import UnsupportedActivation, lift_activation
-from moefuse.passes.region import Reason, Region, Reject, Rejection
-from moefuse.spec import Activation, MoESpec
+from moefuse.passes.region import Reason, Region, Reject, Rejection, SharedBranch
+from moefuse.spec import Activation, MoESpec, SharedExpert
 
 log = logging.getLogger("moefuse.detect")
 
@@ -549,6 +549,42 @@ def _match(d: _Dispatch, mms: list[fx.Node]) -> Region:
         raise Reject(Reason.NO_ROUTING_IDS, output, "the combine's weights are not paired with [T, K] expert ids")
     module = _module_of(ids, output)
     boundary = [d.x, ids, weights, d.w1, d.w2]
+    routed_output = output
+    shared = None if d.input_scores is not None else _shared_expert(output, d.x, h)
+    if shared is not None:
+        branch, shared_spec, add = shared
+        try:  # the same checks over the routed and shared nodes together: closed, convex, no masking
+            nodes, b1, b2, extra = _region_nodes(add, boundary + branch.inputs, d, mms, e, n1, h)
+            output = add
+        except Reject as r:  # e.g. the shared MLP's interior is used elsewhere: it stays in the graph, as before
+            log.info("shared expert at %s left in the graph: %s", module, r)
+            shared = None
+    if shared is None:
+        nodes, b1, b2, extra = _region_nodes(output, boundary, d, mms, e, n1, h)
+    if d.input_scores is not None:
+        _check_input_weighting(activation, k, b1 is not None or b2 is not None, output)
+    out_val = fu.tensor(routed_output)
+    shared_weights = shared[0].inputs[1:] if shared is not None else []
+    needs_grad = torch.is_grad_enabled() and any(
+        getattr(fu.tensor(v), "requires_grad", False)
+        for v in (output, d.x, weights, d.w1, d.w2, b1, b2, *shared_weights) if v is not None
+    )
+    spec = MoESpec(
+        num_experts=e, top_k=k, hidden=h, intermediate=i, up_rows=n1, activation=activation,
+        dtype=_dtype_name(fu.tensor(d.w1).dtype), out_dtype=_dtype_name(out_val.dtype),
+        w1_bias=b1 is not None, w2_bias=b2 is not None, router=_router_description(ids, weights),
+        weight_on_input=d.input_scores is not None, shared=shared[1] if shared is not None else None,
+    )
+    scores, scores_missing = _router_scores(ids, t, e, k)
+    return Region(spec, module, output, nodes, d.x, ids, weights, d.w1, d.w2, d.w1_transposed, d.w2_transposed,
+                  b1, b2, extra, needs_grad, weight_on_input=d.input_scores is not None,
+                  scores=scores, scores_missing=scores_missing, shared=shared[0] if shared is not None else None)
+
+
+def _region_nodes(output: fx.Node, boundary: list[fx.Node], d: _Dispatch, mms: list[fx.Node], e: int, n1: int,
+                  h: int) -> tuple[list[fx.Node], fx.Node | None, fx.Node | None, list[fx.Node]]:
+    """(nodes, b1, b2, extra inputs) of the region from `boundary` to `output`; raises `Reject` unless it is
+    closed (reads only the boundary, per-expert biases and sizes), convex and free of masking ops."""
     nodes = _close_region(output, boundary)
     b1 = b2 = None
     extra: list[fx.Node] = []
@@ -575,22 +611,100 @@ def _match(d: _Dispatch, mms: list[fx.Node]) -> Region:
         escaping = [u for u in n.users if u not in inside]
         if escaping and isinstance(fu.value(n), torch.Tensor):
             raise Reject(Reason.INTERIOR_ESCAPES, n, f"{n.name} is also used by {escaping[0].name}")
-    if d.input_scores is not None:
-        _check_input_weighting(activation, k, b1 is not None or b2 is not None, output)
-    out_val = fu.tensor(output)
-    needs_grad = torch.is_grad_enabled() and any(
-        getattr(fu.tensor(v), "requires_grad", False) for v in (output, d.x, weights, d.w1, d.w2, b1, b2) if v is not None
-    )
-    spec = MoESpec(
-        num_experts=e, top_k=k, hidden=h, intermediate=i, up_rows=n1, activation=activation,
-        dtype=_dtype_name(fu.tensor(d.w1).dtype), out_dtype=_dtype_name(out_val.dtype),
-        w1_bias=b1 is not None, w2_bias=b2 is not None, router=_router_description(ids, weights),
-        weight_on_input=d.input_scores is not None,
-    )
-    scores, scores_missing = _router_scores(ids, t, e, k)
-    return Region(spec, module, output, nodes, d.x, ids, weights, d.w1, d.w2, d.w1_transposed, d.w2_transposed,
-                  b1, b2, extra, needs_grad, weight_on_input=d.input_scores is not None,
-                  scores=scores, scores_missing=scores_missing)
+    return nodes, b1, b2, extra
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared expert beside the routed ones
+# ----------------------------------------------------------------------------------------------------------
+
+_ADD = ("operator.add", "torch.add", "method:add")
+_MUL = ("operator.mul", "torch.mul", "method:mul")
+_SIGMOID = ("F.sigmoid", "torch.sigmoid", "method:sigmoid")
+_SAME_DATA = ("method:view", "method:reshape", "torch.reshape", "method:flatten", "torch.flatten")
+
+
+def _param(node) -> bool:
+    """A graph parameter (placeholder or attribute): what the op may take as a shared-expert weight."""
+    return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr") and fu.tensor(node) is not None
+
+
+def _linear_of(node, sources: set[fx.Node], h: int, rows: int | None = None) -> tuple[fx.Node, fx.Node] | None:
+    """(input, weight) when `node` is F.linear(input, weight) with no bias, input one of `sources` and weight a
+    parameter [rows, H]."""
+    if not isinstance(node, fx.Node) or fu.op_name(node) != "F.linear" or fu.arg(node, 2, "bias") is not None:
+        return None
+    inp, w = node.args[0], fu.arg(node, 1, "weight")
+    ws = fu.shape(w) if _param(w) else None
+    if inp not in sources or ws is None or len(ws) != 2 or ws[1] != h or (rows is not None and ws[0] != rows):
+        return None
+    return inp, w
+
+
+def _shared_expert(routed: fx.Node, x: fx.Node, h: int):
+    """(SharedBranch, SharedExpert, add node) when the routed output [T, H] (through views) is added to a dense
+    MLP of the tokens — Linear → activation → Linear, optionally × sigmoid(Linear(x)) — whose weights are
+    parameters; None otherwise (the shared expert, if any, then stays in the graph beside the op)."""
+    cur = routed
+    for _ in range(4):  # DeepSeek-V3 views the routed [T, H] back to [B, S, H] before the add
+        users = list(cur.users)
+        if len(users) != 1:
+            return None
+        if fu.op_name(users[0]) in _SAME_DATA and (fu.shape(users[0]) or (None,))[-1] == h:
+            cur = users[0]
+            continue
+        break
+    add = users[0]
+    if fu.op_name(add) not in _ADD or len(add.args) != 2 or add.kwargs or cur not in add.args:
+        return None
+    other = add.args[1] if add.args[0] is cur else add.args[0]
+    if not isinstance(other, fx.Node) or other is cur or fu.shape(other) != fu.shape(add):
+        return None
+    sources = {x}  # the tokens, and the tensors x is a view of: the same data, as the MLP may read it
+    src = x
+    while fu.op_name(src) in _SAME_DATA and isinstance(src.args[0], fx.Node):
+        src = src.args[0]
+        sources.add(src)
+    gate = gate_in = None
+    mlp = other
+    if fu.op_name(other) in _MUL and len(other.args) == 2 and not other.kwargs:
+        for g, m in (other.args, other.args[::-1]):
+            if isinstance(g, fx.Node) and fu.op_name(g) in _SIGMOID and _linear_of(g.args[0], sources, h, 1):
+                (gate_in, gate), mlp = _linear_of(g.args[0], sources, h, 1), m
+                break
+        else:
+            return None
+    if not isinstance(mlp, fx.Node) or fu.op_name(mlp) != "F.linear" or fu.arg(mlp, 2, "bias") is not None:
+        return None  # the down projection, without bias (a biased shared MLP stays in the graph)
+    a, w2 = mlp.args[0], fu.arg(mlp, 1, "weight")
+    if not _param(w2) or not isinstance(a, fx.Node):
+        return None
+    order = {n: j for j, n in enumerate(routed.graph.nodes)}
+    ups = sorted((n for n in fu.ancestors([a]) | {a} if _linear_of(n, sources, h)), key=order.__getitem__)
+    inputs = {n.args[0] for n in ups} | ({gate_in} if gate is not None else set())
+    if len(ups) not in (1, 2) or len(inputs) != 1:
+        return None
+    try:
+        if len(ups) == 1:  # one up-projection, read whole or in slices (chunk, [..., a:b])
+            activation, i = activation_between(ups[0], a)
+        else:  # gate and up as two linears (Qwen2-MoE, DeepSeek-V3): variable j reads the rows of linear j
+            i = fu.shape(ups[0])[-1]
+            if fu.shape(ups[1])[-1] != i:
+                return None
+            lifted = lift_activation(a, {ups[0]: _expr.variables(2)[0], ups[1]: _expr.variables(2)[1]})
+            activation = Activation(_expr.to_str(lifted), ((0, 1), (i, 1)))
+    except (Reject, UnsupportedActivation) as exc:
+        log.info("shared expert beside %s: activation not liftable: %s", routed.name, exc)
+        return None
+    weights = [fu.arg(n, 1, "weight") for n in ups]
+    if fu.shape(w2) != (h, i) or fu.shape(a)[-1] != i:
+        return None
+    dtype = fu.tensor(x).dtype
+    if any(fu.tensor(n).dtype != dtype for n in [*inputs, *weights, w2, gate, add, routed] if n is not None):
+        return None  # one dtype throughout, as the op computes it (mixed precision stays in the graph)
+    up_rows = sum(fu.shape(w)[0] for w in weights)
+    branch = SharedBranch(inputs.pop(), weights[0], weights[1] if len(weights) == 2 else None, w2, gate, routed)
+    return branch, SharedExpert(i, up_rows, activation, gate is not None), add
 
 
 def _check_input_weighting(activation: Activation, k: int, has_bias: bool, output: fx.Node) -> None:

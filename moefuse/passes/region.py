@@ -76,6 +76,25 @@ class Reject(Exception):
 
 
 @dataclass
+class SharedBranch:
+    """The shared expert found beside a routed region: a dense MLP on x whose output is added to the routed
+    output. `x` is the tokens as the MLP reads them: the region's x, or the [..., H] tensor that x is a
+    view of (DeepSeek-V3 runs it on the [B, S, H] hidden states); the weights are graph parameters, as the
+    op takes them (out × in)."""
+
+    x: fx.Node
+    w1: fx.Node  # [R1, H]
+    w3: fx.Node | None  # [R3, H]: the second up-projection when gate and up are two linears
+    w2: fx.Node  # [H, Is]
+    gate: fx.Node | None  # [1, H]: the output is scaled by sigmoid(x @ gateᵀ)
+    routed_output: fx.Node  # the routed experts' [T, H] output inside the region (the op's value before the add)
+
+    @property
+    def inputs(self) -> list[fx.Node]:
+        return [n for n in (self.x, self.w1, self.w3, self.w2, self.gate) if n is not None]
+
+
+@dataclass
 class Region:
     """One MoE layer found in the graph, ready to be replaced by `moefuse::moe`.
 
@@ -105,12 +124,16 @@ class Region:
     # by it and weights the pairs it adds with it); None when not found, with the reason in `scores_missing`.
     scores: fx.Node | None = None
     scores_missing: str = ""
+    # The shared expert inside the region (`spec.shared` describes it; `output` is then the add of the routed
+    # and shared outputs, possibly [..., H] rather than [T, H]); None when it is absent or left in the graph.
+    shared: SharedBranch | None = None
 
     @property
     def inputs(self) -> list[fx.Node]:
         """The values outside the region that it reads, in a fixed order (the probe's placeholders)."""
         nodes = [self.x, self.topk_ids, self.topk_weights, self.w1, self.w2, self.b1, self.b2]
-        return [n for n in nodes if n is not None] + self.extra_inputs
+        shared = [n for n in self.shared.inputs if n is not self.x] if self.shared is not None else []
+        return [n for n in nodes if n is not None] + self.extra_inputs + shared
 
     def op_operands(self, x, topk_ids, topk_weights):
         """The fused op's (x [T,H], topk_ids [T,K], topk_weights [T,K]) from the region's values of `x`,

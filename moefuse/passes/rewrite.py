@@ -26,6 +26,7 @@ from moefuse.rounding import round_routing
 from moefuse.runtime import autograd as _autograd  # noqa: F401
 from moefuse.runtime import op as _op  # noqa: F401
 from moefuse.runtime import pairs as _pairs  # moefuse::moe_pairs; fused_moe_pairs picks its op by grad mode
+from moefuse.runtime import shared as _shared
 
 
 def rewrite(gm: fx.GraphModule, region: Region, rounding: str = "off", tile_m: int = 128) -> fx.Node:
@@ -40,21 +41,35 @@ def rewrite(gm: fx.GraphModule, region: Region, rounding: str = "off", tile_m: i
             x = graph.call_method("to", (x, getattr(torch, spec.dtype)))
         w1 = graph.call_method("transpose", (region.w1, -2, -1)) if region.w1_transposed else region.w1
         w2 = graph.call_method("transpose", (region.w2, -2, -1)) if region.w2_transposed else region.w2
-        args = (x, ids, weights, w1, w2, region.b1, region.b2, spec.to_key())
+        sh = region.shared
+        # the shared expert's weights ride along as the op's trailing arguments (its output is added inside)
+        shared_args = (sh.w1, sh.w2, sh.gate, sh.w3) if sh is not None else ()
+        args = (x, ids, weights, w1, w2, region.b1, region.b2, spec.to_key(), *shared_args)
         if rounding != "off" and region.scores is not None:
             pairs = graph.call_function(round_routing, (region.scores, ids, weights, rounding, tile_m))
-            rounded = dataclasses.replace(spec, tile_m=tile_m)  # so the op's GEMM tiles divide the rounded counts
+            # tile_m: so the op's GEMM tiles divide the rounded counts; the flat-pairs op has no shared expert
+            rounded = dataclasses.replace(spec.routed(), tile_m=tile_m)
             op_node = new = graph.call_function(_pairs.fused_moe_pairs,
                                                 (rounded.to_key(), x, pairs, w1, w2, region.b1, region.b2))
+            if sh is not None:  # so the shared expert's dense MLP is traced through, then added
+                s_out = graph.call_function(_shared.shared_forward, (spec.shared, x, sh.w1, sh.w3, sh.w2, sh.gate))
+                new = graph.call_function(operator.add, (new, s_out))
         elif region.needs_grad:
             # The training op returns (y, h): h, the pre-activation, is what its backward keeps.
             op_node = graph.call_function(torch.ops.moefuse.moe_fwd.default, args)
             new = graph.call_function(operator.getitem, (op_node, 0))
         else:
             op_node = new = graph.call_function(torch.ops.moefuse.moe.default, args)
-    new.meta.update({k: v for k, v in out.meta.items() if k in ("example_value", "nn_module_stack", "stack_trace",
-                                                                  "source_fn_stack", "val")})
+    keep = ("example_value", "nn_module_stack", "stack_trace", "source_fn_stack", "val")
+    # the op's value is the routed output's [T, H] (plus the shared expert's): its metadata
+    value_of = region.shared.routed_output if region.shared is not None else out
+    new.meta.update({k: v for k, v in value_of.meta.items() if k in keep})
     new.meta["moefuse_spec"] = spec
+    if region.shared is not None and value_of.meta["example_value"].shape != out.meta["example_value"].shape:
+        # the add was over [B, S, H] views of the tokens (DeepSeek-V3): the same view of the op's [T, H]
+        with graph.inserting_after(new):
+            new = graph.call_method("view_as", (new, region.shared.x))
+        new.meta.update({k: v for k, v in out.meta.items() if k in keep})
     out.replace_all_uses_with(new)
     for node in reversed(region.nodes):
         if node.users and not isinstance(node.meta.get("example_value"), torch.Tensor):

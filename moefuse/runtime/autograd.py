@@ -12,6 +12,12 @@ gathered x, A or Y: the backward recomputes A from h and never forms Y or dY. Gr
 topk_weights (and from there into the router, which stays in the graph), w1, w2, b1, b2; none to topk_ids;
 h is not differentiable.
 
+With a shared expert in the spec (`MoESpec.shared`), both ops take its weights as optional trailing
+arguments `shared_w1, shared_w2, shared_gate, shared_w3` (as `moefuse::moe` does): moe_fwd adds its output to
+y (on CUDA computed on a side stream while the routed experts run), and moe_bwd returns their gradients after
+the six above — dshared_w1, dshared_w2, dshared_gate, dshared_w3 (empty when absent) — and adds the shared
+path's dx. Nothing of the shared MLP is saved: moe_bwd recomputes it from x (`runtime.shared`).
+
 Inference uses the plain `moefuse::moe` op (`runtime.op`), which keeps no h: the compiler emits this pair
 only when gradients are needed. Under `torch.no_grad()` / `inference_mode` moe_fwd still computes h (it is
 an output of the op), but nothing is saved and h is freed as soon as the caller drops it.
@@ -27,7 +33,8 @@ import torch
 
 from moefuse.inputs import check_layer_inputs
 from moefuse.runtime.cpu import moe_backward_cpu, moe_forward_cpu
-from moefuse.runtime.op import _use_triton, counters, spec_from_key
+from moefuse.runtime.op import _use_triton, counters, shared_call, spec_from_key
+from moefuse.runtime.shared import overlapped, shared_backward
 from moefuse.spec import MoESpec
 
 Tensor = torch.Tensor
@@ -48,20 +55,31 @@ def moe_fwd(
     b1: Tensor | None,
     b2: Tensor | None,
     spec: str,
+    shared_w1: Tensor | None = None,
+    shared_w2: Tensor | None = None,
+    shared_gate: Tensor | None = None,
+    shared_w3: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     s = spec_from_key(spec)
-    check_layer_inputs(s, x, topk_ids, topk_weights, w1, w2, b1, b2)
+    routed = s.routed()
+    check_layer_inputs(routed, x, topk_ids, topk_weights, w1, w2, b1, b2)
+    shared = shared_call(s, x, shared_w1, shared_w2, shared_gate, shared_w3)
     if _use_triton(x):
         from moefuse.runtime.triton_path import moe_forward_triton
 
         counters["fwd_train_triton"] += 1
-        return moe_forward_triton(s, x, topk_ids, topk_weights, w1, w2, b1, b2, save_h=True)
-    counters["fwd_train_cpu"] += 1
-    return moe_forward_cpu(s, x, topk_ids, topk_weights, w1, w2, b1, b2, save_h=True)
+        (y, h), sy = overlapped(x, shared, lambda: moe_forward_triton(routed, x, topk_ids, topk_weights, w1, w2, b1, b2,
+                                                                      save_h=True))
+    else:
+        counters["fwd_train_cpu"] += 1
+        (y, h), sy = overlapped(x, shared, lambda: moe_forward_cpu(routed, x, topk_ids, topk_weights, w1, w2, b1, b2,
+                                                                   save_h=True))
+    return (y if sy is None else y.add_(sy)), h
 
 
 @moe_fwd.register_fake
-def _moe_fwd_fake(x, topk_ids, topk_weights, w1, w2, b1, b2, spec):
+def _moe_fwd_fake(x, topk_ids, topk_weights, w1, w2, b1, b2, spec, shared_w1=None, shared_w2=None, shared_gate=None,
+                  shared_w3=None):
     s = spec_from_key(spec)
     y = x.new_empty((x.shape[0], s.hidden), dtype=getattr(torch, s.out_dtype))
     h = x.new_empty((topk_ids.shape[0] * topk_ids.shape[1], s.up_rows))
@@ -85,17 +103,32 @@ def moe_bwd(
     b2: Tensor | None,
     h: Tensor,
     spec: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    shared_w1: Tensor | None = None,
+    shared_w2: Tensor | None = None,
+    shared_gate: Tensor | None = None,
+    shared_w3: Tensor | None = None,
+) -> list[Tensor]:
     s = spec_from_key(spec)
+    routed = s.routed()
+    shared = None
+    if shared_call(s, x, shared_w1, shared_w2, shared_gate, shared_w3) is not None:
+        def shared():
+            return shared_backward(s.shared, dy, x, shared_w1, shared_w3, shared_w2, shared_gate)
     if _use_triton(x):
         from moefuse.kernels.backward import moe_backward
 
         counters["bwd_triton"] += 1
-        grads = moe_backward(s, dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h)
+        grads, sgrads = overlapped(x, shared, lambda: moe_backward(routed, dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h))
     else:
         counters["bwd_cpu"] += 1
-        grads = moe_backward_cpu(s, dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h)
-    return op_grads(x, *grads)
+        grads, sgrads = overlapped(x, shared, lambda: moe_backward_cpu(routed, dy, x, topk_ids, topk_weights, w1, w2, b1,
+                                                                       b2, h))
+    out = list(op_grads(x, *grads))
+    if sgrads is None:
+        return out
+    dsx, dsw1, dsw3, dsw2, dsgate = sgrads
+    out[0] = out[0] + dsx
+    return out + [dsw1, dsw2, x.new_empty(0) if dsgate is None else dsgate, x.new_empty(0) if dsw3 is None else dsw3]
 
 
 def op_grads(x: Tensor, dx, drouting, dw1, dw2, db1, db2) -> tuple[Tensor, ...]:
@@ -122,8 +155,15 @@ def grads_fake(s: MoESpec, x, routing_weights, w1, w2, b1, b2) -> tuple[Tensor, 
 
 
 @moe_bwd.register_fake
-def _moe_bwd_fake(dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h, spec):
-    return grads_fake(spec_from_key(spec), x, topk_weights, w1, w2, b1, b2)
+def _moe_bwd_fake(dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h, spec, shared_w1=None, shared_w2=None,
+                  shared_gate=None, shared_w3=None):
+    s = spec_from_key(spec)
+    out = list(grads_fake(s, x, topk_weights, w1, w2, b1, b2))
+    if s.shared is None:
+        return out
+    return out + [shared_w1.new_empty(shared_w1.shape), shared_w2.new_empty(shared_w2.shape),
+                  x.new_empty(0) if shared_gate is None else shared_gate.new_empty(shared_gate.shape),
+                  x.new_empty(0) if shared_w3 is None else shared_w3.new_empty(shared_w3.shape)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,19 +172,23 @@ def _moe_bwd_fake(dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h, spec):
 
 
 def _setup_context(ctx, inputs, output):
-    x, topk_ids, topk_weights, w1, w2, b1, b2, spec = inputs
+    x, topk_ids, topk_weights, w1, w2, b1, b2, spec, *shared = inputs
     _, h = output
-    ctx.save_for_backward(x, topk_ids, topk_weights, w1, w2, b1, b2, h)
+    # the shared weights are inputs (alive anyway): saving them costs nothing, the shared MLP is recomputed
+    ctx.save_for_backward(x, topk_ids, topk_weights, w1, w2, b1, b2, h, *shared)
     ctx.spec = spec
     ctx.mark_non_differentiable(h)
 
 
 def _backward(ctx, dy, _dh):
-    x, topk_ids, topk_weights, w1, w2, b1, b2, h = ctx.saved_tensors
-    dx, dtopk_weights, dw1, dw2, db1, db2 = torch.ops.moefuse.moe_bwd(
-        dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h, ctx.spec
+    x, topk_ids, topk_weights, w1, w2, b1, b2, h, *shared = ctx.saved_tensors
+    shared += [None] * (4 - len(shared))  # trailing arguments the caller left at their default
+    dx, dtopk_weights, dw1, dw2, db1, db2, *dshared = torch.ops.moefuse.moe_bwd(
+        dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h, ctx.spec, *shared
     )
-    return (dx, None, dtopk_weights, dw1, dw2, *bias_grads(b1, b2, db1, db2), None)
+    # an absent shared weight (no shared expert, no gate, no w3) gets no gradient
+    dshared = [d if w is not None else None for w, d in zip(shared, dshared + [None] * (4 - len(dshared)))]
+    return (dx, None, dtopk_weights, dw1, dw2, *bias_grads(b1, b2, db1, db2), None, *dshared)
 
 
 torch.library.register_autograd("moefuse::moe_fwd", _backward, setup_context=_setup_context)

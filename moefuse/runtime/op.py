@@ -2,7 +2,10 @@
 
 Boundary (the same as transformers' experts interface): (x[T,H], topk_ids[T,K], topk_weights[T,K], w1, w2,
 b1?, b2?, spec) → y[T,H]; `spec` is `MoESpec.to_key()`, so the op stays a plain custom op that dynamo,
-AOTAutograd and Inductor treat as opaque, with a fake implementation for tracing.
+AOTAutograd and Inductor treat as opaque, with a fake implementation for tracing. Optional trailing
+arguments `shared_w1, shared_w2, shared_gate, shared_w3` carry the layer's shared expert when the spec has
+one (`MoESpec.shared`): y then also holds its output, computed by `runtime.shared` — on CUDA on a side
+stream while the routed experts run, on the CPU after them.
 
 Dispatch, decided per call:
   - CUDA tensors → the Triton kernels, generated for the spec and cached;
@@ -19,7 +22,9 @@ import os
 
 import torch
 
+from moefuse.errors import InputError
 from moefuse.inputs import check_layer_inputs
+from moefuse.runtime.shared import overlapped, shared_forward
 from moefuse.spec import MoESpec
 
 log = logging.getLogger("moefuse.runtime")
@@ -52,22 +57,44 @@ def moe(
     b1: torch.Tensor | None,
     b2: torch.Tensor | None,
     spec: str,
+    shared_w1: torch.Tensor | None = None,
+    shared_w2: torch.Tensor | None = None,
+    shared_gate: torch.Tensor | None = None,
+    shared_w3: torch.Tensor | None = None,
 ) -> torch.Tensor:
     s = spec_from_key(spec)
-    check_layer_inputs(s, x, topk_ids, topk_weights, w1, w2, b1, b2)
+    routed = s.routed()  # the kernels, their caches and tuning see the routed experts only
+    check_layer_inputs(routed, x, topk_ids, topk_weights, w1, w2, b1, b2)
+    shared = shared_call(s, x, shared_w1, shared_w2, shared_gate, shared_w3)
     if _use_triton(x):
         from moefuse.runtime.triton_path import moe_forward_triton
 
         counters["triton"] += 1
-        return moe_forward_triton(s, x, topk_ids, topk_weights, w1, w2, b1, b2)
-    from moefuse.runtime.cpu import moe_forward_cpu
+        y, sy = overlapped(x, shared, lambda: moe_forward_triton(routed, x, topk_ids, topk_weights, w1, w2, b1, b2))
+    else:
+        from moefuse.runtime.cpu import moe_forward_cpu
 
-    counters["cpu"] += 1
-    return moe_forward_cpu(s, x, topk_ids, topk_weights, w1, w2, b1, b2)
+        counters["cpu"] += 1
+        y, sy = overlapped(x, shared, lambda: moe_forward_cpu(routed, x, topk_ids, topk_weights, w1, w2, b1, b2))
+    return y if sy is None else y.add_(sy)
+
+
+def shared_call(s: MoESpec, x, shared_w1, shared_w2, shared_gate, shared_w3):
+    """A thunk computing the spec's shared expert on x (for `runtime.shared.overlapped`), or None without one.
+    Raises `InputError` when the shared weights and the spec disagree."""
+    given = any(t is not None for t in (shared_w1, shared_w2, shared_gate, shared_w3))
+    if s.shared is None:
+        if given:
+            raise InputError("shared expert weights were passed but the spec has no shared expert (MoESpec.shared)")
+        return None
+    if shared_w1 is None or shared_w2 is None:
+        raise InputError("the spec has a shared expert: pass shared_w1 and shared_w2 (and shared_gate if gated)")
+    return lambda: shared_forward(s.shared, x, shared_w1, shared_w3, shared_w2, shared_gate)
 
 
 @moe.register_fake
-def _moe_fake(x, topk_ids, topk_weights, w1, w2, b1, b2, spec):
+def _moe_fake(x, topk_ids, topk_weights, w1, w2, b1, b2, spec, shared_w1=None, shared_w2=None, shared_gate=None,
+              shared_w3=None):
     s = spec_from_key(spec)
     return x.new_empty((x.shape[0], s.hidden), dtype=getattr(torch, s.out_dtype))
 
