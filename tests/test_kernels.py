@@ -4,6 +4,7 @@ import os
 # (tests/conftest.py sets it too, for when another test module imports the kernels first.)
 os.environ["TRITON_INTERPRET"] = "1"
 
+import dataclasses  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
@@ -14,13 +15,19 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from moefuse.kernels.combine import combine  # noqa: E402
-from moefuse.kernels.grouped_gemm import GemmConfig, grouped_gemm  # noqa: E402
+from moefuse.kernels import grouped_gemm as gg  # noqa: E402
+from moefuse.kernels.grouped_gemm import GemmConfig, grouped_gemm, weight_tma  # noqa: E402
 from moefuse.kernels.moe import moe_forward  # noqa: E402
 from moefuse.kernels.routing import routing_plan, routing_plan_reference  # noqa: E402
 from moefuse.spec import Activation, MoESpec  # noqa: E402
 
 # Interpreter-sized tiles, so that the small shapes below still span several M-, N- and K-tiles per expert.
 SMALL = GemmConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
+# The same tiles on the persistent grid (INTERPRETER_SMS·programs_per_sm = 4 programs, each walking several
+# tiles; groups of 2 M-tiles, so experts with 3 M-tiles end in a short group) with the weights by TMA where
+# `weight_tma` allows it (the interpreter runs tensor descriptors): every case below runs both.
+SMALL_PERSISTENT_TMA = dataclasses.replace(SMALL, persistent=True, group_m=2, tma=True)
+CONFIGS = {"per_tile": SMALL, "persistent_tma": SMALL_PERSISTENT_TMA}
 
 # One table per dtype: how far moefuse's y may be from the float64 reference, and why.
 TOLERANCES = {
@@ -188,12 +195,13 @@ def make_problem(case: Case, dtype: torch.dtype, seed: int = 0):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
-def test_moe_forward_matches_reference(name, dtype):
+def test_moe_forward_matches_reference(name, dtype, config):
     case = CASES[name]
     spec, act, (x, ids, w, w1, w2, b1, b2) = make_problem(case, dtype)
-    y = moe_forward(spec, x, ids, w, w1, w2, b1, b2, activation=act.jit, config=SMALL)
+    y = moe_forward(spec, x, ids, w, w1, w2, b1, b2, activation=act.jit, config=CONFIGS[config])
     expected = reference_moe(x, ids, w, w1, w2, b1, b2, act, spec.activation.slices, case.I)
     assert y.dtype == dtype and y.shape == (case.T, case.H)
     torch.testing.assert_close(y.double(), expected, **TOLERANCES[dtype])
@@ -234,9 +242,11 @@ def test_deterministic():
     assert torch.equal(first, second)
 
 
-def test_no_host_sync(monkeypatch):
-    # The host path must not read device values back: every way it could is made to raise.
-    spec, act, args = make_problem(CASES["biases"], torch.float32)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_no_host_sync(monkeypatch, config):
+    # The host path must not read device values back: every way it could is made to raise. The persistent grid
+    # is sized from S, E and the SM count, never from the counts.
+    spec, act, args = make_problem(CASES["biases"], torch.float16 if config == "persistent_tma" else torch.float32)
 
     def sync(*_args, **_kwargs):
         raise AssertionError("host sync in the moefuse forward")
@@ -245,10 +255,10 @@ def test_no_host_sync(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, sync)
     monkeypatch.setattr(torch, "nonzero", sync)
     monkeypatch.setattr(torch, "unique", sync)
-    y = moe_forward(spec, *args, activation=act.jit, config=SMALL)
+    y = moe_forward(spec, *args, activation=act.jit, config=CONFIGS[config])
     monkeypatch.undo()
     expected = reference_moe(*args, act, spec.activation.slices, 32)
-    torch.testing.assert_close(y.double(), expected, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(y.double(), expected, **TOLERANCES[args[0].dtype])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -283,6 +293,67 @@ def test_down_gemm_writes_only_kept_rows():
     kept = int(ref.offsets[-1])
     expected = torch.einsum("sk,snk->sn", a[:kept].double(), w[experts].double())
     torch.testing.assert_close(c[:kept].double(), expected, **TOLERANCES[torch.float32])
+
+
+@triton.jit
+def _schedule_probe(counts_ptr, out_ptr, E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):
+    # Row `tile` of out: (expert, M-tile within the expert, N-tile) as the persistent walk assigns them.
+    experts, counts, tiles, tiles_end = gg.m_tile_table(counts_ptr, E, BLOCK_M, BLOCK_E)
+    num_n = tl.cdiv(N, BLOCK_N)
+    for tile in range(0, tl.sum(tiles, axis=0) * num_n):
+        expert, tile_in_expert, pid_n = gg.schedule_tile(tile, num_n, experts, tiles, tiles_end, GROUP_M)
+        tl.store(out_ptr + 3 * tile, expert)
+        tl.store(out_ptr + 3 * tile + 1, tile_in_expert)
+        tl.store(out_ptr + 3 * tile + 2, pid_n)
+
+
+@pytest.mark.parametrize("group_m", [1, 2, 8])
+def test_persistent_schedule_visits_every_tile_once_grouped(group_m):
+    # Counts with an empty expert, partial tiles and an expert of 5 M-tiles (a short last group for 2 and 8).
+    counts = torch.tensor([3, 0, 80, 16, 17], dtype=torch.int32)
+    block_m, block_n, n = 16, 32, 96
+    m_tiles = [-(-int(c) // block_m) for c in counts]
+    total = sum(m_tiles) * 3
+    out = torch.full((total, 3), -1, dtype=torch.int32)
+    _schedule_probe[(1,)](counts, out, 5, n, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=8, GROUP_M=group_m)
+    expected = {(e, m, j) for e in range(5) for m in range(m_tiles[e]) for j in range(3)}
+    assert sorted(map(tuple, out.tolist())) == sorted(expected)  # a permutation of the output tiles
+    assert out[:, 0].tolist() == sorted(out[:, 0].tolist())  # expert by expert
+    for e in range(5):  # within an expert: N-tile j of a group's M-tiles follow each other (one weight panel)
+        rows = [tuple(r) for r in out.tolist() if r[0] == e]
+        for start in range(0, m_tiles[e], group_m):
+            size = min(group_m, m_tiles[e] - start)
+            group = rows[start * 3:(start + size) * 3]
+            assert group == [(e, start + i, j) for j in range(3) for i in range(size)]
+
+
+def test_weight_tma_selection(monkeypatch):
+    # The host decides, from the config, target and weight strides, whether w_ptr is a tensor descriptor.
+    tma = dataclasses.replace(SMALL, tma=True)
+    gate_up = ((0, 1), (32, 1))
+    shape, strides = (4, 64, 32), (64 * 32, 32, 1)
+    assert weight_tma(tma, gate_up, shape, strides, 2, capability=90)
+    assert weight_tma(tma, gate_up, shape, strides, 2, capability=None)  # the interpreter
+    assert not weight_tma(SMALL, gate_up, shape, strides, 2, capability=90)  # not asked for
+    assert not weight_tma(tma, gate_up, shape, strides, 2, capability=80)  # no TMA before sm_90
+    assert not weight_tma(tma, gate_up, shape, strides, 4, capability=90)  # fp32: FMA path
+    assert not weight_tma(tma, ((0, 2), (1, 2)), shape, strides, 2, capability=90)  # interleaved rows
+    assert not weight_tma(tma, gate_up, (4, 64, 32), (64 * 32, 1, 64), 2, capability=90)  # transposed
+    assert not weight_tma(tma, gate_up, (4, 64, 36), (64 * 36, 36, 1), 2, capability=90)  # 72-byte row pitch
+    assert not weight_tma(tma, gate_up, shape, (2 * 64 * 32, 32, 1), 2, capability=90)  # experts not adjacent
+
+    # And the launch follows it: descriptors for [gate; up] and the down GEMM, none for the transposed case.
+    made = []
+    real = gg.TensorDescriptor
+    monkeypatch.setattr(gg, "TensorDescriptor", lambda *args: made.append(args) or real(*args))
+    for name, descriptors in (("biases", 2), ("glu_interleaved", 1), ("transposed_weights", 0)):
+        made.clear()
+        spec, act, (x, ids, w, w1, w2, b1, b2) = make_problem(CASES[name], torch.float16)
+        y = moe_forward(spec, x, ids, w, w1, w2, b1, b2, activation=act.jit, config=SMALL_PERSISTENT_TMA)
+        assert len(made) == descriptors, name
+        expected = reference_moe(x, ids, w, w1, w2, b1, b2, act, spec.activation.slices, 32)
+        torch.testing.assert_close(y.double(), expected, **TOLERANCES[torch.float16])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def activation_backward_kernel(
     # ---- Main loop: dA' = dy_t · W2_e (one accumulator) ----
     da, _ = varlen_m_mainloop(dy_ptr, dy_row, m_mask, stride_dyt, stride_dyh,
                               w_ptr + expert.to(tl.int64) * stride_we, rn.to(tl.int64), rn.to(tl.int64), n_mask,
-                              stride_wn, stride_wk, KDIM, 1, BLOCK_M, BLOCK_N, BLOCK_K)
+                              stride_wn, stride_wk, KDIM, 1, BLOCK_M, BLOCK_N, BLOCK_K, False)
 
     # ---- Epilogue: recompute act(H) and its partials from the saved pre-activations, in fp32 ----
     mask = m_mask[:, None] & n_mask[None, :]

@@ -24,11 +24,14 @@ which covers SwiGLU stored [gate; up] ((0, 1), (I, 1)), [up; gate] ((I, 1), (0, 
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moefuse.kernels.routing import RoutingPlan
 
@@ -45,23 +48,59 @@ def identity(x):
 
 
 @triton.jit
+def m_tile_table(counts_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The M-tiles of a varlen-M grid, per expert: (experts, counts, tiles, tiles_end), each [BLOCK_E] int32.
+
+    Expert e owns tiles[e] = cdiv(counts[e], BLOCK_M) M-tiles, numbered in expert order; tiles_end[e] is the
+    running total through e (entries >= E are 0 tiles)."""
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
+    tiles = tl.cdiv(counts, BLOCK_M)
+    return experts, counts, tiles, tl.cumsum(tiles, axis=0)
+
+
+@triton.jit
+def m_tile_rows(expert, tile_in_expert, experts, counts, offsets_ptr, BLOCK_M: tl.constexpr):
+    """(m_mask, sorted_row) of the tile_in_expert-th M-tile of `expert`: sorted_row [BLOCK_M] int64 are its rows
+    in expert-sorted order, m_mask masks the rows past the expert's end."""
+    rows_of_expert = tl.sum(tl.where(experts == expert, counts, 0), axis=0)
+    segment = tl.load(offsets_ptr + expert)
+    rm = tile_in_expert * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64: products with the row strides can pass 2**31 (S·KDIM, S·N)
+    return rm < rows_of_expert, (segment + rm).to(tl.int64)
+
+
+@triton.jit
 def locate_m_tile(pid_m, counts_ptr, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Where the pid_m-th M-tile of a varlen-M grid lies: (num_tiles, expert, m_mask, sorted_row).
 
     M-tiles are numbered in expert order, cdiv(counts[e], BLOCK_M) per expert. num_tiles is the real count: a
     program with pid_m >= num_tiles owns nothing and must exit (its other values are meaningless). sorted_row
     [BLOCK_M] int64 are the tile's rows in expert-sorted order; m_mask masks the rows past the expert's end."""
-    experts = tl.arange(0, BLOCK_E)
-    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
-    tiles = tl.cdiv(counts, BLOCK_M)
-    tiles_end = tl.cumsum(tiles, axis=0)  # M-tiles of experts 0..e
+    experts, counts, tiles, tiles_end = m_tile_table(counts_ptr, E, BLOCK_M, BLOCK_E)
     expert = tl.sum((tiles_end <= pid_m).to(tl.int32), axis=0)
     first_tile = tl.sum(tl.where(experts == expert, tiles_end - tiles, 0), axis=0)
-    rows_of_expert = tl.sum(tl.where(experts == expert, counts, 0), axis=0)
-    segment = tl.load(offsets_ptr + expert)
-    rm = (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-    # int64: products with the row strides can pass 2**31 (S·KDIM, S·N)
-    return tl.sum(tiles, axis=0), expert, rm < rows_of_expert, (segment + rm).to(tl.int64)
+    m_mask, sorted_row = m_tile_rows(expert, pid_m - first_tile, experts, counts, offsets_ptr, BLOCK_M)
+    return tl.sum(tiles, axis=0), expert, m_mask, sorted_row
+
+
+@triton.jit
+def schedule_tile(tile, num_n, experts, tiles, tiles_end, GROUP_M: tl.constexpr):
+    """(expert, M-tile within the expert, N-tile) of the tile-th output tile of a persistent walk.
+
+    Output tiles are numbered expert by expert (tiles[e]·num_n each); within an expert, in groups of GROUP_M
+    M-tiles, the group's M-tiles fastest, then its N-tiles. Consecutive programs run consecutive tiles at the
+    same time, so GROUP_M of them read the same N-panel of the expert's weights (one DRAM read, the rest hit
+    L2) and a group's A-tiles are re-read from L2 for each N-panel. With one M-tile per expert (decode) this is
+    N-major within the expert."""
+    expert = tl.sum((tiles_end * num_n <= tile).to(tl.int32), axis=0)
+    first_m = tl.sum(tl.where(experts == expert, tiles_end - tiles, 0), axis=0)
+    m_tiles = tl.sum(tl.where(experts == expert, tiles, 0), axis=0)
+    local = tile - first_m * num_n
+    group_first = (local // (GROUP_M * num_n)) * GROUP_M
+    group_size = tl.minimum(m_tiles - group_first, GROUP_M)  # the expert's last group may be short
+    in_group = local % (GROUP_M * num_n)
+    return expert, group_first + in_group % group_size, in_group // group_size
 
 
 @triton.jit
@@ -84,17 +123,25 @@ def operand_rows(sorted_row, mask, sorted_pairs_ptr, pair_token_ptr, TOP_K, GATH
 @triton.jit
 def varlen_m_mainloop(
     a_ptr, a_row, m_mask, stride_am, stride_ak,  # A rows a_row [BLOCK_M] (int64), masked by m_mask
-    w_expert_ptr, w_row0, w_row1, n_mask, stride_wn, stride_wk,  # the expert's W rows w_row_j [BLOCK_N]
+    w, w_row0, w_row1, n_mask, stride_wn, stride_wk,  # the expert's weights and the rows w_row_j [BLOCK_N] it reads
     KDIM,
     NUM_INPUTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_TMA: tl.constexpr,
 ):
     """(acc0, acc1) [BLOCK_M, BLOCK_N] fp32: acc_j = A[a_row] · W[w_row_j]ᵀ over KDIM. One A tile feeds
-    NUM_INPUTS weight tiles; with NUM_INPUTS=1, acc1 stays zero (and is dead code in the caller)."""
+    NUM_INPUTS weight tiles; with NUM_INPUTS=1, acc1 stays zero (and is dead code in the caller).
+
+    W_TMA=False: w points at the expert's weights, read through the strides at rows w_row_j, masked by n_mask.
+    W_TMA=True: w is a tensor descriptor of all experts' weights viewed [E·N_ROWS, KDIM] (unit inner stride)
+    and w_row_j the first row of tile j (a scalar, rows are consecutive): the [BLOCK_N, BLOCK_K] tiles arrive
+    by TMA, zero past the view's end; rows past the N-panel are read unmasked and land in output columns the
+    caller's n_mask does not store."""
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_row[:, None] * stride_am + rk[None, :] * stride_ak
-    w_ptrs0 = w_expert_ptr + w_row0[None, :] * stride_wn + rk[:, None] * stride_wk
-    w_ptrs1 = w_expert_ptr + w_row1[None, :] * stride_wn + rk[:, None] * stride_wk
+    if not W_TMA:
+        w_ptrs0 = w + w_row0[None, :] * stride_wn + rk[:, None] * stride_wk
+        w_ptrs1 = w + w_row1[None, :] * stride_wn + rk[:, None] * stride_wk
     acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # fp32 accumulation always; "ieee" keeps fp32 inputs out of TF32 (10-bit mantissa, ~1e-3 relative error)
@@ -102,14 +149,20 @@ def varlen_m_mainloop(
     for k0 in range(0, KDIM, BLOCK_K):
         k_mask = rk < KDIM - k0
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w0 = tl.load(w_ptrs0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if W_TMA:
+            w0 = w.load([w_row0, k0]).T
+        else:
+            w0 = tl.load(w_ptrs0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            w_ptrs0 += BLOCK_K * stride_wk
         acc0 = tl.dot(a, w0, acc0, input_precision="ieee")
         if NUM_INPUTS == 2:
-            w1 = tl.load(w_ptrs1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if W_TMA:
+                w1 = w.load([w_row1, k0]).T
+            else:
+                w1 = tl.load(w_ptrs1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                w_ptrs1 += BLOCK_K * stride_wk
             acc1 = tl.dot(a, w1, acc1, input_precision="ieee")
-            w_ptrs1 += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K * stride_ak
-        w_ptrs0 += BLOCK_K * stride_wk
     return acc0, acc1
 
 
@@ -119,10 +172,60 @@ def varlen_m_mainloop(
 
 
 @triton.jit
+def grouped_gemm_tile(
+    a_ptr, w_ptr, bias_ptr, c_ptr, h_ptr, sorted_pairs_ptr, pair_token_ptr,
+    N, KDIM, TOP_K,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_cm, stride_cn,
+    stride_hm, stride_hn,
+    expert, m_mask, sorted_row, pid_n,  # the output tile: BLOCK_M sorted rows of `expert` × N-tile pid_n
+    OFF0: tl.constexpr, STEP0: tl.constexpr, OFF1: tl.constexpr, STEP1: tl.constexpr,
+    NUM_INPUTS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
+    FLAT_PAIRS: tl.constexpr, STORE_H: tl.constexpr, W_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One output tile of `grouped_gemm_kernel` (its arguments, same meaning), whichever grid found it."""
+    a_row = operand_rows(sorted_row, m_mask, sorted_pairs_ptr, pair_token_ptr, TOP_K, GATHER, FLAT_PAIRS)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    w_row0 = (OFF0 + STEP0 * rn).to(tl.int64)  # int64: E·N_ROWS·KDIM can pass 2**31
+    w_row1 = (OFF1 + STEP1 * rn).to(tl.int64)
+
+    # ---- Main loop ----
+    if W_TMA:  # rows of the [E·N_ROWS, KDIM] view: expert e's start at e·N_ROWS = e·stride_we / stride_wn
+        first_row = expert * (stride_we // stride_wn) + pid_n * BLOCK_N
+        acc0, acc1 = varlen_m_mainloop(a_ptr, a_row, m_mask, stride_am, stride_ak, w_ptr, first_row + OFF0,
+                                       first_row + OFF1, n_mask, stride_wn, stride_wk, KDIM, NUM_INPUTS,
+                                       BLOCK_M, BLOCK_N, BLOCK_K, True)
+    else:
+        acc0, acc1 = varlen_m_mainloop(a_ptr, a_row, m_mask, stride_am, stride_ak,
+                                       w_ptr + expert.to(tl.int64) * stride_we, w_row0, w_row1, n_mask,
+                                       stride_wn, stride_wk, KDIM, NUM_INPUTS, BLOCK_M, BLOCK_N, BLOCK_K, False)
+
+    # ---- Epilogue: bias, (pre-activations to h,) activation in fp32, one rounding to the output dtype ----
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_BIAS:
+        b_expert = bias_ptr + expert.to(tl.int64) * stride_be
+        acc0 += tl.load(b_expert + w_row0 * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if NUM_INPUTS == 2:
+            acc1 += tl.load(b_expert + w_row1 * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if STORE_H:
+        h_rows = h_ptr + sorted_row[:, None] * stride_hm
+        tl.store(h_rows + w_row0[None, :] * stride_hn, acc0.to(h_ptr.dtype.element_ty), mask=mask)
+        if NUM_INPUTS == 2:
+            tl.store(h_rows + w_row1[None, :] * stride_hn, acc1.to(h_ptr.dtype.element_ty), mask=mask)
+    if NUM_INPUTS == 2:
+        out = ACTIVATION(acc0, acc1)
+    else:
+        out = ACTIVATION(acc0)
+    c_ptrs = c_ptr + sorted_row[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def grouped_gemm_kernel(
     # Pointers
     a_ptr,  # GATHER: x [T, KDIM]; else A [S, KDIM] in expert-sorted order; fp16/bf16/fp32
-    w_ptr,  # [E, N_ROWS, KDIM] out × in, any strides, dtype of a
+    w_ptr,  # [E, N_ROWS, KDIM] out × in, any strides, dtype of a; W_TMA: a TensorDescriptor of its [E·N_ROWS, KDIM] view
     bias_ptr,  # [E, N_ROWS] any float dtype, any strides; read only if HAS_BIAS
     c_ptr,  # [S, N] out, expert-sorted order; rows of dropped pairs (>= offsets[E]) are not written
     h_ptr,  # [S, N_ROWS] out, dtype of a: the pre-activation accumulators (bias included); written only if STORE_H
@@ -147,49 +250,46 @@ def grouped_gemm_kernel(
     GATHER: tl.constexpr,
     FLAT_PAIRS: tl.constexpr,  # pairs are flat (`routing.flat_pairs_plan`): tokens come from pair_token
     STORE_H: tl.constexpr,  # also store each accumulator at its weight rows' columns of h (for the backward)
+    # Schedule and loads
+    PERSISTENT: tl.constexpr,  # a fixed grid of programs walking the output tiles (see below)
+    GROUP_M: tl.constexpr,  # persistent only: M-tiles of one expert that share each weight N-panel in time
+    W_TMA: tl.constexpr,  # weight tiles by TMA (w_ptr is a descriptor; STEP0 = STEP1 = 1, see `weight_tma`)
     # Meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,  # power of two >= E
 ):
-    """Grid: (cdiv(S, BLOCK_M) + E, cdiv(N, BLOCK_N)). Program (i, j) owns output tile j (BLOCK_N columns) of
-    the i-th M-tile in expert order: BLOCK_M rows of one expert's segment; with STORE_H also the columns of h
-    its accumulators came from. Programs past the real tile count exit at once."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """One program per output tile (PERSISTENT=False), grid (cdiv(S, BLOCK_M) + E, cdiv(N, BLOCK_N)): program
+    (i, j) owns output tile j (BLOCK_N columns) of the i-th M-tile in expert order, BLOCK_M rows of one
+    expert's segment; programs past the real tile count exit at once.
 
-    # ---- Locate this M-tile: expert e and its rows in sorted order ----
-    num_tiles, expert, m_mask, sorted_row = locate_m_tile(pid_m, counts_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
-    if pid_m >= num_tiles:
-        return
-    a_row = operand_rows(sorted_row, m_mask, sorted_pairs_ptr, pair_token_ptr, TOP_K, GATHER, FLAT_PAIRS)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
-    w_row0 = (OFF0 + STEP0 * rn).to(tl.int64)  # int64: E·N_ROWS·KDIM can pass 2**31
-    w_row1 = (OFF1 + STEP1 * rn).to(tl.int64)
-
-    # ---- Main loop ----
-    acc0, acc1 = varlen_m_mainloop(a_ptr, a_row, m_mask, stride_am, stride_ak,
-                                   w_ptr + expert.to(tl.int64) * stride_we, w_row0, w_row1, n_mask,
-                                   stride_wn, stride_wk, KDIM, NUM_INPUTS, BLOCK_M, BLOCK_N, BLOCK_K)
-
-    # ---- Epilogue: bias, (pre-activations to h,) activation in fp32, one rounding to the output dtype ----
-    mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_BIAS:
-        b_expert = bias_ptr + expert.to(tl.int64) * stride_be
-        acc0 += tl.load(b_expert + w_row0 * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if NUM_INPUTS == 2:
-            acc1 += tl.load(b_expert + w_row1 * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if STORE_H:
-        h_rows = h_ptr + sorted_row[:, None] * stride_hm
-        tl.store(h_rows + w_row0[None, :] * stride_hn, acc0.to(h_ptr.dtype.element_ty), mask=mask)
-        if NUM_INPUTS == 2:
-            tl.store(h_rows + w_row1[None, :] * stride_hn, acc1.to(h_ptr.dtype.element_ty), mask=mask)
-    if NUM_INPUTS == 2:
-        out = ACTIVATION(acc0, acc1)
+    PERSISTENT=True, grid (P,) with P from the host (a few per SM): program p runs output tiles p, p + P, …
+    up to the real tile count Σ_e cdiv(counts[e], BLOCK_M)·cdiv(N, BLOCK_N), in `schedule_tile`'s order
+    (grouped for L2 reuse of the expert weights). Either way a tile also writes the columns of h its
+    accumulators came from (STORE_H)."""
+    if PERSISTENT:
+        experts, counts, tiles, tiles_end = m_tile_table(counts_ptr, E, BLOCK_M, BLOCK_E)
+        num_n = tl.cdiv(N, BLOCK_N)
+        for tile in range(tl.program_id(0), tl.sum(tiles, axis=0) * num_n, tl.num_programs(0)):
+            # Re-read per tile (an L1 hit) rather than kept live across the loop: measured, the live table
+            # pushed the fp16 GLU up GEMM on sm_80 from 206 registers to 255 + 40 B of spills.
+            experts, counts, tiles, tiles_end = m_tile_table(counts_ptr, E, BLOCK_M, BLOCK_E)
+            expert, tile_in_expert, pid_n = schedule_tile(tile, num_n, experts, tiles, tiles_end, GROUP_M)
+            m_mask, sorted_row = m_tile_rows(expert, tile_in_expert, experts, counts, offsets_ptr, BLOCK_M)
+            grouped_gemm_tile(a_ptr, w_ptr, bias_ptr, c_ptr, h_ptr, sorted_pairs_ptr, pair_token_ptr, N, KDIM, TOP_K,
+                              stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
+                              stride_cm, stride_cn, stride_hm, stride_hn, expert, m_mask, sorted_row, pid_n,
+                              OFF0, STEP0, OFF1, STEP1, NUM_INPUTS, ACTIVATION, HAS_BIAS, GATHER, FLAT_PAIRS,
+                              STORE_H, W_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        out = ACTIVATION(acc0)
-    c_ptrs = c_ptr + sorted_row[:, None] * stride_cm + rn[None, :] * stride_cn
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+        pid_m = tl.program_id(0)
+        num_tiles, expert, m_mask, sorted_row = locate_m_tile(pid_m, counts_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
+        if pid_m >= num_tiles:
+            return
+        grouped_gemm_tile(a_ptr, w_ptr, bias_ptr, c_ptr, h_ptr, sorted_pairs_ptr, pair_token_ptr, N, KDIM, TOP_K,
+                          stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
+                          stride_cm, stride_cn, stride_hm, stride_hn, expert, m_mask, sorted_row, tl.program_id(1),
+                          OFF0, STEP0, OFF1, STEP1, NUM_INPUTS, ACTIVATION, HAS_BIAS, GATHER, FLAT_PAIRS,
+                          STORE_H, W_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,6 +303,13 @@ class GemmConfig:
 
     num_stages is Triton's software pipelining depth: the loads of the next num_stages-1 K-steps are in flight
     (cp.async) while the current one multiplies.
+
+    persistent: launch programs_per_sm programs per SM (a fixed number under the interpreter, see
+    `num_programs`), each walking output tiles in an order that keeps an expert's weight N-panel in L2 while
+    group_m of its M-tiles read it; else one program per output tile (group_m unused).
+    tma: load the weight tiles with TMA (a tensor descriptor) where `weight_tma` allows it (sm_90+ or the
+    interpreter; weights whose strides TMA can describe; SwiGLU halves, not interleaved rows), else the same
+    pointer loads as tma=False. Both are decided on the host, so each is a separate compiled specialisation.
     """
 
     block_m: int
@@ -210,6 +317,10 @@ class GemmConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    persistent: bool = False
+    programs_per_sm: int = 2
+    group_m: int = 8
+    tma: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -220,6 +331,9 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.num_warps={self.num_warps}: expected one of 1, 2, 4, 8, 16")
         if self.num_stages < 1:
             raise ValueError(f"GemmConfig.num_stages={self.num_stages}: expected >= 1")
+        if self.programs_per_sm < 1 or self.group_m < 1:
+            raise ValueError(f"GemmConfig: programs_per_sm={self.programs_per_sm} and group_m={self.group_m} "
+                             "must both be >= 1")
 
     @classmethod
     def default(cls, dtype: torch.dtype) -> GemmConfig:
@@ -248,18 +362,84 @@ def gemm_constexprs(
     config: GemmConfig,
     store_h: bool = False,
     flat_pairs: bool = False,
+    w_tma: bool = False,
 ) -> dict:
-    """The constexpr arguments of one grouped-GEMM specialisation (shared by the launch and compile-only builds)."""
+    """The constexpr arguments of one grouped-GEMM specialisation (shared by the launch and compile-only builds).
+    w_tma: `weight_tma`'s decision for this launch (w_ptr is then a TensorDescriptor)."""
     if not 1 <= len(slices) <= 2:
         raise ValueError(f"slices: expected 1 or 2 (offset, step) pairs, got {slices}")
     (off0, step0), (off1, step1) = slices[0], slices[-1]
     return dict(
         OFF0=off0, STEP0=step0, OFF1=off1, STEP1=step1,
         NUM_INPUTS=len(slices), ACTIVATION=activation, HAS_BIAS=has_bias, GATHER=gather, FLAT_PAIRS=flat_pairs,
-        STORE_H=store_h,
+        STORE_H=store_h, PERSISTENT=config.persistent, GROUP_M=config.group_m, W_TMA=w_tma,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts),
     )
+
+
+# TMA copies boxes of at most 256 elements per dimension (cuTensorMapEncodeTiled's limit).
+TMA_MAX_BOX = 256
+
+
+def weight_tma(
+    config: GemmConfig,
+    slices: tuple[tuple[int, int], ...],
+    w_shape: tuple[int, int, int],
+    w_strides: tuple[int, int, int],
+    itemsize: int,
+    capability: int | None,
+) -> bool:
+    """Whether a launch loads its weight tiles by TMA: config.tma, and everything a [BLOCK_N, BLOCK_K] box of
+    the weights viewed [E·N_ROWS, KDIM] needs. Shared by the launch and the compile-only builds.
+
+    capability: the GPU's compute capability as 10·major + minor (TMA exists from sm_90), or None for the
+    interpreter, which runs descriptors too. The weights: [E, N_ROWS, KDIM] with unit stride along KDIM, experts
+    back to back (stride_we = N_ROWS·stride_wn, so the view exists) and a 16-byte row pitch (TMA's rule for
+    every stride but the last); the base address's 16-byte alignment is the caller's check. Each slice must
+    read consecutive rows (STEP = 1): interleaved GLU weights (GPT-OSS) keep the pointer loads. fp16/bf16
+    only: fp32 multiplies on FMAs ("ieee"), not wgmma, and its TMA tiles spilled (ptxas, sm_90: 1136 B in the
+    GLU up GEMM at the default tiles)."""
+    E, n_rows, kdim = w_shape
+    stride_we, stride_wn, stride_wk = w_strides
+    return (
+        config.tma
+        and (capability is None or capability >= 90)
+        and itemsize == 2
+        and all(step == 1 for _, step in slices)
+        and config.block_n <= TMA_MAX_BOX and config.block_k <= TMA_MAX_BOX
+        and E * n_rows * kdim > 0
+        and stride_wk == 1 and stride_wn > 0 and (stride_wn * itemsize) % 16 == 0
+        and (E == 1 or stride_we == n_rows * stride_wn)
+    )
+
+
+def device_capability(device: torch.device) -> int | None:
+    """10·major + minor of a CUDA device, None under the interpreter (`weight_tma`'s capability)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+# Persistent grids under the interpreter: its programs run one after another, so the count only has to be small
+# enough that each program walks several tiles (what the tests exercise).
+INTERPRETER_SMS = 2
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs(device: torch.device, config: GemmConfig) -> int:
+    """Programs of a persistent grid (before clamping to the tile count): programs_per_sm per SM of the device,
+    or per `INTERPRETER_SMS` pretend SMs under the interpreter. The SM count is a cached host query, no sync."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        sms = INTERPRETER_SMS
+    else:
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return sms * config.programs_per_sm
 
 
 def grouped_gemm(
@@ -315,8 +495,14 @@ def grouped_gemm(
         return c
 
     # ---- Launch ----
+    use_tma = (weight_tma(config, slices, tuple(w.shape), w.stride(), w.element_size(), device_capability(w.device))
+               and w.data_ptr() % 16 == 0)
     meta = gemm_constexprs(slices=slices, activation=activation, has_bias=bias is not None, gather=gather,
-                           num_experts=E, config=config, store_h=h is not None, flat_pairs=plan.flat_pairs)
+                           num_experts=E, config=config, store_h=h is not None, flat_pairs=plan.flat_pairs,
+                           w_tma=use_tma)
+    # w's [E·N_ROWS, KDIM] view (`weight_tma` checked that it exists), one [BLOCK_N, BLOCK_K] box per load
+    w_arg = TensorDescriptor(w, [E * w.shape[1], kdim], [w.stride(1), 1], [config.block_n, config.block_k]) \
+        if use_tma else w
     # Never read: HAS_BIAS=False / STORE_H=False compile the loads and stores away
     bias_arg = bias if bias is not None else c
     bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
@@ -325,9 +511,13 @@ def grouped_gemm(
     pair_token = plan.pair_token if plan.flat_pairs else plan.sorted_pairs  # sorted_pairs: never read
     # Σ_e cdiv(counts[e], BLOCK_M) <= cdiv(S, BLOCK_M) + E, and never more than S (a tile holds >= 1 row).
     max_tiles = min(S, triton.cdiv(S, config.block_m) + E)
-    grid = (max_tiles, triton.cdiv(out_cols, config.block_n))
+    n_tiles = triton.cdiv(out_cols, config.block_n)
+    if config.persistent:
+        grid = (min(num_programs(a.device, config), max_tiles * n_tiles),)
+    else:
+        grid = (max_tiles, n_tiles)
     grouped_gemm_kernel[grid](
-        a, w, bias_arg, c, h_arg, plan.counts, plan.offsets, plan.sorted_pairs, pair_token,
+        a, w_arg, bias_arg, c, h_arg, plan.counts, plan.offsets, plan.sorted_pairs, pair_token,
         out_cols, kdim, E, K,
         a.stride(0), a.stride(1),
         w.stride(0), w.stride(1), w.stride(2),

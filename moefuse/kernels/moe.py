@@ -27,7 +27,14 @@ from triton.runtime.jit import KernelInterface
 from moefuse.kernels import routing
 from moefuse.kernels.combine import NUM_WARPS as COMBINE_WARPS
 from moefuse.kernels.combine import combine, combine_block_h, combine_kernel
-from moefuse.kernels.grouped_gemm import GemmConfig, gemm_constexprs, grouped_gemm, grouped_gemm_kernel, identity
+from moefuse.kernels.grouped_gemm import (
+    GemmConfig,
+    gemm_constexprs,
+    grouped_gemm,
+    grouped_gemm_kernel,
+    identity,
+    weight_tma,
+)
 from moefuse.kernels.routing import RoutingMeta, flat_pairs_plan, routing_plan
 from moefuse.errors import InputError
 from moefuse.inputs import TORCH_DTYPES, check_layer_inputs, check_pairs_inputs
@@ -192,13 +199,16 @@ def kernel_sources(
     ids_dtype: torch.dtype = torch.int32,
     save_h: bool = False,
     flat_pairs: bool = False,
+    capability: int = 90,
 ) -> list[KernelSource]:
     """Every kernel `moe_forward(spec, …, activation=activation, config=config, save_h=save_h)` launches, in
     launch order; with flat_pairs, those of `moe_pairs_forward` (the routing kernels are the same: they sort
     pair_expert as a [S_max, 1] top-k).
 
     Inner strides are fixed to 1 as constexprs, which is how Triton specialises a launch on contiguous
-    tensors (and what lets it vectorise the loads)."""
+    tensors (and what lets it vectorise the loads). capability (10·major + minor) is the GPU the launch would
+    run on: with config.tma it decides, as the launch does (`weight_tma`, contiguous weights), whether a GEMM's
+    w_ptr is a tensor descriptor."""
     dtype, out_dtype = TORCH_DTYPES[spec.dtype], TORCH_DTYPES[spec.out_dtype]
     config = config or GemmConfig.default(dtype)
     E = spec.num_experts
@@ -228,14 +238,20 @@ def kernel_sources(
 
     # ---- Grouped GEMMs: up (gather + activation), down (identity) ----
     unit_strides = {"stride_ak": 1, "stride_wk": 1, "stride_bn": 1, "stride_cn": 1, "stride_hn": 1}
-    for name, kwargs in (
-        ("up_gemm", dict(slices=spec.activation.slices, activation=activation, has_bias=spec.w1_bias, gather=True,
-                         store_h=save_h, flat_pairs=flat_pairs)),
-        ("down_gemm", dict(slices=((0, 1),), activation=identity, has_bias=spec.w2_bias, gather=False,
-                           flat_pairs=flat_pairs)),
+    for name, w_shape, kwargs in (
+        ("up_gemm", (E, spec.up_rows, spec.hidden),
+         dict(slices=spec.activation.slices, activation=activation, has_bias=spec.w1_bias, gather=True,
+              store_h=save_h, flat_pairs=flat_pairs)),
+        ("down_gemm", (E, spec.hidden, spec.intermediate),
+         dict(slices=((0, 1),), activation=identity, has_bias=spec.w2_bias, gather=False, flat_pairs=flat_pairs)),
     ):
-        consts = {**unit_strides, **gemm_constexprs(**kwargs, num_experts=E, config=config)}
-        sources.append(KernelSource(name, grouped_gemm_kernel, with_constexprs(gemm_signature(ptr), consts), consts,
+        w_strides = (w_shape[1] * w_shape[2], w_shape[2], 1)  # contiguous
+        w_tma = weight_tma(config, kwargs["slices"], w_shape, w_strides, dtype.itemsize, capability)
+        consts = {**unit_strides, **gemm_constexprs(**kwargs, num_experts=E, config=config, w_tma=w_tma)}
+        signature = gemm_signature(ptr)
+        if w_tma:  # how Triton types a TensorDescriptor argument
+            signature["w_ptr"] = f"tensordesc<{ptr[1:]}[{config.block_n}, {config.block_k}]>"
+        sources.append(KernelSource(name, grouped_gemm_kernel, with_constexprs(signature, consts), consts,
                                     config.num_warps, config.num_stages))
 
     # ---- Combine ----
