@@ -4,16 +4,17 @@
     moefuse.parallelize_experts(model, mesh)            # a 1-D DeviceMesh or a ProcessGroup (default: WORLD)
     torch._dynamo.config.capture_dynamic_output_shape_ops = True   # one graph (see torch.compile below)
     compiled = torch.compile(model, backend="moefuse")
-    print(moefuse.parallel.stats(model))                # per layer: pairs sent/received, load, imbalance
+    print(moefuse.parallel.stats(model))                # per layer: rows and pairs sent/received, load, imbalance
 
-Layout. Every experts module moefuse can run (transformers' `@use_experts_implementation` experts, the same
-modules `moefuse.convert` serves) keeps, on rank r of an EP group of size W, the contiguous block of experts
+Layout. Every experts module moefuse can run (transformers' `@use_experts_implementation` experts, and the
+`FusedExperts` that `moefuse.convert` swaps in for DBRX, JetMoE, Switch and user ModuleList MoEs: convert
+first, then parallelize) keeps, on rank r of an EP group of size W, the contiguous block of experts
 [r·E/W, (r+1)·E/W); E % W != 0 is refused (`ExpertParallelError`, naming E and W; nothing is changed). Each
-of its parameters (gate_up_proj / up_proj, down_proj, their biases) becomes a DTensor of global shape [E, …]
-placed `Shard(0)` on the 1-D mesh, so `state_dict()` holds the global layout: `torch.distributed.checkpoint`
-saves and loads each rank's block as it is, and the same checkpoint loads into the unsharded model (or
-another W). Everything else — attention, norms, embeddings, the router, shared experts — stays an ordinary
-replicated tensor.
+of its parameters (gate_up_proj / up_proj, down_proj, their biases; FusedExperts' w1, w2, b1, b2) becomes a
+DTensor of global shape [E, …] placed `Shard(0)` on the 1-D mesh, so `state_dict()` holds the global
+layout: `torch.distributed.checkpoint` saves and loads each rank's block as it is, and the same checkpoint
+loads into the unsharded model (or another W). Everything else — attention, norms, embeddings, the router,
+shared experts — stays an ordinary replicated tensor.
 
 Forward of one layer, on every rank, with its own tokens x[T,H] and their routing (ids, weights)[T,K]:
   1. route locally: the router stays in the model, replicated; pair p = t·K + k goes to rank ids[p] // (E/W)
@@ -75,7 +76,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from moefuse.convert import _activation_fn, _is_interface_experts, _spec_key, _weights, _why_not
+from moefuse.convert import FusedExperts, _activation_fn, _is_interface_experts, _spec_key, _weights, _why_not
 from moefuse.errors import MoefuseError
 from moefuse.passes.detect import capture_activation
 from moefuse.passes.region import Reject
@@ -86,7 +87,8 @@ log = logging.getLogger("moefuse.parallel")
 _ROUTER = "the model's own, replicated; pairs dispatched by all-to-all (moefuse.parallelize_experts)"
 Tensor = torch.Tensor
 
-__all__ = ["ExpertParallelError", "LayerStats", "ParallelSummary", "parallelize_experts", "stats"]
+__all__ = ["ExpertParallelError", "ExpertParallelFusedExperts", "LayerStats", "ParallelSummary", "parallelize_experts",
+           "stats"]
 
 
 class ExpertParallelError(MoefuseError, ValueError):
@@ -161,56 +163,61 @@ def parallelize_experts(model: torch.nn.Module, mesh_or_group=None) -> ParallelS
 
     `mesh_or_group`: a 1-D `DeviceMesh`, a `ProcessGroup`, or None for the default group. Every rank of the
     group calls this on an identical model (same weights): rank r keeps experts [r·E/W, (r+1)·E/W) of each
-    layer as a Shard(0) DTensor parameter and drops the rest. Raises `ExpertParallelError` when a layer's E is
-    not a multiple of the group size, or when a layer cannot run on the fused op (nothing is changed then).
-    See the module docstring for the forward, backward and compile behaviour.
+    layer as a Shard(0) DTensor parameter and drops the rest. The experts modules are transformers'
+    `@use_experts_implementation` experts and the `FusedExperts` modules `moefuse.convert` swapped in (DBRX,
+    JetMoE, Switch, user ModuleList MoEs: convert first, then parallelize). Raises `ExpertParallelError` when
+    a layer's E is not a multiple of the group size, or when a layer cannot run on the fused op (nothing is
+    changed then). See the module docstring for the forward, backward and compile behaviour.
     """
     if not dist.is_initialized():
         raise ExpertParallelError("torch.distributed is not initialized: call dist.init_process_group first")
-    experts = [(name, m) for name, m in model.named_modules() if _is_interface_experts(m)]
+    experts = [(name, m) for name, m in model.named_modules()
+               if _is_interface_experts(m) or isinstance(m, FusedExperts)]
     if not experts:
         raise ExpertParallelError(
-            "no experts module found: parallelize_experts shards transformers' @use_experts_implementation experts"
+            "no experts module found: parallelize_experts shards transformers' @use_experts_implementation "
+            "experts and moefuse.convert's FusedExperts (run moefuse.convert(model) first for other MoE forms)"
         )
-    device_type = experts[0][1].down_proj.device.type
+    device_type = _weights(experts[0][1])[1].device.type
     mesh, group = _mesh_and_group(mesh_or_group, device_type)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
 
     # Check every module before changing any, so that a refusal leaves the model as it was.
     activations = {}
     for name, m in experts:
-        if isinstance(m.down_proj, DTensor):
+        w1 = _weights(m)[0]  # [E, N1, H] (a view for transposed storage)
+        if isinstance(w1, DTensor):
             raise ExpertParallelError(f"{name} is already sharded: call parallelize_experts once per model")
-        why = _why_not(m)
+        why = None if isinstance(m, FusedExperts) else _why_not(m)  # convert checked its own modules
         if why is None:
-            w1 = m.gate_up_proj if m.has_gate else m.up_proj
-            rows = w1.shape[2] if m.is_transposed else w1.shape[1]
             try:
-                activations[name] = capture_activation(_activation_fn(m), rows)
+                activations[name] = getattr(m, "_moefuse_activation", None)
+                if activations[name] is None:
+                    activations[name] = capture_activation(_activation_fn(m), w1.shape[1])
             except Reject as r:
                 why = f"{r.reason.value}: {r.detail}"
         if why is not None:
             raise ExpertParallelError(f"{name} cannot run on moefuse's fused op: {why}")
-        num_experts = m.down_proj.shape[0]
-        if num_experts % world:
+        if w1.shape[0] % world:
             raise ExpertParallelError(
-                f"{name} has E={num_experts} experts, not a multiple of the expert-parallel group size "
-                f"world={world}: choose a group size that divides {num_experts}"
+                f"{name} has E={w1.shape[0]} experts, not a multiple of the expert-parallel group size "
+                f"world={world}: choose a group size that divides {w1.shape[0]}"
             )
 
     summary = ParallelSummary(rank, world)
     for name, m in experts:
-        local = m.down_proj.shape[0] // world
+        local = _weights(m)[0].shape[0] // world
         lo = rank * local
-        for pname, p in list(m.named_parameters(recurse=False)):
+        for pname, p in list(m.named_parameters(recurse=False)):  # every one is [E, …]
             shard = p.detach()[lo : lo + local].clone()
             setattr(m, pname, torch.nn.Parameter(DTensor.from_local(shard, mesh, [Shard(0)], run_check=False),
                                                  requires_grad=p.requires_grad))
         m._moefuse_activation = activations[name]
-        view = SimpleNamespace(has_gate=m.has_gate, has_bias=m.has_bias, is_transposed=m.is_transposed,
-                               _moefuse_activation=m._moefuse_activation, _moefuse_router=_ROUTER,
-                               **{n: p.to_local() for n, p in m.named_parameters(recurse=False)})
-        w1 = _weights(view)[0]
+        w1, w2, b1, b2 = (None if t is None else t.to_local() for t in _weights(m))
+        # The local experts' spec, through convert's `_spec_key` on a stand-in holding them in the op's layout.
+        view = SimpleNamespace(has_gate=True, has_bias=True, is_transposed=False, gate_up_proj=w1, down_proj=w2,
+                               gate_up_proj_bias=b1, down_proj_bias=b2, _moefuse_activation=activations[name],
+                               _moefuse_router=_ROUTER)
         m._moefuse_ep = _EPState(group, _spec_key(view, w1.dtype, 1), w1.dtype, str(next(_KEYS)))
         m.__class__ = _parallel_class(type(m))
         summary.sharded[name] = (lo, local)
@@ -235,9 +242,27 @@ class _ExpertParallel:
         return y.to(hidden_states.dtype)
 
 
+class ExpertParallelFusedExperts(_ExpertParallel, FusedExperts):
+    """A sharded `FusedExperts` (`moefuse.convert`'s stacked experts): forward(x [T, H], ids [T, K], weights
+    [T, K]) → y [T, H] through `moefuse::ep_moe`. convert's subclasses (DBRX's, Switch's) adapt their model's
+    call and then call `FusedExperts.forward`: this class takes its place below them (see `_parallel_class`)."""
+
+    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout > 0:
+            raise ExpertParallelError(
+                f"these experts were converted from modules applying dropout p={self.dropout} in training; the "
+                "fused op does not: set the model's dropout to 0 before moefuse.convert to train it converted"
+            )
+        return super().forward(x, top_k_index, top_k_weights)
+
+
 @functools.cache
 def _parallel_class(cls: type) -> type:
     # A subclass per experts class (as FSDP2's fully_shard does), so isinstance checks still hold.
+    if cls is FusedExperts:
+        return ExpertParallelFusedExperts
+    if issubclass(cls, FusedExperts):  # its forward calls FusedExperts.forward: EP's comes after it (MRO)
+        return type(f"ExpertParallel{cls.__name__}", (cls, ExpertParallelFusedExperts), {})
     return type(f"ExpertParallel{cls.__name__}", (_ExpertParallel, cls), {})
 
 
@@ -341,8 +366,9 @@ def _ep_moe_fake(x, topk_ids, topk_weights, w1, w2, b1, b2, spec, group_name, la
     h = x.new_empty((pairs, w1.shape[1])) if save else x.new_empty(0)
     ids = topk_ids.new_empty(pairs, dtype=torch.int32)
     return (x.new_empty(x.shape), topk_ids.new_empty(sent, dtype=torch.int64),
-            topk_ids.new_empty(T * K, dtype=torch.int64), x.new_empty((rows, x.shape[1])), ids, ids.new_empty(pairs),
-            topk_weights.new_empty(pairs), ids.new_empty(rows + 1), h, torch.empty((world, 2, world), dtype=torch.int64))
+            topk_ids.new_empty(T * K, dtype=torch.int64), x.new_empty((rows, x.shape[1])), ids,
+            ids.new_empty(pairs), topk_weights.new_empty(pairs), ids.new_empty(rows + 1), h,
+            torch.empty((world, 2, world), dtype=torch.int64))
 
 
 @torch.library.custom_op("moefuse::ep_moe_bwd", mutates_args=())

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 import moefuse
 from moefuse import parallel
+from moefuse.convert import convert
 from moefuse.runtime import op as moe_op
 from moefuse.testing import rel_err, tiny_model
 
@@ -38,7 +39,8 @@ TOL = 1e-5  # fp32: the EP path sums the same products as the reference, in anot
 @pytest.fixture(scope="module")
 def models():
     # GPT-OSS: transposed, interleaved gate/up weights with biases (db1/db2 through the EP backward).
-    return {f: tiny_model(f).train() for f in (*FAMILIES, "gpt_oss")}
+    # DBRX: moefuse.convert's FusedExperts (its 2-D w1/v1/w2 restacked) are sharded too.
+    return {f: tiny_model(f).train() for f in (*FAMILIES, "gpt_oss", "dbrx")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -187,6 +189,47 @@ def _parity_step(rank, world, base, ep, model, layers, skew, seed, path):
     return stats
 
 
+def _converted_parity(rank, world, base):
+    """DBRX converted by moefuse.convert (`FusedExperts`) and then sharded: outputs and gradients under EP equal
+    the plain eager model's, the experts' gradients compared in DBRX's own layout; dropped pairs (id -1, as
+    Switch's capacity makes them) are sent nowhere and add nothing."""
+    ref, ep = copy.deepcopy(base), copy.deepcopy(base)
+    convert(ep)
+    plain = copy.deepcopy(ep)  # converted, not sharded
+    summary = moefuse.parallelize_experts(ep)
+    assert list(summary.sharded) == [f"transformer.blocks.{i}.ffn.experts" for i in range(2)], summary
+    ids = _batch(world)
+    mine = slice(rank * ROWS, (rank + 1) * ROWS)
+    want, loss = _loss(ref, ids, ids.numel() * 128)
+    loss.backward()
+    fwd, bwd = moe_op.counters["pairs_fwd_train_cpu"], moe_op.counters["pairs_bwd_cpu"]
+    got, loss = _loss(ep, ids[mine], ids.numel() * 128)
+    loss.backward()
+    assert (moe_op.counters["pairs_fwd_train_cpu"] - fwd, moe_op.counters["pairs_bwd_cpu"] - bwd) == (2, 2)
+    assert rel_err(got, want[mine]) <= TOL, rel_err(got, want[mine])
+    for name, p in ep.named_parameters():
+        if isinstance(p, DTensor):  # w1 [E, 2F, H] = [w1; v1] per expert, w2 [E, H, F] = w2ᵀ per expert
+            prefix, _, kind = name.rpartition(".")
+            mlp = ref.get_submodule(prefix).mlp
+            e, f, h = p.shape[0], p.shape[-1] if kind == "w2" else p.shape[1] // 2, p.shape[1 if kind == "w2" else 2]
+            full = (torch.cat([mlp.w1.grad.view(e, f, h), mlp.v1.grad.view(e, f, h)], 1) if kind == "w1"
+                    else mlp.w2.grad.view(e, f, h).transpose(1, 2))
+            got_grad, want_grad = p.grad.to_local(), full.chunk(world)[rank]
+        else:
+            got_grad, want_grad = p.grad.clone(), ref.get_parameter(name).grad
+            dist.all_reduce(got_grad)
+        assert rel_err(got_grad, want_grad) <= TOL, (name, rel_err(got_grad, want_grad))
+    # Dropped pairs: ids -1 (one token with all its pairs dropped), against the unsharded converted layer.
+    gen = torch.Generator().manual_seed(rank)
+    x, weights = torch.randn(1, 6, 64, generator=gen), torch.rand(6, 2, generator=gen)
+    topk = torch.randint(0, 8, (6, 2), generator=gen)
+    topk[0], topk[3, 1] = -1, -1
+    with torch.no_grad():
+        got = ep.transformer.blocks[0].ffn.experts(x, topk, weights)
+        want = plain.transformer.blocks[0].ffn.experts(x, topk, weights)
+    assert rel_err(got, want) <= TOL and not got[0, 0].any()
+
+
 def _adamw(rank, world, base, steps=10):
     """Ten AdamW steps under EP follow the single-process losses step by step."""
     ref, ep = copy.deepcopy(base), copy.deepcopy(base)
@@ -276,6 +319,7 @@ def _ep2_checks(rank, world, models, path):
     for family in (*FAMILIES, "gpt_oss"):
         _parity(rank, world, models[family])
     _parity(rank, world, models["qwen3_moe"], skew=0)  # rank 1's experts receive no tokens
+    _converted_parity(rank, world, models["dbrx"])
     os.environ["TRITON_INTERPRET"] = "1"  # this rank only (a forked child): the generated Triton kernels
     _parity(rank, world, models["qwen3_moe"], skew=0, path="triton")
     del os.environ["TRITON_INTERPRET"]
