@@ -1,0 +1,218 @@
+"""Shared experts inside the fused op (Qwen2-MoE's sigmoid-gated one, DeepSeek-V3's plain one).
+
+Each test asserts that the shared expert really moved into the op (the report says so, and no shared-expert
+matmul is left in the graph the inner compiler receives) AND that logits and gradients match eager.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moefuse import Backend
+from moefuse.compiler import backend as backend_mod
+from moefuse.passes import fxutil as fu
+from moefuse.runtime import op as moe_op
+from moefuse.runtime import shared as shared_rt
+from moefuse.spec import Activation, MoESpec, SharedExpert
+from moefuse.testing import num_moe_layers, rel_err, tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from simple_moe import SimpleMoE  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("cpu_path")
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
+GATED = {"qwen2_moe": True, "deepseek_v3": False}
+SHARED_I = {"qwen2_moe": 48, "deepseek_v3": 32}  # shared_expert_intermediate_size; moe_intermediate_size × 1
+
+
+@pytest.fixture
+def inner_graphs(monkeypatch):
+    """The graphs moefuse hands to the inner compiler, after its rewrite."""
+    graphs = []
+    real = backend_mod._inner_compile
+
+    def spy(gm, example_inputs, inner):
+        graphs.append(gm)
+        return real(gm, example_inputs, inner)
+
+    monkeypatch.setattr(backend_mod, "_inner_compile", spy)
+    return graphs
+
+
+def assert_shared_inside(explanation, graphs, family):
+    """Every layer lowered with its shared expert in the spec and the report, and no linear over a shared-expert
+    weight left in the rewritten graphs: the op reads those weights instead."""
+    assert not explanation.rejected and len(explanation.lowered) == 2, str(explanation)
+    gated = "gated" if GATED[family] else "ungated"
+    for layer in explanation.lowered:
+        assert layer.spec.shared == SharedExpert(SHARED_I[family], 2 * SHARED_I[family],
+                                                 Activation("x0*x1*sigmoid(x0)", ((0, 1), (SHARED_I[family], 1))),
+                                                 GATED[family]), str(layer)
+        assert f"shared expert: {gated}, I={SHARED_I[family]}" in str(layer) and "side stream (CUDA)" in str(layer)
+    ops = linears = 0
+    for gm in graphs:
+        for n in gm.graph.nodes:
+            if fu.op_name(n) == "F.linear":
+                linears += any("shared_expert" in a.name for a in n.all_input_nodes)
+            if fu.op_name(n).startswith("moefuse::moe"):
+                ops += any("shared_expert" in a.name for a in n.all_input_nodes)
+    assert (ops, linears) == (2, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("family", sorted(GATED))
+def test_shared_expert_inside_the_op_logits_match(family, dtype, inner_graphs):
+    model = tiny_model(family, dtype)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        backend = Backend({"inner": "eager"})
+        before = moe_op.counters["cpu"]
+        out = torch.compile(model, backend=backend)(ids).logits
+    assert moe_op.counters["cpu"] - before == num_moe_layers(model) == 2
+    assert_shared_inside(backend.explanation, inner_graphs, family)
+    assert rel_err(out, ref) <= TOL[dtype]
+
+
+def loss_of(model, ids):
+    logits = model(ids).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = loss_of(model, ids)
+    loss.backward()
+    return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.detach().clone()
+                           for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("path", ["cpu", "interpreter"])
+@pytest.mark.parametrize("family", sorted(GATED))
+def test_training_step_gradients_match_eager(family, path, inner_graphs, monkeypatch):
+    """One training step: the fused forward and backward run (the shared expert's gradients from moe_bwd), and
+    every parameter's gradient — the shared expert's and its gate's included — matches eager's."""
+    if path == "interpreter":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = tiny_model(family).train()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    ref_loss, ref = grads(model, ids)
+    backend = Backend({"inner": "eager"})
+    suffix = "triton" if path == "interpreter" else "cpu"
+    before = dict(moe_op.counters)
+    loss, got = grads(torch.compile(model, backend=backend), ids)
+    ran = {k: moe_op.counters[k] - before[k] for k in (f"fwd_train_{suffix}", f"bwd_{suffix}")}
+    assert ran == {f"fwd_train_{suffix}": 2, f"bwd_{suffix}": 2}
+    assert all(r.training for r in backend.explanation.lowered)
+    assert_shared_inside(backend.explanation, inner_graphs, family)
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert got.keys() == ref.keys()
+    shared = [n for n in ref if "shared_expert" in n]
+    assert len(shared) == (8 if GATED[family] else 6)  # gate/up/down (+ the sigmoid gate) in each of 2 layers
+    worst = max(ref, key=lambda n: rel_err(got[n], ref[n]))
+    assert rel_err(got[worst], ref[worst]) <= 1e-4, worst
+
+
+class SharedMoE(torch.nn.Module):
+    """A hand-written MoE with a plain (non-GLU, one up linear) GELU shared expert; `leak` returns the shared
+    expert's hidden activation too, so its interior is used outside the MoE block."""
+
+    def __init__(self, leak: bool = False):
+        super().__init__()
+        self.moe = SimpleMoE(32, 16, 4, 2)
+        self.up = torch.nn.Linear(32, 24, bias=False)
+        self.down = torch.nn.Linear(24, 32, bias=False)
+        self.leak = leak
+
+    def forward(self, x):
+        h = self.up(x)
+        y = self.moe(x) + self.down(F.gelu(h))
+        return (y, h) if self.leak else y
+
+
+@pytest.mark.parametrize("leak", [False, True], ids=["inside", "interior_used_outside"])
+def test_handwritten_shared_expert(leak):
+    """A single up-projection with a GELU (the activation lifted like the routed experts'); when the shared
+    expert's hidden value escapes, the region keeps its routed part and the shared MLP stays in the graph."""
+    torch.manual_seed(0)
+    model = SharedMoE(leak)
+    x = torch.randn(11, 32)
+    with torch.no_grad():
+        ref = model(x)
+        backend = Backend({"inner": "eager"})
+        out = torch.compile(model, backend=backend)(x)
+    (layer,) = backend.explanation.lowered
+    if leak:
+        assert layer.spec.shared is None and "shared expert" not in str(layer)
+    else:
+        assert layer.spec.shared == SharedExpert(24, 24, Activation("x0*(erf(sqrt(2)*x0/2) + 1)/2", ((0, 1),)))
+    for a, b in zip(out if leak else [out], ref if leak else [ref]):
+        assert rel_err(a, b) <= TOL[torch.float32]
+
+
+def shared_problem(device="cpu", T=13, H=32, I=16, E=4, K=2, Is=24):  # noqa: E741
+    g = torch.Generator().manual_seed(0)
+    sh = SharedExpert(Is, 2 * Is, Activation("x0*x1*sigmoid(x0)", ((0, 1), (Is, 1))), gated=True)
+    spec = MoESpec(E, K, H, I, 2 * I, Activation("x0*x1*sigmoid(x0)", ((0, 1), (I, 1))), "float32", "float32",
+                   shared=sh)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    x = rand(T, H)
+    ids = torch.argsort(torch.rand(T, E, generator=g), dim=1)[:, :K].to(device)
+    w = torch.rand(T, K, generator=g).to(device)
+    routed = (rand(E, 2 * I, H, scale=H**-0.5), rand(E, H, I, scale=I**-0.5))
+    shared = (rand(Is, H, scale=H**-0.5), rand(H, Is, scale=Is**-0.5), rand(1, H, scale=H**-0.5),
+              rand(Is, H, scale=H**-0.5))  # shared_w1, shared_w2, shared_gate, shared_w3: the op's order
+    return spec, x, ids, w, routed, shared
+
+
+def test_cpu_path_is_sequential_without_cuda_calls(monkeypatch):
+    """On the CPU the op runs the shared MLP after the routed experts: no stream, event or CUDA query at all."""
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("a CUDA call on the CPU path")
+
+    spec, x, ids, w, (w1, w2), shared = shared_problem()
+    with monkeypatch.context() as m:  # only around the op: teardown code may query CUDA
+        for name in ("Stream", "Event", "current_stream", "stream", "is_available", "synchronize"):
+            m.setattr(torch.cuda, name, no_cuda)
+        y = torch.ops.moefuse.moe(x, ids, w, w1, w2, None, None, spec.to_key(), *shared)
+        leaves = [t.clone().requires_grad_() for t in (x, w1, w2, *shared)]  # the training pair, too
+        y_train, _ = torch.ops.moefuse.moe_fwd(leaves[0], ids, w, *leaves[1:3], None, None, spec.to_key(), *leaves[3:])
+        y_train.sum().backward()
+    routed = torch.ops.moefuse.moe(x, ids, w, w1, w2, None, None, spec.routed().to_key())
+    sw1, sw2, gate, sw3 = shared
+    want = routed + torch.sigmoid(x @ gate.t()) * ((F.silu(x @ sw1.t()) * (x @ sw3.t())) @ sw2.t())
+    assert rel_err(y, want) <= 1e-6 and rel_err(y_train, want) <= 1e-6
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in leaves)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the side stream exists only there")
+def test_side_stream_overlap_on_cuda(monkeypatch):
+    """On CUDA the shared MLP runs on the side stream (its kernels are enqueued there, joined by events) and the
+    result, forward and backward, equals the sequential composition."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec, x, ids, w, (w1, w2), shared = shared_problem("cuda", T=512, H=256, I=128, E=8, Is=512)
+    streams = []
+    real = shared_rt.shared_forward
+
+    def on_which_stream(*args, **kwargs):
+        streams.append(torch.cuda.current_stream())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shared_rt, "shared_forward", on_which_stream)
+    monkeypatch.setattr(moe_op, "shared_forward", on_which_stream)
+    y = torch.ops.moefuse.moe(x, ids, w, w1, w2, None, None, spec.to_key(), *shared)
+    assert streams and streams[0] != torch.cuda.current_stream()
+    routed = torch.ops.moefuse.moe(x, ids, w, w1, w2, None, None, spec.routed().to_key())
+    sw1, sw2, gate, sw3 = shared
+    want = routed + real(spec.shared, x, sw1, sw3, sw2, gate)
+    torch.cuda.synchronize()
+    assert rel_err(y, want) <= 1e-5
