@@ -331,6 +331,10 @@ def _ep2_checks(rank, world, models, path):
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         _parity(rank, world, models["deepseek_v3"], backend=backend, batches=2)
     assert len(backend.explanation.reports) == 1, str(backend.explanation)
+    # The report lists each EP layer with the experts this rank holds.
+    lowered = backend.explanation.lowered
+    assert [r.expert_parallel for r in lowered] == [(world, 4 * rank, 4 * rank + 4)] * 2, str(backend.explanation)
+    assert str(backend.explanation).count(f"expert parallel: world 2, experts [{4 * rank}, {4 * rank + 4}) local") == 2
 
 
 def _ep4_checks(rank, world, models, indivisible):

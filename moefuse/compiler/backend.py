@@ -45,7 +45,7 @@ def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) ->
     rewrite last, one region at a time (regions are disjoint, so the order among them does not matter).
     """
     canonicalize(gm)
-    for node in gm.graph.nodes:  # layers moefuse.convert already turned into the op, for the report
+    for node in gm.graph.nodes:  # layers moefuse.convert / parallelize_experts already made ops, for the report
         if node.op == "call_function" and node.target in _FUSED_OPS:
             spec = spec_from_key(node.args[-1])
             device = node.args[0].meta["example_value"].device
@@ -53,6 +53,8 @@ def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) ->
                                           training=node.target in _FUSED_OPS[2:],
                                           rounding_skipped=_CONVERTED_NO_ROUNDING if options.token_rounding != "off"
                                           else ""))
+        elif node.op == "call_function" and str(node.target).startswith("moefuse.ep_moe"):
+            report.lowered.append(_expert_parallel(node))
     regions, rejected = detect(gm)
     report.rejected.extend(rejected)
     for region in regions:
@@ -75,6 +77,20 @@ def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) ->
                                       training=region.needs_grad, rounding=rounding,
                                       tile_m=options.tile_m if rounding != "off" else None, rounding_skipped=skipped))
     return gm
+
+
+def _expert_parallel(node: fx.Node) -> Lowered:
+    """The report of a layer moefuse.parallelize_experts sharded: moefuse::ep_moe(x, ids, weights, w1, w2, b1,
+    b2, spec, group_name, layer, save), w1 this rank's [E/W, N1, H] block."""
+    import torch.distributed as dist
+
+    spec = spec_from_key(node.args[7])
+    group = dist.distributed_c10d._resolve_process_group(node.args[8])
+    local = node.args[3].meta["example_value"].shape[0]
+    first = dist.get_rank(group) * local
+    kernels = kernels_for(spec, node.args[0].meta["example_value"].device)
+    return Lowered(module_path(node), node.name, spec, None, kernels, training=bool(node.args[10]),
+                   expert_parallel=(dist.get_world_size(group), first, first + local))
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):

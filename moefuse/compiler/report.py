@@ -19,12 +19,19 @@ class Lowered:
     rounding: str = "off"  # token rounding applied to this layer ("up" / "down" / "nearest"): routing changed
     tile_m: int | None = None  # the tile rows counts were rounded to (with rounding on)
     rounding_skipped: str = ""  # token rounding was asked for but not applied here: why (the layer is exact)
+    # moefuse::ep_moe (moefuse.parallelize_experts): (world, first, end), this rank runs experts [first, end)
+    expert_parallel: tuple[int, int, int] | None = None
 
     def __str__(self) -> str:
-        check = ("by moefuse.convert" if self.by_convert else
+        check = ("by moefuse.parallelize_experts" if self.expert_parallel else
+                 "by moefuse.convert" if self.by_convert else
                  "not verified" if self.verify_error is None else f"verified (rel. err {self.verify_error:.1e})")
         mode = " (training: fused forward + backward)" if self.training else ""
         lines = [f"  LOWERED  {self.module} → {self.node}{mode}: {self.spec.describe()} [{check}]"]
+        if self.expert_parallel:
+            world, first, end = self.expert_parallel
+            lines.append(f"           expert parallel: world {world}, experts [{first}, {end}) local; tokens by "
+                         "all-to-all, one row per token and rank (traffic: moefuse.parallel.stats)")
         if self.rounding != "off":
             lines.append(f"           TOKEN ROUNDING {self.rounding!r} to multiples of M={self.tile_m}: routing changed, "
                          "outputs differ from exact top-K (meant for training; evaluate with token_rounding='off'); "
