@@ -100,6 +100,7 @@ def compile_one(i):
         ids=src.signature.get("topk_ids_ptr"), block_e=src.constexprs.get("BLOCK_E"),
         ptx_bytes=len(ptx), wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx,
         cp_async="cp.async" in ptx, shared=kernel.metadata.shared, spill_bytes=spill_bytes(ptx, cap),
+        w_tma=src.constexprs.get("W_TMA"), tma_load="cp.async.bulk.tensor" in ptx,  # TMA: a bulk tensor copy
     )
 
 
@@ -220,3 +221,51 @@ def test_flat_pairs_kernels_compile(pairs_records):
         (ampere,) = select(pairs_records, kernel=kernel, cap=80)
         assert hopper["wgmma"] and hopper["cp_async"], hopper
         assert ampere["mma_sync"] and ampere["cp_async"] and not ampere["wgmma"], ampere
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The grouped GEMM's persistent grid and TMA weight loads (`GemmConfig.persistent` / `tma`), fp16 and bf16 at the
+# default tiles, sm_80 and sm_90
+# ---------------------------------------------------------------------------------------------------------
+
+SCHEDULE_SCRIPT = _HEAD + r'''
+import dataclasses
+from moefuse.kernels.grouped_gemm import GemmConfig
+jobs = []
+for dtype, variant in (("float16", "persistent"), ("float16", "persistent_tma"), ("bfloat16", "persistent_tma")):
+    glu = MoESpec(8, 2, H, I, 2 * I, Activation("silu(x0)*x1", ((0, 1), (I, 1))), dtype, dtype, True, True)
+    config = dataclasses.replace(GemmConfig.default(getattr(torch, dtype)), persistent=True,
+                                 tma=variant == "persistent_tma")
+    for cap in (80, 90):  # the sources of a launch on that GPU: the host picks TMA or pointer loads per target
+        jobs += [(f"{s.name}_{variant}", dtype, s, cap)
+                 for s in kernel_sources(glu, silu_mul, config, save_h=True, capability=cap) if "gemm" in s.name]
+
+
+def compile_one''' + _REST.split("def compile_one", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def schedule_records(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compile_only_schedule")
+    script = tmp / "compile_schedule_kernels.py"
+    script.write_text(SCHEDULE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(tmp / "cache")
+    env["MOEFUSE_CACHE_DIR"] = str(tmp / "moefuse")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_persistent_and_tma_gemms_compile(schedule_records):
+    # Both GEMMs (the GLU up GEMM with save_h, the largest epilogue; the down GEMM) build for both targets without
+    # spills, their shared memory fits, and they keep tensor cores and the cp.async pipeline of the A operand.
+    assert len(schedule_records) == 12
+    for r in schedule_records:
+        assert r["ptx_bytes"] > 0 and r["spill_bytes"] == 0 and r["shared"] <= SHARED_LIMIT[r["cap"]], r
+        assert r["cp_async"] and (r["wgmma"] if r["cap"] == 90 else r["mma_sync"] and not r["wgmma"]), r
+        # sm_90 with tma: the weight tiles arrive by TMA; sm_80 (no TMA), or tma off: the host chose pointer loads.
+        tma = r["cap"] == 90 and r["kernel"].endswith("_tma")
+        assert r["w_tma"] == tma and r["tma_load"] == tma, r
