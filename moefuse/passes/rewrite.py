@@ -1,7 +1,9 @@
 """rewrite: replace one detected region by a single `moefuse::moe` call, then delete the region.
 
 Inference regions become `moefuse::moe`; regions that gradients flow through become
-`moefuse::moe_fwd(...)[0]`, whose registered autograd formula runs the fused backward.
+`moefuse::moe_fwd(...)[0]`, whose registered autograd formula runs the fused backward. A region with its
+shared expert inside (`region.shared`) passes the shared weights as the op's trailing arguments; when the
+add was over [B, S, H] views of the tokens, the op's [T, H] result is viewed back the same way.
 With token rounding on (and the router's scores found), the region becomes two calls instead:
 `moefuse.rounding.round_routing(scores, topk_ids, topk_weights, mode, tile_m)` (plain torch ops, traced through
 by AOTAutograd, so gradients reach the router) and `runtime.pairs.fused_moe_pairs` on the flat pairs it
