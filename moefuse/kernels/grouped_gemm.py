@@ -15,7 +15,13 @@ backward's fused activation-gradient GEMM shares.
 
 Tiles never straddle experts and an expert's partial last tile is masked, so no padded rows exist. The grid is
 sized by an upper bound on the M-tiles (cdiv(S, BLOCK_M) + E) and each program finds its (expert, first row)
-from `counts` on the device, so nothing waits on the host and a new token count never recompiles.
+from `counts` on the device, so nothing waits on the host and a new token count never recompiles. Two options
+of the same kernel (`GemmConfig`), both off by default:
+  - persistent: a grid of a few programs per SM, each walking output tiles up to the real count read on the
+                device, in an order that keeps an expert's weight N-panel in L2 while GROUP_M of its M-tiles
+                read it (`schedule_tile`);
+  - tma:        the weight tiles arrive by TMA from a host-made tensor descriptor on sm_90+ (and under the
+                interpreter), where the weights' strides allow it (`weight_tma`), else by the pointer loads.
 
 Weights are logical [E, N_ROWS, KDIM] (out × in) with arbitrary strides: a weight stored transposed is the same
 kernel with swapped strides, never a copy. Accumulator j of output column n reads weight row OFF_j + STEP_j·n,
@@ -225,7 +231,7 @@ def grouped_gemm_tile(
 def grouped_gemm_kernel(
     # Pointers
     a_ptr,  # GATHER: x [T, KDIM]; else A [S, KDIM] in expert-sorted order; fp16/bf16/fp32
-    w_ptr,  # [E, N_ROWS, KDIM] out × in, any strides, dtype of a; W_TMA: a TensorDescriptor of its [E·N_ROWS, KDIM] view
+    w_ptr,  # [E, N_ROWS, KDIM] out × in, any strides, dtype of a (W_TMA: a descriptor of it as [E·N_ROWS, KDIM])
     bias_ptr,  # [E, N_ROWS] any float dtype, any strides; read only if HAS_BIAS
     c_ptr,  # [S, N] out, expert-sorted order; rows of dropped pairs (>= offsets[E]) are not written
     h_ptr,  # [S, N_ROWS] out, dtype of a: the pre-activation accumulators (bias included); written only if STORE_H
@@ -306,10 +312,15 @@ class GemmConfig:
 
     persistent: launch programs_per_sm programs per SM (a fixed number under the interpreter, see
     `num_programs`), each walking output tiles in an order that keeps an expert's weight N-panel in L2 while
-    group_m of its M-tiles read it; else one program per output tile (group_m unused).
+    group_m of its M-tiles read it; else one program per output tile (group_m unused). programs_per_sm=2: two
+    of the default fp16/bf16 programs fit an H100 SM (ptxas, sm_90, GLU up GEMM: 72 KiB shared and <= 179
+    registers × 128 threads each). ptxas finds no spills for fp16/bf16 at the default tiles on sm_80 and sm_90
+    (tests/test_compile_only.py); fp32 persistent spilled 8-16 B at the default tiles.
     tma: load the weight tiles with TMA (a tensor descriptor) where `weight_tma` allows it (sm_90+ or the
-    interpreter; weights whose strides TMA can describe; SwiGLU halves, not interleaved rows), else the same
-    pointer loads as tma=False. Both are decided on the host, so each is a separate compiled specialisation.
+    interpreter; fp16/bf16 weights whose strides TMA can describe; SwiGLU halves, not interleaved rows), else
+    the same pointer loads as tma=False.
+    Each combination is its own compiled specialisation (constexprs); the defaults (both off) compile to the
+    same code as before these options existed.
     """
 
     block_m: int
