@@ -60,7 +60,8 @@ graph sees are the rows and pairs this rank sent and received (unbacked sizes in
 such ops only with `torch._dynamo.config.capture_dynamic_output_shape_ops = True`: set it and a parallelized
 model compiles into one graph (forward and backward; one compile serves every routing); without it each
 layer's op is a graph break and the rest still compiles around it. moefuse's backend passes the op through
-untouched (its report does not list it: `stats` does).
+untouched; its report lists each such layer ("expert parallel: world W, experts [a, b) local"), `stats` its
+traffic.
 """
 from __future__ import annotations
 

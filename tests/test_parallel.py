@@ -39,8 +39,11 @@ TOL = 1e-5  # fp32: the EP path sums the same products as the reference, in anot
 @pytest.fixture(scope="module")
 def models():
     # GPT-OSS: transposed, interleaved gate/up weights with biases (db1/db2 through the EP backward).
-    # DBRX: moefuse.convert's FusedExperts (its 2-D w1/v1/w2 restacked) are sharded too.
-    return {f: tiny_model(f).train() for f in (*FAMILIES, "gpt_oss", "dbrx")}
+    # DBRX: moefuse.convert's FusedExperts (its 2-D w1/v1/w2 restacked) are sharded too; converted once here.
+    models = {f: tiny_model(f).train() for f in (*FAMILIES, "gpt_oss", "dbrx")}
+    models["dbrx_converted"] = copy.deepcopy(models["dbrx"])
+    convert(models["dbrx_converted"])
+    return models
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,11 +147,12 @@ def _parity(rank, world, base, skew=None, backend=None, batches=1, path="cpu"):
     for seed in range(batches):
         stats = _parity_step(rank, world, base, ep, model, len(summary.sharded), skew, seed, path)
         # One row per token and destination rank (the routing of the last call, inference or training):
-        # fewer rows than pairs whenever a token's experts share a rank.
+        # fewer rows than pairs whenever two of a token's experts share a rank.
         for name, s in stats.items() if routing else ():
             local = summary.sharded[name][1]
             rows = len({(t, int(e) // local) for t, ids in enumerate(routing[name]) for e in ids})
-            assert sum(s.rows_sent) == rows < sum(s.sent), (name, s)
+            assert sum(s.rows_sent) == rows <= sum(s.sent), (name, s)
+            assert world > 2 or rows < sum(s.sent), (name, s)  # (these batches at W=2: some experts share)
     return stats
 
 
@@ -189,13 +193,11 @@ def _parity_step(rank, world, base, ep, model, layers, skew, seed, path):
     return stats
 
 
-def _converted_parity(rank, world, base):
+def _converted_parity(rank, world, base, converted):
     """DBRX converted by moefuse.convert (`FusedExperts`) and then sharded: outputs and gradients under EP equal
-    the plain eager model's, the experts' gradients compared in DBRX's own layout; dropped pairs (id -1, as
-    Switch's capacity makes them) are sent nowhere and add nothing."""
-    ref, ep = copy.deepcopy(base), copy.deepcopy(base)
-    convert(ep)
-    plain = copy.deepcopy(ep)  # converted, not sharded
+    the plain eager model's (`base`), the experts' gradients compared in DBRX's own layout; dropped pairs (id
+    -1, as Switch's capacity makes them) are sent nowhere and add nothing."""
+    ref, ep = copy.deepcopy(base), copy.deepcopy(converted)
     summary = moefuse.parallelize_experts(ep)
     assert list(summary.sharded) == [f"transformer.blocks.{i}.ffn.experts" for i in range(2)], summary
     ids = _batch(world)
@@ -226,7 +228,7 @@ def _converted_parity(rank, world, base):
     topk[0], topk[3, 1] = -1, -1
     with torch.no_grad():
         got = ep.transformer.blocks[0].ffn.experts(x, topk, weights)
-        want = plain.transformer.blocks[0].ffn.experts(x, topk, weights)
+        want = converted.transformer.blocks[0].ffn.experts(x, topk, weights)  # not sharded
     assert rel_err(got, want) <= TOL and not got[0, 0].any()
 
 
@@ -319,7 +321,7 @@ def _ep2_checks(rank, world, models, path):
     for family in (*FAMILIES, "gpt_oss"):
         _parity(rank, world, models[family])
     _parity(rank, world, models["qwen3_moe"], skew=0)  # rank 1's experts receive no tokens
-    _converted_parity(rank, world, models["dbrx"])
+    _converted_parity(rank, world, models["dbrx"], models["dbrx_converted"])
     os.environ["TRITON_INTERPRET"] = "1"  # this rank only (a forked child): the generated Triton kernels
     _parity(rank, world, models["qwen3_moe"], skew=0, path="triton")
     del os.environ["TRITON_INTERPRET"]
