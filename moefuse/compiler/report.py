@@ -38,7 +38,10 @@ class Lowered:
                          "runs moefuse.rounding.round_routing (torch ops, no host sync) → moefuse::moe_pairs")
         elif self.rounding_skipped:
             lines.append(f"           token rounding not applied, exact top-K: {self.rounding_skipped}")
-        if self.spec.shared is not None:
+        if self.spec.shared is not None and self.rounding != "off":
+            lines.append(f"           shared expert: {self.spec.shared.describe()}, dense matmuls in the graph beside "
+                         "moefuse::moe_pairs (no side stream with token rounding)")
+        elif self.spec.shared is not None:
             lines.append(f"           shared expert: {self.spec.shared.describe()}, inside the op: dense matmuls on a "
                          "side stream (CUDA), overlapped with routing and the routed experts; after them on the CPU")
         lines += [f"           kernel: {k}" for k in self.kernels]
