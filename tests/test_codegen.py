@@ -284,7 +284,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(codegen.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
-        codegen._write_atomic(tmp_path / "k" / "activation_x.py", "source")
+        codegen.write_atomic(tmp_path / "k" / "activation_x.py", "source")
     assert list((tmp_path / "k").iterdir()) == []
 
 

@@ -144,3 +144,13 @@ def test_token_rounding_tiles_never_straddle_the_rounded_counts(monkeypatch):
     monkeypatch.setenv("MOEFUSE_AUTOTUNE", "1")
     assert choose(layer, T=40, spec=spec).block_m == 16
     assert layer.ran and all(c.block_m == 16 for c in layer.ran)  # the 32-row config is never tried
+
+
+def test_second_stage_offers_the_persistent_grid_and_tma_only_where_they_exist():
+    tile = GemmConfig(64, 64, 64, 4, 3)
+    persistent = [c.persistent for c in tuning.schedule_variants(tile, torch.bfloat16, 80)]
+    assert persistent == [True]  # sm_80: no TMA
+    hopper = tuning.schedule_variants(tile, torch.bfloat16, 90)
+    assert [(c.persistent, c.tma, c.block_m) for c in hopper] == [(True, False, 64), (True, True, 64)]
+    assert [c.tma for c in tuning.schedule_variants(tile, torch.float32, 90)] == [False]  # fp32 TMA spills
+    assert tuning.schedule_variants(hopper[0], torch.bfloat16, 90) == []

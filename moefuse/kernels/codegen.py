@@ -360,7 +360,7 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Write via a temp file in the same directory and os.replace, so a concurrent reader (another process
     compiling the same activation) sees the old file or the whole new one, never a prefix."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -399,7 +399,7 @@ def _import_generated(source: str, name: str):
     if module is None:
         path = cache_dir() / f"{name}_{digest}.py"
         if not (path.is_file() and path.read_text() == source):
-            _write_atomic(path, source)
+            write_atomic(path, source)
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module  # before exec: inspect (hence Triton) finds the source through it

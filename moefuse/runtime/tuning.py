@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.testing
 
-from moefuse.kernels.codegen import _write_atomic, cache_dir
-from moefuse.kernels.grouped_gemm import GemmConfig
+from moefuse.kernels.codegen import write_atomic, cache_dir
+from moefuse.kernels.grouped_gemm import GemmConfig, device_capability
 from moefuse.spec import MoESpec
 
 log = logging.getLogger("moefuse.tuning")
@@ -175,7 +175,7 @@ def store(key: TuningKey, config: GemmConfig, timings_ms: dict[str, float]) -> P
     path = tuning_dir() / key.filename
     data = {"format": _FORMAT, "key": dataclasses.asdict(key), "config": dataclasses.asdict(config),
             "timings_ms": timings_ms}
-    _write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
     return path
 
 
@@ -241,6 +241,19 @@ def tune(key: TuningKey, configs: Sequence[GemmConfig], run: Callable[[GemmConfi
     return best
 
 
+def schedule_variants(config: GemmConfig, dtype: torch.dtype, capability: int | None) -> list[GemmConfig]:
+    """Tuning's second stage: the winning tile on a persistent, L2-grouped grid, and with TMA weight loads where
+    they can exist (sm_90+, fp16/bf16; elsewhere the host would fall back to the same pointer-load kernel).
+    Both are off by default until measured on a GPU; timing them here lets each layer take them when they win,
+    at two more compiles instead of doubling the space."""
+    if config.persistent:
+        return []
+    variants = [dataclasses.replace(config, persistent=True)]
+    if dtype != torch.float32 and capability is not None and capability >= 90:
+        variants.append(dataclasses.replace(config, persistent=True, tma=True))
+    return variants
+
+
 def within_tile(config: GemmConfig, spec: MoESpec) -> GemmConfig:
     """With token rounding every expert's row count is a multiple of spec.tile_m; an M-tile no taller than it
     (both powers of two, so it divides it) never computes a partial tile."""
@@ -275,6 +288,10 @@ def gemm_config(spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, run: Cal
             # Once per layer shape and M bucket per machine, but seconds of compiles: say so where it shows
             log.warning("moefuse: tuning the GEMM config of %s over %d configs (cached in %s; %s=0 turns it off)",
                         key, len(configs), tuning_dir(), ENV)
-            config = tune(key, configs, run, timer or functools.partial(time_ms, device=x.device))
+            timer = timer or functools.partial(time_ms, device=x.device)
+            config = tune(key, configs, run, timer)
+            variants = schedule_variants(config, dtype, device_capability(x.device)) if x.is_cuda else []
+            if variants:
+                config = tune(key, [config, *variants], run, timer)
         _chosen[memo] = config
     return config
