@@ -4,14 +4,21 @@
 
 Every rank builds the same model (same seed), keeps E/W experts of each layer, compiles it with moefuse
 (Inductor: 20 s warm, 2 min on a cold cache and busy CPU), runs forward and backward on its own slice of a
-batch, then the whole batch on an unsharded copy. Each rank prints its traffic per layer and how far its outputs and
-gradients are from that single-process run (replicated gradients summed over the ranks first, as data
-parallelism would). Output of a 2-rank run:
+batch, then the whole batch on an unsharded copy. Each rank prints its compile report (each MoE layer runs
+moefuse::ep_moe), its traffic per layer and how far its outputs and gradients are from that single-process
+run (replicated gradients summed over the ranks first, as data parallelism would). Output of a 2-rank run:
 
-    model.layers.0.mlp.experts: rank 0: sent 32 [16, 16], received 40 [16, 24], load per rank [40, 24],
-        imbalance 1.25, calls 1
+    graph 0: 2 MoE layer(s) lowered, 0 rejected; rest → inductor
+      LOWERED  model.layers.0.mlp.experts → ep_moe (training: fused forward + backward): E=4 K=1 H=64 ...
+               expert parallel: world 2, experts [0, 4) local; tokens by all-to-all, one row per token and ...
+    ...
+    model.layers.0.mlp.experts: rank 0: sent 32 pairs in 16 rows [8, 8], received 40 pairs in 20 rows [8, 12],
+        load per rank [40, 24] pairs, imbalance 1.25, calls 1
     ...
     rank 0: logits rel err 2.5e-07, worst gradient rel err 9.9e-07
+
+(DeepSeek-V3's group-limited routing keeps each token's experts in one group of E/2, here one rank: each
+token goes to one rank as one row, half the rows of one row per pair.)
 """
 from __future__ import annotations
 
@@ -63,6 +70,7 @@ def main():
 
     for r in range(world):  # one rank at a time, so the lines do not interleave
         if r == rank:
+            print(moefuse.last_report())  # each layer: "expert parallel: world W, experts [a, b) local"
             for layer, s in parallel.stats(model).items():
                 print(f"{layer}: {s}")
             print(f"rank {rank}: logits rel err {rel_err(logits, want[mine]):.1e}, "

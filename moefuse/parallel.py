@@ -24,7 +24,8 @@ Forward of one layer, on every rank, with its own tokens x[T,H] and their routin
      sync (on a GPU a stream sync per layer per forward; the backward reads the saved CPU copy and needs none);
   3. dispatch: one row per token and destination rank — a token whose k experts sit on one rank is sent once,
      not k times — by all-to-all, and beside it, per pair, its expert's local id, whether it starts a row, and
-     its routing weight (one [pairs, 3] int32 all-to-all, the weight bit-cast from fp32, exact);
+     its routing weight (one [pairs, 3] int32 all-to-all, the weight as fp32 bits: exact for fp32, bf16 and
+     fp16 weights);
   4. the received rows and pairs are flat pairs (`moefuse.runtime.pairs`): the local experts run as one
      fused-op call (`moefuse::moe_pairs_fwd` when gradients are needed, `moefuse::moe_pairs` otherwise) that
      returns each row's weighted partial sum Σ_{its pairs} w·expert(x) — possibly on no rows at all;
@@ -85,7 +86,7 @@ from moefuse.runtime import pairs as _pairs_ops  # noqa: F401  (registers moefus
 
 log = logging.getLogger("moefuse.parallel")
 
-_ROUTER = "the model's own, replicated; pairs dispatched by all-to-all (moefuse.parallelize_experts)"
+_ROUTER = "the model's own, replicated; rows dispatched by all-to-all (moefuse.parallelize_experts)"
 Tensor = torch.Tensor
 
 __all__ = ["ExpertParallelError", "ExpertParallelFusedExperts", "LayerStats", "ParallelSummary", "parallelize_experts",
@@ -331,8 +332,8 @@ def ep_moe(
     (send_rows, recv_rows), (send_pairs, recv_pairs) = _splits(counts, rank, 0), _splits(counts, rank, 1)
     _record(layer, rank, counts.tolist())
 
-    # Dispatch each row once, and per pair (its expert's local id, whether it starts a row, its weight's bits:
-    # one int32 message, the weight bit-cast from fp32 so that it travels exactly).
+    # Dispatch each row once, and per pair (its expert's local id, whether it starts a row, its weight's fp32
+    # bits): one int32 message instead of three all-to-alls.
     row = torch.cumsum(first, 0) - 1  # [S]: the row of each sorted pair; the same token within a row
     send_token = token_sorted.new_empty(T * K).scatter_(0, row, token_sorted)[: sum(send_rows)]
     meta = torch.stack([(flat[order] - dest_sorted * local_experts).int(), first.int(),
