@@ -26,7 +26,7 @@ import moefuse
 from moefuse import parallel
 from moefuse.convert import convert
 from moefuse.runtime import op as moe_op
-from moefuse.testing import rel_err, tiny_model
+from moefuse.testing import rel_err, tiny_model, tiny_switch
 
 # The op's CPU path (TRITON_INTERPRET removed before the ranks fork); fresh dynamo caches (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("cpu_path")
@@ -43,6 +43,10 @@ def models():
     models = {f: tiny_model(f).train() for f in (*FAMILIES, "gpt_oss", "dbrx")}
     models["dbrx_converted"] = copy.deepcopy(models["dbrx"])
     convert(models["dbrx_converted"])
+    # Switch: top-1 with a capacity of 1 token per expert and sequence, so some pairs are dropped (id -1).
+    models["switch"] = tiny_switch(expert_capacity=1)
+    models["switch_converted"] = copy.deepcopy(models["switch"])
+    convert(models["switch_converted"])
     return models
 
 
@@ -232,6 +236,20 @@ def _converted_parity(rank, world, base, converted):
     assert rel_err(got, want) <= TOL and not got[0, 0].any()
 
 
+def _switch_inference(rank, world, base, converted):
+    """Switch converted and sharded: its capacity drops (ids -1 from the mask adapter) are sent nowhere and the
+    logits equal the plain model's. Capacity is per batch, so the reference runs this rank's slice."""
+    ep = copy.deepcopy(converted)
+    assert len(moefuse.parallelize_experts(ep).sharded) == 2
+    ids, dec = _batch(world)[rank * ROWS : (rank + 1) * ROWS], _batch(world, seed=1)[:ROWS]
+    with torch.no_grad():
+        got = ep(input_ids=ids, decoder_input_ids=dec).logits
+        want = base(input_ids=ids, decoder_input_ids=dec).logits
+    assert rel_err(got, want) <= TOL, rel_err(got, want)
+    encoder = parallel.stats(ep)["encoder.block.1.layer.1.mlp.experts"]
+    assert sum(encoder.sent) < ids.numel()  # top-1: a pair per token, less the dropped ones
+
+
 def _adamw(rank, world, base, steps=10):
     """Ten AdamW steps under EP follow the single-process losses step by step."""
     ref, ep = copy.deepcopy(base), copy.deepcopy(base)
@@ -322,6 +340,7 @@ def _ep2_checks(rank, world, models, path):
         _parity(rank, world, models[family])
     _parity(rank, world, models["qwen3_moe"], skew=0)  # rank 1's experts receive no tokens
     _converted_parity(rank, world, models["dbrx"], models["dbrx_converted"])
+    _switch_inference(rank, world, models["switch"], models["switch_converted"])
     os.environ["TRITON_INTERPRET"] = "1"  # this rank only (a forked child): the generated Triton kernels
     _parity(rank, world, models["qwen3_moe"], skew=0, path="triton")
     del os.environ["TRITON_INTERPRET"]
