@@ -33,7 +33,10 @@ Forward of one layer, on every rank, with its own tokens x[T,H] and their routin
 Traffic per layer, rows R ≤ pairs S = T·K (R = S only when no two of a token's experts share a rank):
 forward R·H out + 12 bytes a pair, R·H back; backward R·H out, R·H back + one weight gradient a pair. One
 row per pair each way (S·H) would be the alternative that keeps the weights at home; sending them is what
-lets the partial sums come back already combined. `stats` gives rows and pairs per layer. Dropless and
+lets the partial sums come back already combined. `stats` gives rows and pairs per layer. Measured rows /
+pairs on tiny models' routing (random weights, a [8, 32] batch): Qwen3-MoE E=8 K=2 0.78 at W=2, 0.94 at
+W=4; DeepSeek-V3 E=8 K=2 (group-limited, a group per rank) 0.50 at W=2; Qwen3-MoE E=64 K=8 0.25 / 0.45 /
+0.68 and DeepSeek-V3 E=64 K=8 (8 groups, top 4) 0.25 / 0.39 / 0.50 at W=2 / 4 / 8. Dropless and
 exact: no capacity factor; every pair is computed once by its owner; in fp32 the result differs from the
 single-process layer only by the order of the sum.
 
