@@ -79,6 +79,35 @@ def test_shared_expert_inside_the_op_logits_match(family, dtype, inner_graphs):
     assert rel_err(out, ref) <= TOL[dtype]
 
 
+def test_verification_probes_the_shared_expert(monkeypatch):
+    """Were detection to misread the shared expert (here: forced to swap its gate and up), the probe, which runs
+    the whole region, rejects the layer: it runs unchanged rather than wrong."""
+    import dataclasses
+
+    from moefuse.passes import detect as det
+
+    real = det._shared_expert
+
+    def swapped(*args):
+        found = real(*args)
+        if found is None:
+            return None
+        branch, sh, add = found
+        act = Activation(sh.activation.expr, tuple(reversed(sh.activation.slices)))
+        return branch, dataclasses.replace(sh, activation=act), add
+
+    monkeypatch.setattr(det, "_shared_expert", swapped)
+    model = tiny_model("qwen2_moe")
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        ref = model(ids).logits
+        backend = Backend({"inner": "eager"})
+        out = torch.compile(model, backend=backend)(ids).logits
+    assert {r.reason.name for r in backend.explanation.rejected} == {"VERIFY_MISMATCH"}
+    assert not backend.explanation.lowered
+    assert torch.equal(out, ref)
+
+
 def loss_of(model, ids):
     logits = model(ids).logits
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
