@@ -1,4 +1,5 @@
-"""Shared experts inside the fused op (Qwen2-MoE's sigmoid-gated one, DeepSeek-V3's plain one).
+"""Shared experts inside the fused op (Qwen2-MoE's sigmoid-gated one, DeepSeek-V3's plain one, Llama4's,
+which its routed experts' input scaling does not reach and which the routed output is added to in place).
 
 Each test asserts that the shared expert really moved into the op (the report says so, and no shared-expert
 matmul is left in the graph the inner compiler receives) AND that logits and gradients match eager.
@@ -26,8 +27,9 @@ from simple_moe import SimpleMoE  # noqa: E402
 pytestmark = pytest.mark.usefixtures("cpu_path")
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
-GATED = {"qwen2_moe": True, "deepseek_v3": False}
-SHARED_I = {"qwen2_moe": 48, "deepseek_v3": 32}  # shared_expert_intermediate_size; moe_intermediate_size × 1
+GATED = {"qwen2_moe": True, "deepseek_v3": False, "llama4": False}
+# shared_expert_intermediate_size; moe_intermediate_size × n_shared_experts; intermediate_size
+SHARED_I = {"qwen2_moe": 48, "deepseek_v3": 32, "llama4": 32}
 
 
 @pytest.fixture

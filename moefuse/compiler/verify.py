@@ -119,6 +119,8 @@ def _probe(gm: fx.GraphModule, region: Region, seed: int) -> float:
                 # the op's own composition (runtime.shared.overlapped: sequential on the CPU), so the probe
                 # checks the shared expert's form and the final add as well as the routed experts
                 shared_w = [value.get(n) for n in (sh.w1, sh.w2, sh.gate, sh.w3)] if sh is not None else [None] * 4
+                if sh is not None and region.weight_on_input:  # x above is scaled for the routed experts only
+                    shared_w.append(value[region.x])
                 got, shared_y = overlapped(x, shared_call(region.spec, x, *shared_w), lambda: moe_forward_cpu(
                         region.spec.routed(), x, ids, wts,
                         w1.transpose(-2, -1) if region.w1_transposed else w1,

@@ -550,12 +550,12 @@ def _match(d: _Dispatch, mms: list[fx.Node]) -> Region:
     module = _module_of(ids, output)
     boundary = [d.x, ids, weights, d.w1, d.w2]
     routed_output = output
-    shared = None if d.input_scores is not None else _shared_expert(output, d.x, h)
+    shared = _shared_expert(output, d.x, h, fu.tensor(d.w1).dtype)
     if shared is not None:
-        branch, shared_spec, add = shared
+        branch, shared_spec, layer_output = shared
         try:  # the same checks over the routed and shared nodes together: closed, convex, no masking
-            nodes, b1, b2, extra = _region_nodes(add, boundary + branch.inputs, d, mms, e, n1, h)
-            output = add
+            nodes, b1, b2, extra = _region_nodes(layer_output, boundary + branch.inputs, d, mms, e, n1, h)
+            output = layer_output
         except Reject as r:  # e.g. the shared MLP's interior is used elsewhere: it stays in the graph, as before
             log.info("shared expert at %s left in the graph: %s", module, r)
             shared = None
@@ -641,10 +641,12 @@ def _linear_of(node, sources: set[fx.Node], h: int, rows: int | None = None) -> 
     return inp, w
 
 
-def _shared_expert(routed: fx.Node, x: fx.Node, h: int):
-    """(SharedBranch, SharedExpert, add node) when the routed output [T, H] (through views) is added to a dense
-    MLP of the tokens — Linear → activation → Linear, optionally × sigmoid(Linear(x)) — whose weights are
-    parameters; None otherwise (the shared expert, if any, then stays in the graph beside the op)."""
+def _shared_expert(routed: fx.Node, x: fx.Node, h: int, dtype: torch.dtype):
+    """(SharedBranch, SharedExpert, the layer's output) when the routed output [T, H] (through views) is added
+    to a dense MLP of the tokens — Linear → activation → Linear, optionally × sigmoid(Linear(x)) — whose
+    weights are parameters, all in `dtype`; None otherwise (the shared expert, if any, then stays in the graph
+    beside the op). The layer's output is the add, or with `shared.add_(routed)` (Llama4) the shared output
+    itself, which the in-place add updates (the region check pulls the add_ in with it)."""
     cur = routed
     for _ in range(4):  # DeepSeek-V3 views the routed [T, H] back to [B, S, H] before the add
         users = list(cur.users)
@@ -655,8 +657,11 @@ def _shared_expert(routed: fx.Node, x: fx.Node, h: int):
             continue
         break
     add = users[0]
-    if fu.op_name(add) not in _ADD or len(add.args) != 2 or add.kwargs or cur not in add.args:
+    in_place = fu.op_name(add) == "method:add_"
+    if (fu.op_name(add) not in _ADD and not in_place) or len(add.args) != 2 or add.kwargs or cur not in add.args:
         return None
+    if in_place and add.args[1] is not cur:
+        return None  # routed.add_(shared) would update the routed output, a value inside the region
     other = add.args[1] if add.args[0] is cur else add.args[0]
     if not isinstance(other, fx.Node) or other is cur or fu.shape(other) != fu.shape(add):
         return None
@@ -699,12 +704,11 @@ def _shared_expert(routed: fx.Node, x: fx.Node, h: int):
     weights = [fu.arg(n, 1, "weight") for n in ups]
     if fu.shape(w2) != (h, i) or fu.shape(a)[-1] != i:
         return None
-    dtype = fu.tensor(x).dtype
-    if any(fu.tensor(n).dtype != dtype for n in [*inputs, *weights, w2, gate, add, routed] if n is not None):
+    if any(fu.tensor(n).dtype != dtype for n in [x, *inputs, *weights, w2, gate, add, routed] if n is not None):
         return None  # one dtype throughout, as the op computes it (mixed precision stays in the graph)
     up_rows = sum(fu.shape(w)[0] for w in weights)
     branch = SharedBranch(inputs.pop(), weights[0], weights[1] if len(weights) == 2 else None, w2, gate, routed)
-    return branch, SharedExpert(i, up_rows, activation, gate is not None), add
+    return branch, SharedExpert(i, up_rows, activation, gate is not None), other if in_place else add
 
 
 def _check_input_weighting(activation: Activation, k: int, has_bias: bool, output: fx.Node) -> None:

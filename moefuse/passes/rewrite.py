@@ -46,6 +46,8 @@ def rewrite(gm: fx.GraphModule, region: Region, rounding: str = "off", tile_m: i
         sh = region.shared
         # the shared expert's weights ride along as the op's trailing arguments (its output is added inside)
         shared_args = (sh.w1, sh.w2, sh.gate, sh.w3) if sh is not None else ()
+        if sh is not None and region.weight_on_input:  # the op's x is scaled for the routed experts only
+            shared_args += (region.x,)
         args = (x, ids, weights, w1, w2, region.b1, region.b2, spec.to_key(), *shared_args)
         if rounding != "off" and region.scores is not None:
             pairs = graph.call_function(round_routing, (region.scores, ids, weights, rounding, tile_m))
@@ -54,7 +56,8 @@ def rewrite(gm: fx.GraphModule, region: Region, rounding: str = "off", tile_m: i
             op_node = new = graph.call_function(_pairs.fused_moe_pairs,
                                                 (rounded.to_key(), x, pairs, w1, w2, region.b1, region.b2))
             if sh is not None:  # so the shared expert's dense MLP is traced through, then added
-                s_out = graph.call_function(_shared.shared_forward_for, (spec.to_key(), x, sh.w1, sh.w3, sh.w2, sh.gate))
+                s_x = region.x if region.weight_on_input else x
+                s_out = graph.call_function(_shared.shared_forward_for, (spec.to_key(), s_x, sh.w1, sh.w3, sh.w2, sh.gate))
                 new = graph.call_function(operator.add, (new, s_out))
         elif region.needs_grad:
             # The training op returns (y, h): h, the pre-activation, is what its backward keeps.

@@ -13,10 +13,11 @@ topk_weights (and from there into the router, which stays in the graph), w1, w2,
 h is not differentiable.
 
 With a shared expert in the spec (`MoESpec.shared`), both ops take its weights as optional trailing
-arguments `shared_w1, shared_w2, shared_gate, shared_w3` (as `moefuse::moe` does): moe_fwd adds its output to
-y (on CUDA computed on a side stream while the routed experts run), and moe_bwd returns their gradients after
-the six above — dshared_w1, dshared_w2, dshared_gate, dshared_w3 (empty when absent) — and adds the shared
-path's dx. Nothing of the shared MLP is saved: moe_bwd recomputes it from x (`runtime.shared`).
+arguments `shared_w1, shared_w2, shared_gate, shared_w3, shared_x` (as `moefuse::moe` does): moe_fwd adds
+its output to y (on CUDA computed on a side stream while the routed experts run), and moe_bwd returns their
+gradients after the six above — dshared_w1, dshared_w2, dshared_gate, dshared_w3, dshared_x (empty when
+absent) — and adds the shared path's dx to dx when the shared expert reads x itself (no shared_x). Nothing
+of the shared MLP is saved: moe_bwd recomputes it from its input (`runtime.shared`).
 
 Inference uses the plain `moefuse::moe` op (`runtime.op`), which keeps no h: the compiler emits this pair
 only when gradients are needed. Under `torch.no_grad()` / `inference_mode` moe_fwd still computes h (it is
@@ -59,11 +60,12 @@ def moe_fwd(
     shared_w2: Tensor | None = None,
     shared_gate: Tensor | None = None,
     shared_w3: Tensor | None = None,
+    shared_x: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     s = spec_from_key(spec)
     routed = s.routed()
     check_layer_inputs(routed, x, topk_ids, topk_weights, w1, w2, b1, b2)
-    shared = shared_call(s, x, shared_w1, shared_w2, shared_gate, shared_w3)
+    shared = shared_call(s, x, shared_w1, shared_w2, shared_gate, shared_w3, shared_x)
     if _use_triton(x):
         from moefuse.runtime.triton_path import moe_forward_triton
 
@@ -79,7 +81,7 @@ def moe_fwd(
 
 @moe_fwd.register_fake
 def _moe_fwd_fake(x, topk_ids, topk_weights, w1, w2, b1, b2, spec, shared_w1=None, shared_w2=None, shared_gate=None,
-                  shared_w3=None):
+                  shared_w3=None, shared_x=None):
     s = spec_from_key(spec)
     y = x.new_empty((x.shape[0], s.hidden), dtype=getattr(torch, s.out_dtype))
     h = x.new_empty((topk_ids.shape[0] * topk_ids.shape[1], s.up_rows))
@@ -107,13 +109,15 @@ def moe_bwd(
     shared_w2: Tensor | None = None,
     shared_gate: Tensor | None = None,
     shared_w3: Tensor | None = None,
+    shared_x: Tensor | None = None,
 ) -> list[Tensor]:
     s = spec_from_key(spec)
     routed = s.routed()
     shared = None
-    if shared_call(s, x, shared_w1, shared_w2, shared_gate, shared_w3) is not None:
+    if shared_call(s, x, shared_w1, shared_w2, shared_gate, shared_w3, shared_x) is not None:
         def shared():
-            return shared_backward(s.shared, dy, x, shared_w1, shared_w3, shared_w2, shared_gate)
+            sx = x if shared_x is None else shared_x
+            return shared_backward(s.shared, dy, sx, shared_w1, shared_w3, shared_w2, shared_gate)
     if _use_triton(x):
         from moefuse.kernels.backward import moe_backward
 
@@ -127,8 +131,10 @@ def moe_bwd(
     if sgrads is None:
         return out
     dsx, dsw1, dsw3, dsw2, dsgate = sgrads
-    out[0] = out[0] + dsx
-    return out + [dsw1, dsw2, x.new_empty(0) if dsgate is None else dsgate, x.new_empty(0) if dsw3 is None else dsw3]
+    if shared_x is None:  # the shared expert read x: its dx joins the routed experts'
+        out[0] = out[0] + dsx
+    return out + [dsw1, dsw2, x.new_empty(0) if dsgate is None else dsgate, x.new_empty(0) if dsw3 is None else dsw3,
+                  x.new_empty(0) if shared_x is None else dsx]
 
 
 def op_grads(x: Tensor, dx, drouting, dw1, dw2, db1, db2) -> tuple[Tensor, ...]:
@@ -156,14 +162,15 @@ def grads_fake(s: MoESpec, x, routing_weights, w1, w2, b1, b2) -> tuple[Tensor, 
 
 @moe_bwd.register_fake
 def _moe_bwd_fake(dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h, spec, shared_w1=None, shared_w2=None,
-                  shared_gate=None, shared_w3=None):
+                  shared_gate=None, shared_w3=None, shared_x=None):
     s = spec_from_key(spec)
     out = list(grads_fake(s, x, topk_weights, w1, w2, b1, b2))
     if s.shared is None:
         return out
     return out + [shared_w1.new_empty(shared_w1.shape), shared_w2.new_empty(shared_w2.shape),
                   x.new_empty(0) if shared_gate is None else shared_gate.new_empty(shared_gate.shape),
-                  x.new_empty(0) if shared_w3 is None else shared_w3.new_empty(shared_w3.shape)]
+                  x.new_empty(0) if shared_w3 is None else shared_w3.new_empty(shared_w3.shape),
+                  x.new_empty(0) if shared_x is None else shared_x.new_empty(shared_x.shape)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,12 +189,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dh):
     x, topk_ids, topk_weights, w1, w2, b1, b2, h, *shared = ctx.saved_tensors
-    shared += [None] * (4 - len(shared))  # trailing arguments the caller left at their default
+    shared += [None] * (5 - len(shared))  # trailing arguments the caller left at their default
     dx, dtopk_weights, dw1, dw2, db1, db2, *dshared = torch.ops.moefuse.moe_bwd(
         dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h, ctx.spec, *shared
     )
     # an absent shared weight (no shared expert, no gate, no w3) gets no gradient
-    dshared = [d if w is not None else None for w, d in zip(shared, dshared + [None] * (4 - len(dshared)))]
+    dshared = [d if w is not None else None for w, d in zip(shared, dshared + [None] * (5 - len(dshared)))]
     return (dx, None, dtopk_weights, dw1, dw2, *bias_grads(b1, b2, db1, db2), None, *dshared)
 
 

@@ -5,7 +5,8 @@ b1?, b2?, spec) → y[T,H]; `spec` is `MoESpec.to_key()`, so the op stays a plai
 AOTAutograd and Inductor treat as opaque, with a fake implementation for tracing. Optional trailing
 arguments `shared_w1, shared_w2, shared_gate, shared_w3` carry the layer's shared expert when the spec has
 one (`MoESpec.shared`): y then also holds its output, computed by `runtime.shared` — on CUDA on a side
-stream while the routed experts run, on the CPU after them.
+stream while the routed experts run, on the CPU after them. `shared_x` [T, H]: the tokens the shared expert
+reads when they are not x (Llama4 scales x by the routing weight for the routed experts only).
 
 Dispatch, decided per call:
   - CUDA tensors → the Triton kernels, generated for the spec and cached;
@@ -61,11 +62,12 @@ def moe(
     shared_w2: torch.Tensor | None = None,
     shared_gate: torch.Tensor | None = None,
     shared_w3: torch.Tensor | None = None,
+    shared_x: torch.Tensor | None = None,
 ) -> torch.Tensor:
     s = spec_from_key(spec)
     routed = s.routed()  # the kernels, their caches and tuning see the routed experts only
     check_layer_inputs(routed, x, topk_ids, topk_weights, w1, w2, b1, b2)
-    shared = shared_call(s, x, shared_w1, shared_w2, shared_gate, shared_w3)
+    shared = shared_call(s, x, shared_w1, shared_w2, shared_gate, shared_w3, shared_x)
     if _use_triton(x):
         from moefuse.runtime.triton_path import moe_forward_triton
 
@@ -79,22 +81,26 @@ def moe(
     return y if sy is None else y.add_(sy)
 
 
-def shared_call(s: MoESpec, x, shared_w1, shared_w2, shared_gate, shared_w3):
-    """A thunk computing the spec's shared expert on x (for `runtime.shared.overlapped`), or None without one.
-    Raises `InputError` when the shared weights and the spec disagree."""
-    given = any(t is not None for t in (shared_w1, shared_w2, shared_gate, shared_w3))
+def shared_call(s: MoESpec, x, shared_w1, shared_w2, shared_gate, shared_w3, shared_x=None):
+    """A thunk computing the spec's shared expert on x, or on shared_x when given (for
+    `runtime.shared.overlapped`), or None without one. Raises `InputError` when the shared arguments and the
+    spec disagree."""
+    given = any(t is not None for t in (shared_w1, shared_w2, shared_gate, shared_w3, shared_x))
     if s.shared is None:
         if given:
             raise InputError("shared expert weights were passed but the spec has no shared expert (MoESpec.shared)")
         return None
     if shared_w1 is None or shared_w2 is None:
         raise InputError("the spec has a shared expert: pass shared_w1 and shared_w2 (and shared_gate if gated)")
-    return lambda: shared_forward(s.shared, x, shared_w1, shared_w3, shared_w2, shared_gate)
+    if shared_x is not None and shared_x.shape != x.shape:
+        raise InputError(f"shared_x: expected the shape of x {tuple(x.shape)}, got {tuple(shared_x.shape)}")
+    sx = x if shared_x is None else shared_x
+    return lambda: shared_forward(s.shared, sx, shared_w1, shared_w3, shared_w2, shared_gate)
 
 
 @moe.register_fake
 def _moe_fake(x, topk_ids, topk_weights, w1, w2, b1, b2, spec, shared_w1=None, shared_w2=None, shared_gate=None,
-              shared_w3=None):
+              shared_w3=None, shared_x=None):
     s = spec_from_key(spec)
     return x.new_empty((x.shape[0], s.hidden), dtype=getattr(torch, s.out_dtype))
 
