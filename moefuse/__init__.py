@@ -2,13 +2,15 @@
 
     compiled = torch.compile(model, backend="moefuse")     # no import needed: an entry point
     print(moefuse.explain(model, input_ids))               # what was lowered, what was rejected and why
+    print(moefuse.convert(model))                          # forms dynamo cannot capture: the op at module level
 """
 from __future__ import annotations
 
 from moefuse.spec import Activation, MoESpec
 
 __version__ = "0.1.0"
-__all__ = ["Activation", "Backend", "MoESpec", "explain", "last_report", "load_converted", "parallelize_experts", "reports"]
+__all__ = ["Activation", "Backend", "MoESpec", "convert", "explain", "last_report", "load_converted",
+           "parallelize_experts", "reports"]
 
 
 def __getattr__(name):
@@ -17,6 +19,10 @@ def __getattr__(name):
         from moefuse.compiler import backend
 
         return getattr(backend, name)
+    if name == "convert":  # module-level lowering of MoE forms dynamo cannot capture (eager expert loops, …)
+        from moefuse.conversion import convert
+
+        return convert
     if name == "load_converted":  # a checkpoint written by moefuse-convert, ready to run
         from moefuse.checkpoint import load_converted
 

@@ -298,20 +298,20 @@ def _top_k(model, path: str) -> int:
 
 def _converted_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, str], list[dict]]:
     """(tensors to write, tied name → kept name, per-layer report entries)."""
-    from moefuse.convert import _spec_key, _weights
+    from moefuse.conversion import expert_weights, spec_key
     from moefuse.spec import MoESpec
 
     state = model.state_dict()
     layers = []
     for path, m in _fused_modules(model).items():
-        w1, w2, b1, b2 = _weights(m)
+        w1, w2, b1, b2 = expert_weights(m)
         ours = {"w1": w1, "w2": w2, "b1": b1, "b2": b2}
         names = {}
         for short, param in _param_names(m).items():
             del state[f"{path}.{param}"]
             state[f"{path}.{short}"] = ours[short].contiguous()
             names[short] = f"{path}.{short}"
-        spec = MoESpec.from_key(_spec_key(m, w1.dtype, _top_k(model, path)))
+        spec = MoESpec.from_key(spec_key(m, w1.dtype, _top_k(model, path)))
         layers.append({"module": path, "tensors": names, "params": _param_names(m),
                        "spec": spec.to_key(), "describe": spec.describe()})
     # Tied weights (e.g. lm_head = embed_tokens) are one storage: safetensors stores it once.
@@ -390,7 +390,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
     (also written to dst/moefuse.json). Raises a CheckpointError subclass on bad input.
     """
     from moefuse.compiler.verify import TOLERANCE
-    from moefuse.convert import convert
+    from moefuse.conversion import convert
     from moefuse.runtime import op as moe_op
     from moefuse.testing import rel_err
 
@@ -493,7 +493,7 @@ def load_converted(path: str | os.PathLike, device: str | torch.device = "cpu"):
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from moefuse.convert import convert
+    from moefuse.conversion import convert
     from moefuse.spec import MoESpec
 
     path = Path(path)

@@ -62,12 +62,12 @@ class ConvertSummary:
         return "\n".join(lines)
 
 
-def _is_interface_experts(m: torch.nn.Module) -> bool:
+def is_interface_experts(m: torch.nn.Module) -> bool:
     """A module built with transformers' `@use_experts_implementation` (3-D stacked expert weights)."""
     return hasattr(m, "has_gate") and hasattr(m, "is_transposed") and isinstance(getattr(m, "down_proj", None), torch.nn.Parameter)
 
 
-def _weights(m):
+def expert_weights(m):
     if isinstance(m, FusedExperts):
         return m.w1, m.w2, m.b1, m.b2
     w1 = m.gate_up_proj if m.has_gate else m.up_proj
@@ -79,7 +79,7 @@ def _weights(m):
     return w1, w2, b1, b2
 
 
-def _why_not(m) -> str | None:
+def why_not(m) -> str | None:
     if getattr(m, "has_post_expert_norm", False):
         return "a norm after each expert (has_post_expert_norm) is not part of the fused op yet"
     if getattr(m, "_is_expert_parallel", False):
@@ -89,15 +89,15 @@ def _why_not(m) -> str | None:
     return None
 
 
-def _activation_fn(m):
+def activation_fn(m):
     return m._apply_gate if m.has_gate else m.act_fn
 
 
 @torch.compiler.assume_constant_result
-def _spec_key(m, x_dtype: torch.dtype, top_k: int) -> str:
+def spec_key(m, x_dtype: torch.dtype, top_k: int) -> str:
     """The layer's MoESpec as the op's string argument. Under dynamo this runs once at trace time and its
     result is a constant of the graph (building a spec is Python that dynamo need not trace)."""
-    w1, w2, b1, b2 = _weights(m)
+    w1, w2, b1, b2 = expert_weights(m)
     spec = MoESpec(
         num_experts=w1.shape[0], top_k=top_k, hidden=w2.shape[1], intermediate=w2.shape[2],
         up_rows=w1.shape[1], activation=m._moefuse_activation, dtype=str(w1.dtype).removeprefix("torch."),
@@ -115,8 +115,8 @@ def moefuse_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
             f"{type(self).__name__} is set to experts_implementation='moefuse' but was not prepared: "
             "call moefuse.convert(model) instead of set_experts_implementation('moefuse')"
         )
-    w1, w2, b1, b2 = _weights(self)
-    spec = _spec_key(self, hidden_states.dtype, top_k_index.shape[-1])
+    w1, w2, b1, b2 = expert_weights(self)
+    spec = spec_key(self, hidden_states.dtype, top_k_index.shape[-1])
     return fused_moe(hidden_states.to(w1.dtype), top_k_index, top_k_weights, w1, w2, b1, b2, spec)
 
 
@@ -151,7 +151,7 @@ class FusedExperts(nn.Module):
                 f"these experts were converted from modules applying dropout p={self.dropout} in training; the "
                 "fused op does not: set the model's dropout to 0 before moefuse.convert to train it converted"
             )
-        spec = _spec_key(self, x.dtype, top_k_index.shape[-1])
+        spec = spec_key(self, x.dtype, top_k_index.shape[-1])
         return fused_moe(x.to(self.w1.dtype), top_k_index, top_k_weights, self.w1, self.w2, self.b1, self.b2, spec)
 
     def extra_repr(self) -> str:
@@ -474,18 +474,18 @@ def _convert_modules(model: nn.Module, summary: ConvertSummary) -> None:
 
 def _convert_interface_experts(model: nn.Module, summary: ConvertSummary) -> None:
     """Experts built with transformers' `@use_experts_implementation`: the interface entry "moefuse"."""
-    experts = [(name, m) for name, m in model.named_modules() if _is_interface_experts(m)]
+    experts = [(name, m) for name, m in model.named_modules() if is_interface_experts(m)]
     if not experts:
         return
     done = len(summary.converted)
     _register_with_transformers()
     for name, m in experts:
-        why = _why_not(m)
+        why = why_not(m)
         if why is None:
             w1 = m.gate_up_proj if m.has_gate else m.up_proj
             rows = w1.shape[2] if m.is_transposed else w1.shape[1]
             try:
-                m._moefuse_activation = capture_activation(_activation_fn(m), rows)
+                m._moefuse_activation = capture_activation(activation_fn(m), rows)
             except Reject as r:
                 why = f"{r.reason.value}: {r.detail}"
         if why is not None:

@@ -81,7 +81,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from moefuse.convert import FusedExperts, _activation_fn, _is_interface_experts, _spec_key, _weights, _why_not
+from moefuse.conversion import (FusedExperts, activation_fn, expert_weights, is_interface_experts, spec_key,
+                                why_not)
 from moefuse.errors import MoefuseError
 from moefuse.passes.detect import capture_activation
 from moefuse.passes.region import Reject
@@ -177,28 +178,28 @@ def parallelize_experts(model: torch.nn.Module, mesh_or_group=None) -> ParallelS
     if not dist.is_initialized():
         raise ExpertParallelError("torch.distributed is not initialized: call dist.init_process_group first")
     experts = [(name, m) for name, m in model.named_modules()
-               if _is_interface_experts(m) or isinstance(m, FusedExperts)]
+               if is_interface_experts(m) or isinstance(m, FusedExperts)]
     if not experts:
         raise ExpertParallelError(
             "no experts module found: parallelize_experts shards transformers' @use_experts_implementation "
             "experts and moefuse.convert's FusedExperts (run moefuse.convert(model) first for other MoE forms)"
         )
-    device_type = _weights(experts[0][1])[1].device.type
+    device_type = expert_weights(experts[0][1])[1].device.type
     mesh, group = _mesh_and_group(mesh_or_group, device_type)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
 
     # Check every module before changing any, so that a refusal leaves the model as it was.
     activations = {}
     for name, m in experts:
-        w1 = _weights(m)[0]  # [E, N1, H] (a view for transposed storage)
+        w1 = expert_weights(m)[0]  # [E, N1, H] (a view for transposed storage)
         if isinstance(w1, DTensor):
             raise ExpertParallelError(f"{name} is already sharded: call parallelize_experts once per model")
-        why = None if isinstance(m, FusedExperts) else _why_not(m)  # convert checked its own modules
+        why = None if isinstance(m, FusedExperts) else why_not(m)  # convert checked its own modules
         if why is None:
             try:
                 activations[name] = getattr(m, "_moefuse_activation", None)
                 if activations[name] is None:
-                    activations[name] = capture_activation(_activation_fn(m), w1.shape[1])
+                    activations[name] = capture_activation(activation_fn(m), w1.shape[1])
             except Reject as r:
                 why = f"{r.reason.value}: {r.detail}"
         if why is not None:
@@ -211,19 +212,19 @@ def parallelize_experts(model: torch.nn.Module, mesh_or_group=None) -> ParallelS
 
     summary = ParallelSummary(rank, world)
     for name, m in experts:
-        local = _weights(m)[0].shape[0] // world
+        local = expert_weights(m)[0].shape[0] // world
         lo = rank * local
         for pname, p in list(m.named_parameters(recurse=False)):  # every one is [E, …]
             shard = p.detach()[lo : lo + local].clone()
             setattr(m, pname, torch.nn.Parameter(DTensor.from_local(shard, mesh, [Shard(0)], run_check=False),
                                                  requires_grad=p.requires_grad))
         m._moefuse_activation = activations[name]
-        w1, w2, b1, b2 = (None if t is None else t.to_local() for t in _weights(m))
-        # The local experts' spec, through convert's `_spec_key` on a stand-in holding them in the op's layout.
+        w1, w2, b1, b2 = (None if t is None else t.to_local() for t in expert_weights(m))
+        # The local experts' spec, through convert's `spec_key` on a stand-in holding them in the op's layout.
         view = SimpleNamespace(has_gate=True, has_bias=True, is_transposed=False, gate_up_proj=w1, down_proj=w2,
                                gate_up_proj_bias=b1, down_proj_bias=b2, _moefuse_activation=activations[name],
                                _moefuse_router=_ROUTER)
-        m._moefuse_ep = _EPState(group, _spec_key(view, w1.dtype, 1), w1.dtype, str(next(_KEYS)))
+        m._moefuse_ep = _EPState(group, spec_key(view, w1.dtype, 1), w1.dtype, str(next(_KEYS)))
         m.__class__ = _parallel_class(type(m))
         summary.sharded[name] = (lo, local)
     log.info("%s", summary)
@@ -236,7 +237,7 @@ class _ExpertParallel:
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """x[T,H], ids[T,K] (global expert ids), weights[T,K] → y[T,H] in x's dtype, as the unsharded layer."""
         st: _EPState = self._moefuse_ep
-        w1, w2, b1, b2 = (None if t is None else t.to_local() for t in _weights(self))
+        w1, w2, b1, b2 = (None if t is None else t.to_local() for t in expert_weights(self))
         if w1.dtype != st.dtype:
             raise ExpertParallelError(f"the experts were sharded in {st.dtype} and are now {w1.dtype}: "
                                       "cast the model before parallelize_experts, not after")

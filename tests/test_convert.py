@@ -6,7 +6,7 @@ import torch
 
 import moefuse
 from moefuse import Backend
-from moefuse.convert import convert
+from moefuse.conversion import convert
 from moefuse.runtime import op as moe_op
 from moefuse.errors import MoefuseError
 from moefuse.testing import CONVERT_FAMILIES, rel_err, tiny_config, tiny_model, tiny_switch
@@ -61,7 +61,7 @@ def test_convert_leaves_non_moe_models_alone():
 
 
 def test_unprepared_moefuse_implementation_is_a_clear_error():
-    from moefuse.convert import IMPLEMENTATION, _register_with_transformers
+    from moefuse.conversion import IMPLEMENTATION, _register_with_transformers
 
     model = eager_loop_model("olmoe")
     _register_with_transformers()

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 import moefuse
 from moefuse import parallel
-from moefuse.convert import convert
+from moefuse.conversion import convert
 from moefuse.runtime import op as moe_op
 from moefuse.testing import rel_err, tiny_model, tiny_switch
 

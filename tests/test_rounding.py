@@ -313,3 +313,27 @@ def test_backend_rounding_off_is_exact_and_unfound_scores_lower_exactly():
             assert all("raw router logits" in lw.rounding_skipped for lw in lowered)
             assert str(backend.explanation).count("token rounding not applied, exact top-K") == 2
         torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("cpu_path")
+def test_backend_rounding_leaves_layers_converted_before_exact_and_says_so():
+    """A model `moefuse.convert` already gave the exact op has no router scores at the op: compiled with
+    rounding on, its layers stay exact top-K and the report says why."""
+    import moefuse
+    from moefuse import Backend
+    from moefuse.runtime import op as moe_op
+    from moefuse.testing import rel_err, tiny_model
+
+    model = tiny_model("qwen3_moe")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert len(moefuse.convert(model).converted) == 2
+        backend = Backend({"inner": "eager", "token_rounding": "nearest", "tile_m": M_E2E})
+        before = moe_op.counters["cpu"]
+        got = torch.compile(model, backend=backend)(ids).logits
+    lowered = backend.explanation.lowered
+    assert len(lowered) == 2 and all(lw.by_convert for lw in lowered), str(backend.explanation)
+    assert moe_op.counters["cpu"] - before == 2
+    assert all("moefuse.convert put the exact op here" in lw.rounding_skipped for lw in lowered)
+    assert rel_err(got, ref) <= 1e-5

@@ -29,7 +29,7 @@ from moefuse.runtime.op import kernels_for, spec_from_key
 
 log = logging.getLogger("moefuse")
 
-_CONVERTED_NO_ROUTING = ("moefuse.convert put the exact op here (it receives top-k routing, not the router's "
+_CONVERTED_NO_ROUNDING = ("moefuse.convert put the exact op here (it receives top-k routing, not the router's "
                          "scores); compile the unconverted model to round its tokens")
 
 # The ops a graph may already hold (put there by moefuse.convert): inference, and training (with h).
