@@ -139,7 +139,8 @@ class MoESpec:
         shared = d.pop("shared", None)
         if shared is not None:
             sact = shared.pop("activation")
-            shared = SharedExpert(activation=Activation(sact["expr"], tuple(tuple(s) for s in sact["slices"])), **shared)
+            sact = Activation(sact["expr"], tuple(tuple(s) for s in sact["slices"]))
+            shared = SharedExpert(activation=sact, **shared)
         return cls(activation=activation, shared=shared, **d)
 
     def routed(self) -> MoESpec:

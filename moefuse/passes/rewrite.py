@@ -57,7 +57,8 @@ def rewrite(gm: fx.GraphModule, region: Region, rounding: str = "off", tile_m: i
                                                 (rounded.to_key(), x, pairs, w1, w2, region.b1, region.b2))
             if sh is not None:  # so the shared expert's dense MLP is traced through, then added
                 s_x = region.x if region.weight_on_input else x
-                s_out = graph.call_function(_shared.shared_forward_for, (spec.to_key(), s_x, sh.w1, sh.w3, sh.w2, sh.gate))
+                s_out = graph.call_function(_shared.shared_forward_for,
+                                            (spec.to_key(), s_x, sh.w1, sh.w3, sh.w2, sh.gate))
                 new = graph.call_function(operator.add, (new, s_out))
         elif region.needs_grad:
             # The training op returns (y, h): h, the pre-activation, is what its backward keeps.

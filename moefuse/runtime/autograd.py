@@ -30,6 +30,8 @@ trace them without looking inside.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from moefuse.inputs import check_layer_inputs
@@ -115,18 +117,18 @@ def moe_bwd(
     routed = s.routed()
     shared = None
     if shared_call(s, x, shared_w1, shared_w2, shared_gate, shared_w3, shared_x) is not None:
-        def shared():
-            sx = x if shared_x is None else shared_x
-            return shared_backward(s.shared, dy, sx, shared_w1, shared_w3, shared_w2, shared_gate)
+        sx = x if shared_x is None else shared_x
+        shared = functools.partial(shared_backward, s.shared, dy, sx, shared_w1, shared_w3, shared_w2, shared_gate)
     if _use_triton(x):
         from moefuse.kernels.backward import moe_backward
 
         counters["bwd_triton"] += 1
-        grads, sgrads = overlapped(x, shared, lambda: moe_backward(routed, dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h))
+        grads, sgrads = overlapped(
+            x, shared, lambda: moe_backward(routed, dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h))
     else:
         counters["bwd_cpu"] += 1
-        grads, sgrads = overlapped(x, shared, lambda: moe_backward_cpu(routed, dy, x, topk_ids, topk_weights, w1, w2, b1,
-                                                                       b2, h))
+        grads, sgrads = overlapped(
+            x, shared, lambda: moe_backward_cpu(routed, dy, x, topk_ids, topk_weights, w1, w2, b1, b2, h))
     out = list(op_grads(x, *grads))
     if sgrads is None:
         return out
