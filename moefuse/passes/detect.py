@@ -8,7 +8,10 @@ and the two weight operands; everything after that is shared:
   2. the combine is followed from the down-projection to the first per-token [T, H] value after the
      reduction over experts (the region's output), and the routing weights are found where it multiplies;
   3. the region is every node between those inputs and the output: it must read nothing else (except
-     per-expert biases and symbolic sizes), and nothing inside it may be used outside it.
+     per-expert biases and symbolic sizes), and nothing inside it may be used outside it;
+  4. a shared expert whose output is added to the routed output (a dense Linear → act → Linear of the same
+     tokens, optionally × sigmoid(Linear(x))) joins the region when the region stays closed and convex with it
+     (`_shared_expert`); its activation is lifted as in 1 (E = 1). Otherwise it stays beside the op.
 The router itself (linear → softmax/sigmoid → top-k → normalise …) stays in the graph: the region starts at
 its results, which is what makes any routing rule work.
 
