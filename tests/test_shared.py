@@ -224,6 +224,19 @@ def test_cpu_path_is_sequential_without_cuda_calls(monkeypatch):
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in leaves)
 
 
+def test_backward_keeps_nothing_of_the_shared_mlp():
+    """Saved for backward: the op's inputs (alive anyway) and the routed experts' h — no shared-expert
+    activation; moe_bwd recomputes the shared MLP from x."""
+    spec, x, ids, w, (w1, w2), shared = shared_problem()
+    leaves = [t.clone().requires_grad_() for t in (x, w, w1, w2, *shared)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y, h = torch.ops.moefuse.moe_fwd(leaves[0], ids, *leaves[1:4], None, None, spec.to_key(), *leaves[4:])
+    inputs = {t.data_ptr() for t in (*leaves, ids)}
+    assert [tuple(t.shape) for t in saved if t.data_ptr() not in inputs] == [tuple(h.shape)]
+    assert h.shape == (ids.numel(), spec.up_rows)  # the routed experts' pre-activation only
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the side stream exists only there")
 def test_side_stream_overlap_on_cuda(monkeypatch):
