@@ -1,10 +1,16 @@
 """Never wrong: generated MoE layers, each either lowered with eager's numbers or left exactly as it was.
 
-A hypothesis strategy draws plain-PyTorch MoE modules — experts E, top-k K, sizes, dtype, routing rule,
-expert form (dense einsum over all experts, or per-pair gathered weights W[ids]), gate/up layout, biases,
-an activation from a small grammar of elementwise ops, and a combine style — compiles each with moefuse
-and checks: lowered ⇒ equal to eager within the dtype's tolerance; not lowered ⇒ a typed reason and the
-same bits as eager. A lowered-but-wrong layer fails with the drawn configuration as its reproducer.
+A hypothesis strategy draws plain-PyTorch MoE modules — experts E (1…64), top-k K (1…min(E, 8)), sizes, dtype,
+a routing rule (softmax → top-k, top-k → softmax, sigmoid, sigmoid with a selection-only correction bias,
+DeepSeek-V3's group-limited top-k; each ± renormalisation, ± a routed scaling factor), an expert form (dense
+einsum over all experts, per-pair gathered weights W[ids], or transformers' grouped_mm: sort by expert → gather
+→ grouped mm on offsets → act → grouped mm → weighted unpermute), weights stored [E, out, in] or transposed,
+gate/up layout, biases, an activation from a small grammar of elementwise ops, a combine style, and a shared
+expert beside the routed ones (none, plain, or sigmoid-gated as in Qwen2-MoE) — compiles each with moefuse and
+checks: lowered ⇒ equal to eager within the dtype's tolerance; not lowered ⇒ a typed reason and the same bits
+as eager. Some fp32 layers also run backward: lowered ⇒ the gradients of x and of every parameter match eager's;
+not lowered ⇒ they are eager's, bit for bit. A lowered-but-wrong layer fails with the drawn `Layer` and seed as
+its reproducer (hypothesis shrinks it first).
 
 MOEFUSE_FUZZ_EXAMPLES (default 500: what CI runs) sets the number of layers drawn.
 """
@@ -20,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformers.integrations.moe import _grouped_linear  # what transformers' grouped_mm experts call
 
 from moefuse import Backend
 from moefuse.runtime import op as moe_op
@@ -30,7 +37,16 @@ pytestmark = pytest.mark.usefixtures("cpu_path")
 EXAMPLES = int(os.environ.get("MOEFUSE_FUZZ_EXAMPLES", "500"))
 # Relative error of a lowered layer: fp32 sums in another order (a few ulps); fp16: eager rounds each op.
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2}
-STATS: collections.Counter = collections.Counter()
+# Gradients, fp32 only: eager's fp16 backward rounds every intermediate to fp16 where the fused op accumulates in
+# fp32, a gap of ~1e-2 that would hide a wrong gradient of the size fp32 pins down. A weight's gradient sums T·K
+# outer products in another order than eager's, and the router's comes through the routing weights' gradient
+# (a dot product of dy with each expert's output): a few ulps more than the forward's 2e-5.
+GRAD_TOL = 1e-4
+# Each gradient's error is taken relative to its own largest value, but never to less than this fraction of the
+# layer's largest gradient: a gradient that is zero up to rounding (the router's when renormalised top-1 weights
+# are identically 1: eager gives ~3e-7 of cancellation noise, the fused op 0) has no digits to compare.
+GRAD_FLOOR = 1e-2
+STATS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
 # The activation grammar: unary elementwise ops, and ways to combine two of them.
 UNARY = {
@@ -39,6 +55,9 @@ UNARY = {
     "identity": lambda x: x, "relu2": lambda x: F.relu(x) ** 2, "mish": lambda x: x * torch.tanh(F.softplus(x)),
 }
 BINARY = {"mul": lambda a, b: a * b, "add": lambda a, b: a + b, "mul_plus1": lambda a, b: a * (b + 1.0)}
+ROUTINGS = ["softmax_topk", "topk_softmax", "sigmoid_topk", "sigmoid_bias", "grouped"]
+COMBINES = {"dense": ["dense_scatter"], "gathered": ["pair_sum", "pair_sum", "index_add"],
+            "grouped_mm": ["unpermute_sum", "unpermute_sum", "index_add"]}
 
 
 @dataclass(frozen=True)
@@ -49,34 +68,55 @@ class Layer:
     I: int  # noqa: E741
     T: int
     dtype: str
-    routing: str  # softmax_topk | softmax_topk_renorm | topk_softmax | sigmoid_topk_scaled
-    form: str  # dense | gathered
+    routing: str  # softmax_topk | topk_softmax | sigmoid_topk | sigmoid_bias (a correction bias added to the
+    #               scores for the choice only, weights from the unbiased sigmoid: DeepSeek-V3) | grouped
+    #               (sigmoid_bias, top-k within the topk_group best of n_group expert groups: DeepSeek-V3)
+    n_group: int  # grouped routing only (else 1)
+    topk_group: int
+    renorm: bool  # top-k weights divided by their sum
+    scale: float  # routed scaling factor applied to the weights
+    form: str  # dense | gathered | grouped_mm
+    transposed: bool  # expert weights stored [E, in, out] rather than [E, out, in]
     layout: str  # gate_up | up_gate | interleaved | plain
     bias: bool
     act: str  # unary name
     act2: str  # unary name applied to `up` in a GLU
     mix: str  # binary name combining act(gate) and act2(up)
-    combine: str  # dense_scatter | pair_sum | index_add
+    combine: str  # dense_scatter | pair_sum | index_add | unpermute_sum
+    shared: str  # none | plain (an ungated GLU MLP added to the routed output) | gated (× sigmoid(x·g): Qwen2-MoE)
+    shared_I: int
     twist: str  # none | cumsum (a non-elementwise activation) | capacity (expert outputs masked inside the
     #             expert path) | escape (an expert activation also used outside the layer): each must be left
     #             alone | router_mask (weights below a threshold zeroed in the router: exact, may be lowered)
+    grad: bool  # also run backward and compare every gradient (fp32 layers only)
 
 
 @st.composite
 def layers(draw) -> Layer:
-    e = draw(st.integers(1, 10))
-    form = draw(st.sampled_from(["dense", "gathered"]))
+    e = draw(st.one_of(st.integers(1, 10), st.integers(11, 64)))
+    # group-limited routing needs n_group ≥ 2 groups of ≥ 2 experts (a group scores by its best two)
+    groups = [g for g in range(2, e // 2 + 1) if e % g == 0]
+    routing = draw(st.sampled_from(ROUTINGS if groups else ROUTINGS[:-1]))
+    n_group = draw(st.sampled_from(groups)) if routing == "grouped" else 1
+    topk_group = draw(st.integers(1, n_group)) if routing == "grouped" else 1
+    k = draw(st.sampled_from(range(1, min(8, topk_group * e // n_group) + 1)))  # integers() favours K = 1
+    dtype = draw(st.sampled_from(["float32", "float16"]))
+    form = draw(st.sampled_from(["dense", "gathered", "grouped_mm"]))
+    shared = draw(st.sampled_from(["none", "none", "plain", "gated"]))
+    # eager F.grouped_mm on the CPU wants 16-byte strides: I a multiple of 8 (fp16) in that form
+    sizes_i = [8, 16] if form == "grouped_mm" else [4, 8, 12]
     return Layer(
-        E=e, K=draw(st.integers(1, min(e, 4))), H=draw(st.sampled_from([8, 16, 24])),
-        I=draw(st.sampled_from([4, 8, 12])), T=draw(st.sampled_from([1, 2, 5, 13])),
-        dtype=draw(st.sampled_from(["float32", "float16"])),
-        routing=draw(st.sampled_from(["softmax_topk", "softmax_topk_renorm", "topk_softmax", "sigmoid_topk_scaled"])),
-        form=form, layout=draw(st.sampled_from(["gate_up", "up_gate", "interleaved", "plain"])),
-        bias=draw(st.booleans()) if form == "gathered" else False,
-        act=draw(st.sampled_from(sorted(UNARY))), act2=draw(st.sampled_from(["identity", "identity", "sigmoid", "clamp"])),
-        mix=draw(st.sampled_from(sorted(BINARY))),
-        combine=draw(st.sampled_from(["dense_scatter"] if form == "dense" else ["pair_sum", "pair_sum", "index_add"])),
+        E=e, K=k, H=draw(st.sampled_from([8, 16, 24])), I=draw(st.sampled_from(sizes_i)),
+        T=draw(st.sampled_from([1, 2, 5, 13])), dtype=dtype, routing=routing, n_group=n_group,
+        topk_group=topk_group, renorm=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 2.5])), form=form,
+        transposed=draw(st.booleans()), layout=draw(st.sampled_from(["gate_up", "up_gate", "interleaved", "plain"])),
+        bias=draw(st.booleans()) if form != "dense" else False,
+        act=draw(st.sampled_from(sorted(UNARY))),
+        act2=draw(st.sampled_from(["identity", "identity", "sigmoid", "clamp"])),
+        mix=draw(st.sampled_from(sorted(BINARY))), combine=draw(st.sampled_from(COMBINES[form])),
+        shared=shared, shared_I=draw(st.sampled_from([4, 12])) if shared != "none" else 0,
         twist=draw(st.sampled_from(["none"] * 5 + ["cumsum", "capacity", "escape", "router_mask"])),
+        grad=draw(st.booleans()) if dtype == "float32" else False,  # one layer in four
     )
 
 
@@ -86,23 +126,42 @@ class GeneratedMoE(nn.Module):
         self.c = c
         rows = c.I if c.layout == "plain" else 2 * c.I
         self.router = nn.Linear(c.H, c.E, bias=False)
-        self.w1 = nn.Parameter(torch.randn(c.E, rows, c.H) * c.H**-0.5)
-        self.w2 = nn.Parameter(torch.randn(c.E, c.H, c.I) * c.I**-0.5)
+        w1, w2 = torch.randn(c.E, rows, c.H) * c.H**-0.5, torch.randn(c.E, c.H, c.I) * c.I**-0.5
+        self.w1 = nn.Parameter(w1.transpose(1, 2).contiguous() if c.transposed else w1)
+        self.w2 = nn.Parameter(w2.transpose(1, 2).contiguous() if c.transposed else w2)
         self.b1 = nn.Parameter(torch.randn(c.E, rows) * 0.1) if c.bias else None
         self.b2 = nn.Parameter(torch.randn(c.E, c.H) * 0.1) if c.bias else None
+        # sizeable next to sigmoid scores' spread, so the biased choice differs from the unbiased one
+        self.register_buffer("correction", torch.randn(c.E) * 0.2 if c.routing in ("sigmoid_bias", "grouped") else None)
+        if c.shared != "none":
+            self.shared_gate_proj = nn.Linear(c.H, c.shared_I, bias=False)
+            self.shared_up_proj = nn.Linear(c.H, c.shared_I, bias=False)
+            self.shared_down_proj = nn.Linear(c.shared_I, c.H, bias=False)
+            self.shared_expert_gate = nn.Linear(c.H, 1, bias=False) if c.shared == "gated" else None
 
     def route(self, x):
         c, logits = self.c, self.router(x)
         if c.routing == "topk_softmax":
             top, ids = logits.topk(c.K, dim=-1)
-            return ids, top.softmax(dim=-1)
-        if c.routing == "sigmoid_topk_scaled":
+            w = top.softmax(dim=-1)
+        elif c.routing == "softmax_topk":
+            w, ids = logits.softmax(dim=-1).topk(c.K, dim=-1)
+        elif c.routing == "sigmoid_topk":
             w, ids = logits.sigmoid().topk(c.K, dim=-1)
-            return ids, 2.5 * w / w.sum(dim=-1, keepdim=True)
-        w, ids = logits.softmax(dim=-1).topk(c.K, dim=-1)
-        if c.routing == "softmax_topk_renorm":
-            w = w / w.sum(dim=-1, keepdim=True)
-        return ids, w
+        else:  # the correction bias picks the experts; the weights are the unbiased sigmoid scores
+            scores = logits.sigmoid()
+            choice = scores + self.correction
+            if c.routing == "grouped":
+                size = c.E // c.n_group
+                best = choice.view(-1, c.n_group, size).topk(2, dim=-1)[0].sum(dim=-1)
+                kept = torch.zeros_like(best).scatter_(1, best.topk(c.topk_group, dim=-1)[1], 1)
+                mask = kept.unsqueeze(-1).expand(-1, c.n_group, size).reshape(-1, c.E)
+                choice = choice.masked_fill(~mask.bool(), float("-inf"))
+            ids = choice.topk(c.K, dim=-1)[1]
+            w = scores.gather(1, ids)
+        if c.renorm:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, w * c.scale if c.scale != 1.0 else w
 
     def activation(self, h):
         c = self.c
@@ -117,36 +176,75 @@ class GeneratedMoE(nn.Module):
         }[c.layout]()
         return BINARY[c.mix](UNARY[c.act](gate), UNARY[c.act2](up))
 
+    def capacity(self, o):
+        # inside the expert path: must not be fused
+        return torch.where(o.abs() < 3.0, o, torch.zeros_like(o)) if self.c.twist == "capacity" else o
+
     def forward(self, x):
         c = self.c
         ids, w = self.route(x)
         if c.twist == "router_mask":  # part of the routing: the fused op gets the masked weights
             w = torch.where(w > 0.3, w, torch.zeros_like(w))
-        if c.form == "dense":
-            a = self.activation(torch.einsum("th,enh->ten", x, self.w1))
-            y = torch.einsum("ten,ehn->teh", a, self.w2)
-            if c.twist == "capacity":  # inside the expert path: must not be fused
-                y = torch.where(y.abs() < 3.0, y, torch.zeros_like(y))
-            out = (y * torch.zeros(x.shape[0], c.E, dtype=w.dtype).scatter(1, ids, w).unsqueeze(-1).to(y.dtype)).sum(1)
-            return out + a.mean() if c.twist == "escape" else out
-        flat = ids.reshape(-1)
-        xs = x.repeat_interleave(c.K, dim=0)
-        h = torch.bmm(self.w1[flat], xs.unsqueeze(-1)).squeeze(-1)
-        if self.b1 is not None:
-            h = h + self.b1[flat]
-        a = self.activation(h)
-        o = torch.bmm(self.w2[flat], a.unsqueeze(-1)).squeeze(-1)
-        if self.b2 is not None:
-            o = o + self.b2[flat]
-        if c.twist == "capacity":  # inside the expert path: must not be fused
-            o = torch.where(o.abs() < 3.0, o, torch.zeros_like(o))
-        o = o * w.reshape(-1, 1).to(o.dtype)
-        if c.combine == "index_add":
-            token = torch.arange(x.shape[0]).repeat_interleave(c.K)
-            out = torch.zeros_like(x).index_add(0, token, o)
-        else:
-            out = o.view(x.shape[0], c.K, c.H).sum(dim=1)
+        out, a = {"dense": self.dense, "gathered": self.gathered, "grouped_mm": self.grouped}[c.form](x, ids, w)
+        if c.shared != "none":
+            s = self.shared_down_proj(F.silu(self.shared_gate_proj(x)) * self.shared_up_proj(x))
+            out = out + (F.sigmoid(self.shared_expert_gate(x)) * s if c.shared == "gated" else s)
         return out + a.mean() if c.twist == "escape" else out
+
+    def dense(self, x, ids, w):
+        """Every expert on every token (einsum over [E, ·, ·] weights); the weights scattered to [T, E] combine."""
+        up, down = ("th,ehn->ten", "ten,enh->teh") if self.c.transposed else ("th,enh->ten", "ten,ehn->teh")
+        a = self.activation(torch.einsum(up, x, self.w1))
+        y = self.capacity(torch.einsum(down, a, self.w2))
+        dense_w = torch.zeros(x.shape[0], self.c.E, dtype=w.dtype).scatter(1, ids, w)
+        return (y * dense_w.unsqueeze(-1).to(y.dtype)).sum(1), a
+
+    def gathered(self, x, ids, w):
+        """transformers' batched_mm: each (token, expert) pair multiplies its own gathered W[ids] (bmm)."""
+        c, flat = self.c, ids.reshape(-1)
+
+        def linear(v, weight, bias):
+            o = (torch.bmm(v.unsqueeze(1), weight[flat]).squeeze(1) if c.transposed
+                 else torch.bmm(weight[flat], v.unsqueeze(-1)).squeeze(-1))
+            return o + bias[flat] if bias is not None else o
+
+        a = self.activation(linear(x.repeat_interleave(c.K, dim=0), self.w1, self.b1))
+        o = self.capacity(linear(a, self.w2, self.b2)) * w.reshape(-1, 1).to(x.dtype)
+        if c.combine == "index_add":
+            return torch.zeros_like(x).index_add(0, torch.arange(x.shape[0]).repeat_interleave(c.K), o), a
+        return o.view(x.shape[0], c.K, c.H).sum(dim=1), a
+
+    def grouped(self, x, ids, w):
+        """transformers 5.x's grouped_mm experts, op for op (sort → x[perm // K] → histc offsets → grouped
+        linear → act → grouped linear → weights → unpermute → sum over K), with transformers' own grouped
+        linear: under dynamo in fp32/fp16 it is `transformers::grouped_mm_fallback`, as in real models."""
+        c = self.c
+        ids_g, perm = torch.sort(ids.reshape(-1))
+        x_g, w_g = x[perm // c.K], w.reshape(-1)[perm]
+        offsets = torch.cumsum(torch.histc(ids_g.float(), bins=c.E, min=0, max=c.E - 1), dim=0, dtype=torch.int32)
+        b1 = self.b1[ids_g] if self.b1 is not None else None
+        a = self.activation(_grouped_linear(x_g, self.w1, offsets, bias=b1, is_transposed=c.transposed))
+        b2 = self.b2[ids_g] if self.b2 is not None else None
+        o = self.capacity(_grouped_linear(a, self.w2, offsets, bias=b2, is_transposed=c.transposed))
+        o = o * w_g.unsqueeze(-1)
+        if c.combine == "index_add":  # scattered back by token straight from the expert-sorted rows
+            return torch.zeros_like(x).index_add(0, perm // c.K, o), a
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.size(0))
+        return o[inv].view(x.shape[0], c.K, c.H).sum(dim=1).to(x.dtype), a
+
+
+def _count(c: Layer, outcome: str, shared_inside: bool = False) -> None:
+    STATS["twist: outcome"][f"{c.twist}: {outcome}"] += 1
+    verdict = "lowered" if outcome == "lowered" else "left alone"
+    STATS["routing"][f"{c.routing}: {verdict}"] += 1
+    STATS["form"][f"{c.form}: {verdict}"] += 1
+    where = ""
+    if c.shared != "none" and verdict == "lowered":  # either is right: the op may or may not take it in
+        where = " (inside the op)" if shared_inside else " (beside the op)"
+    STATS["shared expert"][f"{c.shared}: {verdict}{where}"] += 1
+    if c.grad:
+        STATS["with backward"][verdict] += 1
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
@@ -159,26 +257,47 @@ def test_generated_layer_is_lowered_exactly_or_left_alone(c: Layer, seed: int):
     x = torch.randn(c.T, c.H, dtype=dtype)
     torch._dynamo.reset()
     backend = Backend({"inner": "eager"})
-    calls = moe_op.counters["cpu"]
-    with torch.no_grad():
+    before = dict(moe_op.counters)
+    if c.grad:
+        params = [x.requires_grad_(), *model.parameters()]
+        cotangent = torch.randn(c.T, c.H, dtype=dtype)
         ref = model(x)
+        ref_grads = torch.autograd.grad(ref, params, cotangent)
         out = torch.compile(model, backend=backend)(x)
-    lowered, rejected = backend.explanation.lowered, backend.explanation.rejected
-    ran = moe_op.counters["cpu"] - calls
-    if lowered:
-        STATS[f"{c.twist}: lowered"] += 1
-        assert len(lowered) == 1 and ran == 1, f"reproducer: {c} seed={seed}\n{backend.explanation}"
-        err = rel_err(out, ref)
-        assert err <= TOL[dtype], f"lowered but wrong (rel. err {err:.3g}); reproducer: {c} seed={seed}\n{backend.explanation}"
+        grads = torch.autograd.grad(out, params, cotangent)
+        ran = tuple(moe_op.counters[k] - before[k] for k in ("fwd_train_cpu", "bwd_cpu"))
     else:
-        STATS[f"{c.twist}: " + (",".join(sorted({r.reason.name for r in rejected})) or "no candidate")] += 1
-        assert ran == 0
-        assert torch.equal(out, ref), f"left alone but changed; reproducer: {c} seed={seed}"
+        with torch.no_grad():
+            ref = model(x)
+            out = torch.compile(model, backend=backend)(x)
+        ran = (moe_op.counters["cpu"] - before["cpu"],)
+    lowered, rejected = backend.explanation.lowered, backend.explanation.rejected
+    repro = f"reproducer: {c} seed={seed}\n{backend.explanation}"
+    if lowered:
+        _count(c, "lowered", lowered[0].spec.shared is not None)
+        assert len(lowered) == 1 and set(ran) == {1}, repro
+        err = rel_err(out, ref)
+        assert err <= TOL[dtype], f"lowered but wrong (rel. err {err:.3g}); {repro}"
+        if c.grad:
+            names = ["x", *(n for n, _ in model.named_parameters())]
+            floor = max(GRAD_FLOOR * max(r.abs().max().item() for r in ref_grads), 1e-30)
+            errs = {n: (g - r).abs().max().item() / max(r.abs().max().item(), floor)
+                    for n, g, r in zip(names, grads, ref_grads)}
+            worst = max(errs, key=errs.get)
+            assert errs[worst] <= GRAD_TOL, f"lowered but d{worst} wrong (rel. err {errs[worst]:.3g}); {repro}"
+    else:
+        _count(c, ",".join(sorted({r.reason.name for r in rejected})) or "no candidate")
+        assert set(ran) == {0}, repro
+        assert torch.equal(out, ref), f"left alone but changed; {repro}"
+        if c.grad:
+            assert all(map(torch.equal, grads, ref_grads)), f"left alone but gradients changed; {repro}"
 
 
 def summary() -> str | None:
     """The outcome counts, printed at the end of the run by tests/conftest.py."""
     if not STATS:
         return None
-    return f"fuzz: {sum(STATS.values())} generated layers (twist: outcome × count): " + ", ".join(
-        f"{k} × {v}" for k, v in sorted(STATS.items()))
+    total = sum(STATS["twist: outcome"].values())
+    return f"fuzz: {total} generated layers (outcome × count)\n" + "\n".join(
+        f"  by {what}: " + ", ".join(f"{k} × {v}" for k, v in sorted(counts.items()))
+        for what, counts in STATS.items())
