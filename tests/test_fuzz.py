@@ -17,6 +17,7 @@ MOEFUSE_FUZZ_EXAMPLES (default 500: what CI runs) sets the number of layers draw
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -116,7 +117,7 @@ def layers(draw) -> Layer:
         mix=draw(st.sampled_from(sorted(BINARY))), combine=draw(st.sampled_from(COMBINES[form])),
         shared=shared, shared_I=draw(st.sampled_from([4, 12])) if shared != "none" else 0,
         twist=draw(st.sampled_from(["none"] * 5 + ["cumsum", "capacity", "escape", "router_mask"])),
-        grad=draw(st.booleans()) if dtype == "float32" else False,  # one layer in four
+        grad=draw(st.booleans()) if dtype == "float32" else False,  # about one layer in four
     )
 
 
@@ -234,6 +235,19 @@ class GeneratedMoE(nn.Module):
         return o[inv].view(x.shape[0], c.K, c.H).sum(dim=1).to(x.dtype), a
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch on one intra-op thread. Eager's own CPU backward of these layers is not bit-reproducible on more:
+    30 identical eager runs of Layer(E=11, K=5, H=24, I=12, T=13, gathered, softmax_topk) gave 19 different
+    router gradients on 2 threads, one on 1 — and "left alone ⇒ eager's bits" needs eager to have one answer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _count(c: Layer, outcome: str, shared_inside: bool = False) -> None:
     STATS["twist: outcome"][f"{c.twist}: {outcome}"] += 1
     verdict = "lowered" if outcome == "lowered" else "left alone"
@@ -261,10 +275,11 @@ def test_generated_layer_is_lowered_exactly_or_left_alone(c: Layer, seed: int):
     if c.grad:
         params = [x.requires_grad_(), *model.parameters()]
         cotangent = torch.randn(c.T, c.H, dtype=dtype)
-        ref = model(x)
-        ref_grads = torch.autograd.grad(ref, params, cotangent)
-        out = torch.compile(model, backend=backend)(x)
-        grads = torch.autograd.grad(out, params, cotangent)
+        with one_thread():
+            ref = model(x)
+            ref_grads = torch.autograd.grad(ref, params, cotangent)
+            out = torch.compile(model, backend=backend)(x)
+            grads = torch.autograd.grad(out, params, cotangent)
         ran = tuple(moe_op.counters[k] - before[k] for k in ("fwd_train_cpu", "bwd_cpu"))
     else:
         with torch.no_grad():
