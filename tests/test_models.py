@@ -215,3 +215,18 @@ def test_llama4_top2_weights_on_input_rejected():
     assert [r.reason.name for r in explanation.rejected] == ["INPUT_WEIGHTING"] * 2, str(explanation)
     assert "top-k = 2" in str(explanation)
     assert torch.equal(out.logits, ref)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_top1_grouped_mm_lowered(family):
+    # With K = 1, grouped_mm's expert-sorted weights `w.reshape(-1)[perm].unsqueeze(-1)` are [T·K, 1] = [T, K]:
+    # detection must still take the routing weights from before the sort (they were rejected as EXTERNAL_INPUT).
+    top1 = {"num_experts_per_tok": 1}
+    model = tiny_model(family, **top1)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    out, explanation, calls = compile_and_run(model, ids)
+    assert not explanation.rejected and len(explanation.lowered) == 2 and calls["cpu"] == 2, str(explanation)
+    assert explanation.lowered[0].spec.top_k == 1
+    assert rel_err(out.logits, ref) <= TOL[torch.float32]

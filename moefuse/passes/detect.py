@@ -429,7 +429,7 @@ def _routing_weights(chain: list[fx.Node], t: int, k: int) -> tuple[fx.Node, fx.
         for other in node.args:
             if not isinstance(other, fx.Node) or other in chain:
                 continue
-            cur, ids = other, None
+            cur, ids, found = other, None, None
             for _ in range(8):
                 name = fu.op_name(cur)
                 if name in ("method:scatter", "torch.scatter"):  # before the shape test: with K = E, [T, E] is [T, K]
@@ -437,15 +437,28 @@ def _routing_weights(chain: list[fx.Node], t: int, k: int) -> tuple[fx.Node, fx.
                     if not isinstance(cur, fx.Node):
                         break
                     continue
-                if fu.shape(cur) == (t, k) and fu.is_float(cur):
-                    return cur, ids
+                if found is None and fu.shape(cur) == (t, k) and fu.is_float(cur):
+                    found = cur
+                if name == "getitem" and _tensor_indexed(cur):
+                    # What was found so far is in gathered (pair) order: with K = 1, grouped_mm's
+                    # `weights.reshape(-1)[perm].unsqueeze(-1)` is [T·K, 1] = [T, K] but sorted by expert.
+                    found = None
                 if fu.is_view(cur) or fu.is_cast(cur) or name == "getitem":
                     cur = cur.args[0]
                 else:
                     break
                 if not isinstance(cur, fx.Node):
                     break
+            if found is not None:
+                return found, ids
     raise Reject(Reason.NO_ROUTING_WEIGHTS, chain[0], "no multiplication by [T, K] routing weights in the combine")
+
+
+def _tensor_indexed(getitem: fx.Node) -> bool:
+    """`a[idx]` with a tensor among its indices (a gather), not only slices and integers."""
+    index = getitem.args[1]
+    return any(isinstance(i, fx.Node) and isinstance(fu.value(i), torch.Tensor)
+               for i in (index if isinstance(index, (tuple, list)) else (index,)))
 
 
 def _close_region(output: fx.Node, boundary: list[fx.Node]) -> list[fx.Node]:
