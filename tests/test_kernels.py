@@ -397,7 +397,7 @@ def test_routing_plan_strided_ids():
     assert_same_plan(routing_plan(ids, 6), routing_plan_reference(ids, 6))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)  # CI draws the same examples every run
 @given(
     T=st.integers(0, 40),
     K=st.integers(1, 8),

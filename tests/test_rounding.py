@@ -77,7 +77,7 @@ def routings(draw):
     return scores, ids, weights, M
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)  # CI draws the same examples every run
 @given(routings(), st.sampled_from(MODES))
 def test_matches_reference_and_invariants(routing, mode):
     scores, ids, weights, M = routing
