@@ -111,11 +111,11 @@ print(json.dumps(records))
 '''
 
 
-@pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compile_only")
-    script = tmp / "compile_kernels.py"  # a file, not `-c`: triton.jit needs the source of the activations
-    script.write_text(SCRIPT)
+def run_compile_script(tmp_path_factory, name: str, source: str) -> list[dict]:
+    """Run a compile script in a subprocess without the interpreter; its last stdout line is the JSON records."""
+    tmp = tmp_path_factory.mktemp(name)
+    script = tmp / f"{name}.py"  # a file, not `-c`: triton.jit needs the source of the activations
+    script.write_text(source)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # a fresh cache: the test compiles, it never reads a hit
@@ -124,6 +124,11 @@ def records(tmp_path_factory):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return run_compile_script(tmp_path_factory, "compile_only", SCRIPT)
 
 
 def select(records, **where):
@@ -196,17 +201,7 @@ def compile_one''' + _REST.split("def compile_one", 1)[1]
 
 @pytest.fixture(scope="module")
 def pairs_records(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compile_only_pairs")
-    script = tmp / "compile_pairs_kernels.py"
-    script.write_text(PAIRS_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["TRITON_CACHE_DIR"] = str(tmp / "cache")
-    env["MOEFUSE_CACHE_DIR"] = str(tmp / "moefuse")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_compile_script(tmp_path_factory, "compile_only_pairs", PAIRS_SCRIPT)
 
 
 def test_flat_pairs_kernels_compile(pairs_records):
@@ -246,17 +241,7 @@ def compile_one''' + _REST.split("def compile_one", 1)[1]
 
 @pytest.fixture(scope="module")
 def schedule_records(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compile_only_schedule")
-    script = tmp / "compile_schedule_kernels.py"
-    script.write_text(SCHEDULE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["TRITON_CACHE_DIR"] = str(tmp / "cache")
-    env["MOEFUSE_CACHE_DIR"] = str(tmp / "moefuse")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_compile_script(tmp_path_factory, "compile_only_schedule", SCHEDULE_SCRIPT)
 
 
 def test_persistent_and_tma_gemms_compile(schedule_records):
