@@ -23,6 +23,7 @@ A shared expert (one dense MLP every token goes through, added to the routed out
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 
@@ -156,3 +157,9 @@ class MoESpec:
             + (f" token rounding M={self.tile_m}" if self.tile_m else "")
             + (f" shared expert: {self.shared.describe()}" if self.shared is not None else "")
         )
+
+
+@functools.lru_cache(maxsize=None)
+def spec_from_key(key: str) -> MoESpec:
+    """`MoESpec.from_key`, parsed once per key: the ops receive the spec as its key on every call."""
+    return MoESpec.from_key(key)

@@ -25,7 +25,8 @@ from moefuse.passes.detect import detect
 from moefuse.passes.region import Rejection, Reject
 from moefuse.passes.rewrite import rewrite
 from moefuse.passes.fxutil import module_path
-from moefuse.runtime.op import kernels_for, spec_from_key
+from moefuse.runtime.op import kernels_for
+from moefuse.spec import spec_from_key
 
 log = logging.getLogger("moefuse")
 

@@ -36,9 +36,9 @@ import torch
 
 from moefuse.inputs import check_layer_inputs
 from moefuse.runtime.cpu import moe_backward_cpu, moe_forward_cpu
-from moefuse.runtime.op import _use_triton, counters, shared_call, spec_from_key
+from moefuse.runtime.op import _use_triton, counters, shared_call
 from moefuse.runtime.shared import overlapped, shared_backward
-from moefuse.spec import MoESpec
+from moefuse.spec import MoESpec, spec_from_key
 
 Tensor = torch.Tensor
 

@@ -17,7 +17,6 @@ The training pair `moefuse::moe_fwd` / `moefuse::moe_bwd` (`runtime.autograd`) d
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 
@@ -26,7 +25,7 @@ import torch
 from moefuse.errors import InputError
 from moefuse.inputs import check_layer_inputs
 from moefuse.runtime.shared import overlapped, shared_forward
-from moefuse.spec import MoESpec
+from moefuse.spec import MoESpec, spec_from_key
 
 log = logging.getLogger("moefuse.runtime")
 
@@ -37,11 +36,6 @@ counters: dict[str, int] = {
     "pairs_triton": 0, "pairs_cpu": 0, "pairs_fwd_train_triton": 0, "pairs_fwd_train_cpu": 0, "pairs_bwd_triton": 0,
     "pairs_bwd_cpu": 0,  # the same for the flat-pairs ops moefuse::moe_pairs / moe_pairs_fwd / moe_pairs_bwd
 }
-
-
-@functools.lru_cache(maxsize=None)
-def spec_from_key(key: str) -> MoESpec:
-    return MoESpec.from_key(key)
 
 
 def _use_triton(x: torch.Tensor) -> bool:

@@ -29,8 +29,8 @@ import torch
 from moefuse.inputs import check_pairs_inputs
 from moefuse.runtime.autograd import bias_grads, grads_fake, needs_grad, op_grads
 from moefuse.runtime.cpu import moe_pairs_backward_cpu, moe_pairs_forward_cpu
-from moefuse.runtime.op import _use_triton, counters, spec_from_key
-from moefuse.spec import MoESpec
+from moefuse.runtime.op import _use_triton, counters
+from moefuse.spec import MoESpec, spec_from_key
 
 Tensor = torch.Tensor
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from moefuse import expr as _expr
 from moefuse.errors import InputError
-from moefuse.spec import MoESpec, SharedExpert
+from moefuse.spec import SharedExpert, spec_from_key
 
 Tensor = torch.Tensor
 R = TypeVar("R")
@@ -86,12 +86,7 @@ def shared_forward_for(spec_key: str, x: Tensor, w1: Tensor, w3: Tensor | None, 
                        gate: Tensor | None) -> Tensor:
     """`shared_forward` for the shared expert of a `MoESpec.to_key()` string: what a rewritten graph calls
     (plain torch ops, traced through by AOTAutograd) where no fused op computes it (token rounding's pairs)."""
-    return shared_forward(_spec(spec_key).shared, x, w1, w3, w2, gate)
-
-
-@functools.lru_cache(maxsize=None)
-def _spec(key: str) -> MoESpec:
-    return MoESpec.from_key(key)
+    return shared_forward(spec_from_key(spec_key).shared, x, w1, w3, w2, gate)
 
 
 def shared_backward(sh: SharedExpert, dy: Tensor, x: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor,
