@@ -103,6 +103,8 @@ class MoESpec:
     tile_m: int = 0
     # The shared expert computed inside the op (added to the routed output), or None: it stays in the graph.
     shared: SharedExpert | None = None
+    # Gate and up held as two weights: w1 [E, I, H] gives the up-projection rows [0, I), w3 [E, I, H] rows [I, 2I).
+    w3: bool = False
 
     def __post_init__(self):
         for name in ("num_experts", "top_k", "hidden", "intermediate", "up_rows"):
@@ -127,7 +129,7 @@ class MoESpec:
     def to_key(self) -> str:
         """A canonical string; `MoESpec.from_key(spec.to_key()) == spec`."""
         d = dataclasses.asdict(self)
-        for name in ("weight_on_input", "tile_m", "shared"):
+        for name in ("weight_on_input", "tile_m", "shared", "w3"):
             if not d[name]:  # keys of specs without it stay as they were (kernel caches, golden files)
                 del d[name]
         return json.dumps(d, sort_keys=True, separators=(",", ":"))

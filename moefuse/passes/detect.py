@@ -31,6 +31,7 @@ import torch.fx as fx
 
 from moefuse import expr as _expr
 from moefuse.passes import fxutil as fu
+from moefuse.passes import generic
 from moefuse.passes.activation import UnsupportedActivation, lift_activation
 from moefuse.passes.region import Reason, Region, Reject, Rejection, SharedBranch
 from moefuse.spec import Activation, MoESpec, SharedExpert
@@ -473,9 +474,30 @@ def _close_region(output: fx.Node, boundary: list[fx.Node]) -> list[fx.Node]:
                 if u not in inside and fu.is_mutation(u) and u.args and u.args[0] is n:
                     inside |= {u} | (fu.ancestors([u]) - outside)
                     changed = True
+    inside |= _size_checks(inside)
     graph_order = {n: i for i, n in enumerate(output.graph.nodes)}
     # Graph inputs (parameters, buffers, sizes) are never part of a region: they are read, as biases or sizes.
     return sorted((n for n in inside if n.op not in ("placeholder", "get_attr")), key=graph_order.__getitem__)
+
+
+def _size_checks(inside: set[fx.Node]) -> set[fx.Node]:
+    """The runtime checks dynamo hangs on a data-dependent size inside the region (`bincount`'s length, a
+    `nonzero`'s count): `sym_size` of a region value, comparisons of it and the `_assert_scalar` they end in.
+    They read only sizes of values the region computes, and go with it."""
+    found: set[fx.Node] = set()
+    for n in inside:
+        for u in n.users:
+            if u in inside or u in found or fu.op_name(u) not in ("aten::sym_size", "aten::sym_size.int"):
+                continue
+            tail, stack = {u}, [u]
+            while stack:
+                for v in stack.pop().users:
+                    if v not in tail:
+                        tail.add(v)
+                        stack.append(v)
+            if all(not isinstance(fu.value(v), torch.Tensor) for v in tail):
+                found |= tail
+    return found
 
 
 def _bias_role(param: fx.Node, up: fx.Node, down: fx.Node) -> str | None:
@@ -605,8 +627,9 @@ def _region_nodes(output: fx.Node, boundary: list[fx.Node], d: _Dispatch, mms: l
     b1 = b2 = None
     extra: list[fx.Node] = []
     inside = set(nodes)
+    _capacity(nodes)
     for n in nodes:
-        if fu.op_name(n) in _MASKING:
+        if fu.op_name(n) in _MASKING and isinstance(fu.value(n), torch.Tensor):
             raise Reject(Reason.UNSUPPORTED_OP, n, f"{fu.op_name(n)} masks or reroutes pairs inside the expert path")
         for inp in n.all_input_nodes:
             if inp in inside or inp in boundary or inp in extra or inp in (b1, b2):
@@ -628,6 +651,22 @@ def _region_nodes(output: fx.Node, boundary: list[fx.Node], d: _Dispatch, mms: l
         if escaping and isinstance(fu.value(n), torch.Tensor):
             raise Reject(Reason.INTERIOR_ESCAPES, n, f"{n.name} is also used by {escaping[0].name}")
     return nodes, b1, b2, extra
+
+
+_CUMSUM = {"torch.cumsum", "method:cumsum", "method:cumsum_"}
+_ORDER = {"operator.lt", "operator.le", "operator.gt", "operator.ge", "method:lt", "method:gt", "method:ge",
+          "method:le", "torch.lt", "torch.gt", "torch.ge", "torch.le"}
+
+
+def _capacity(nodes: list[fx.Node]) -> None:
+    """Raises `Reject(CAPACITY)` when the region compares a running count (a cumsum: each pair's position in its
+    expert) with a bound: pairs past an expert's capacity are dropped, which exact top-k routing does not do,
+    and probes with few tokens per expert would not show it."""
+    inside = set(nodes)
+    for n in nodes:
+        if fu.op_name(n) in _ORDER and any(fu.op_name(a) in _CUMSUM for a in fu.ancestors([n]) | {n} if a in inside):
+            raise Reject(Reason.CAPACITY, n, "each pair's position in its expert (a cumsum) is compared with a "
+                                             "capacity: pairs over it are dropped")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -766,44 +805,87 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
-def detect(gm: fx.GraphModule) -> tuple[list[Region], list[Rejection]]:
-    """Every MoE region of the graph, and every candidate that was not taken, with its reason."""
-    regions, rejections, claimed = [], [], set()
+def _candidates(graph: fx.Graph, claimed: set[fx.Node]):
+    """(form, matched matmuls, a thunk building the Region) for every candidate: the front ends of one form
+    first, then every block of expert products by the role of each dim (`generic`), which takes what the
+    front ends could not."""
     for find, match in _FORMS:
-        for form, anchor, mms in find(gm.graph):
-            if any(m in claimed for m in mms):
-                continue
-            try:
-                region = _match(match(anchor, mms), mms)
-            except Reject as r:
-                module = fu.module_path(mms[-1])
-                rejections.append(Rejection(r.reason, r.node, module, r.detail))
-                log.info("rejected %s candidate at %s: %s", form, module, r)
-                continue
-            owned = {n for n in region.nodes if isinstance(fu.value(n), torch.Tensor)}  # sizes may be shared
-            if claimed & owned:
-                rejections.append(Rejection(Reason.UNSUPPORTED_FORM, region.output.name, region.module,
-                                            "overlaps a region already taken"))
-                continue
-            claimed |= owned
-            regions.append(region)
-            log.info("found %s region at %s: %s", form, region.module, region.spec.describe())
-    rejections += _routing_leaving_graph(gm.graph, claimed)
+        for form, anchor, mms in find(graph):
+            yield form, mms, lambda anchor=anchor, mms=mms, match=match: _match(match(anchor, mms), mms)
+    for ups, down in generic.find(graph, claimed):
+        yield "expert roles", [u.node for u in ups] + [down.node], lambda ups=ups, down=down: generic.match(ups, down)
+
+
+def detect(gm: fx.GraphModule) -> tuple[list[Region], list[Rejection]]:
+    """Every MoE region of the graph, and every candidate that was not taken, with its reason. A candidate
+    rejected by one front end and taken by a later one is not reported; one rejected twice is reported once,
+    with the first (the more specific) reason."""
+    regions, claimed = [], set()
+    rejected: list[tuple[set[fx.Node], Rejection]] = []
+    for form, mms, build in _candidates(gm.graph, claimed):
+        if any(m in claimed for m in mms):
+            continue
+        try:
+            region = build()
+        except Reject as r:
+            module = fu.module_path(mms[-1])
+            log.info("rejected %s candidate at %s: %s", form, module, r)
+            if not any(set(mms) & seen for seen, _ in rejected):
+                rejected.append((set(mms), Rejection(r.reason, r.node, module, r.detail)))
+            continue
+        owned = {n for n in region.nodes if isinstance(fu.value(n), torch.Tensor)}  # sizes may be shared
+        if claimed & owned:
+            rejected.append((set(mms), Rejection(Reason.UNSUPPORTED_FORM, region.output.name, region.module,
+                                                 "overlaps a region already taken")))
+            continue
+        claimed |= owned
+        rejected = [(seen, rej) for seen, rej in rejected if not seen & owned]
+        regions.append(region)
+        log.info("found %s region at %s: %s", form, region.module, region.spec.describe())
+    candidates = generic._descendants(set().union(*(seen for seen, _ in rejected))) if rejected else set()
+    candidates |= {n for r in regions for n in (r.topk_ids, r.topk_weights)}  # routing a region consumes
+    rejections = [rej for _, rej in rejected] + _unclaimed_routing(gm.graph, claimed, candidates)
     return regions, rejections
 
 
-def _routing_leaving_graph(graph: fx.Graph, claimed: set[fx.Node]) -> list[Rejection]:
-    """Top-k expert ids returned from the graph, not consumed by any region: the experts run after a graph
-    break, in code no backend sees (transformers' experts_implementation="eager" loops over the experts)."""
+_EQ = {"operator.eq", "method:eq", "torch.eq"}
+_NONZERO = {"torch.where", "torch.nonzero", "method:nonzero", "torch.argwhere"}
+
+
+def _unclaimed_routing(graph: fx.Graph, claimed: set[fx.Node], candidates: set[fx.Node]) -> list[Rejection]:
+    """A line for every top-k over experts that no region took and no candidate above reported, so no MoE-shaped
+    code goes unmentioned. What its ids drive says why: a capacity mask (a cumsum of expert positions compared
+    with a bound), the graph's output (the experts run after a graph break or in eager code: transformers'
+    experts_implementation="eager"), a per-expert loop (ids == e), or something else moefuse does not know."""
     output = next(n for n in graph.nodes if n.op == "output")
     rejections = []
     for n in graph.nodes:
         if fu.op_name(n) not in ("torch.topk", "method:topk") or n in claimed:
             continue
         ids = [u for u in n.users if fu.op_name(u) == "getitem" and u.args[1] == 1]
+        driven = generic._descendants(ids)
+        if not ids or (driven | set(ids)) & candidates:
+            continue  # a candidate region already says what happened to it
+        module = fu.module_path(n)
+        order = {m: i for i, m in enumerate(graph.nodes)}
+        try:
+            _capacity(sorted(driven, key=order.__getitem__))
+        except Reject as r:
+            rejections.append(Rejection(r.reason, r.node, module, r.detail))
+            continue
         reach = set(ids)
         for _ in range(4):
             reach |= {u for r in reach for u in r.users if fu.is_view(u) or fu.is_cast(u)}
         if output in {u for r in reach for u in r.users}:
-            rejections.append(Rejection(Reason.EXPERTS_OUTSIDE_GRAPH, n.name, fu.module_path(n)))
+            rejections.append(Rejection(Reason.EXPERTS_OUTSIDE_GRAPH, n.name, module,
+                                        "the top-k ids are returned from this graph, to code after it"))
+        elif sum(fu.op_name(m) in _EQ for m in driven) >= 2 and any(fu.op_name(m) in _NONZERO for m in driven):
+            rejections.append(Rejection(Reason.UNSUPPORTED_FORM, n.name, module,
+                                        "a per-expert loop (ids == e, then where/nonzero) over experts held as "
+                                        "separate modules is not lowered in the graph"))
+        elif any(isinstance(fu.value(m), torch.Tensor) and fu.is_float(m) for m in driven):
+            rejections.append(Rejection(Reason.UNSUPPORTED_FORM, n.name, module,
+                                        f"top-k over {fu.shape(n.args[0])[-1]} drives computation that is not "
+                                        "one MoE layer moefuse recognises (no expert weights [E, ·, ·] multiplied "
+                                        "by rows routed with these ids)"))
     return rejections

@@ -58,6 +58,16 @@ def shape(node) -> tuple[int, ...] | None:
     return None if t is None else tuple(hint(s) for s in t.shape)
 
 
+def numel(node) -> int | None:
+    s = shape(node)
+    if s is None:
+        return None
+    n = 1
+    for d in s:
+        n *= d
+    return n
+
+
 def is_float(node) -> bool:
     t = tensor(node)
     return t is not None and t.dtype.is_floating_point

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from moefuse.passes import fxutil as fu
 from moefuse.spec import MoESpec
 
 
@@ -27,6 +28,7 @@ class Reason(enum.Enum):
     VERIFY_MISMATCH = "the fused op disagreed with the captured region on random inputs"
     VERIFY_ERROR = "running the captured region or the fused op on random inputs raised an error"
     INPUT_WEIGHTING = "the routing weights scale the expert input in a way one fused op cannot reproduce exactly"
+    CAPACITY = "experts have a capacity: pairs routed past it are dropped, which exact top-k routing does not do"
 
     @property
     def hint(self) -> str:
@@ -34,7 +36,7 @@ class Reason(enum.Enum):
 
 
 _HINTS = {
-    Reason.UNSUPPORTED_FORM: "file an issue with the printed graph; meanwhile moefuse.convert(model) may apply",
+    Reason.UNSUPPORTED_FORM: "this layer runs unchanged; please file an issue with the layer's code",
     Reason.EXPERTS_OUTSIDE_GRAPH: "call moefuse.convert(model) before compiling, or load the model with "
                                   "experts_implementation='grouped_mm'",
     Reason.NO_TOKENS: "file an issue with the printed graph",
@@ -50,6 +52,8 @@ _HINTS = {
     Reason.VERIFY_ERROR: "set MOEFUSE_VERIFY=0 only if you know the region is correct; please report it",
     Reason.INPUT_WEIGHTING: "this layer runs unchanged; weights on the input lower exactly only with top-1 routing "
                             "and experts that map 0 to 0",
+    Reason.CAPACITY: "this layer runs unchanged: dropping the pairs over capacity is part of its routing, and the "
+                     "fused op computes every top-k pair",
 }
 
 
@@ -127,23 +131,54 @@ class Region:
     # The shared expert inside the region (`spec.shared` describes it; `output` is then the add of the routed
     # and shared outputs, possibly [..., H] rather than [T, H]); None when it is absent or left in the graph.
     shared: SharedBranch | None = None
+    # Gate and up held as two weights (`spec.w3`): w1 gives the up-projection rows [0, I), w3 rows [I, 2I).
+    w3: fx.Node | None = None
+    w3_transposed: bool = False
 
     @property
     def inputs(self) -> list[fx.Node]:
         """The values outside the region that it reads, in a fixed order (the probe's placeholders)."""
-        nodes = [self.x, self.topk_ids, self.topk_weights, self.w1, self.w2, self.b1, self.b2]
+        nodes = [self.x, self.topk_ids, self.topk_weights, self.w1, self.w2, self.b1, self.b2, self.w3]
         shared = [n for n in self.shared.inputs if n is not self.x] if self.shared is not None else []
         return [n for n in nodes if n is not None] + self.extra_inputs + shared
 
     def op_operands(self, x, topk_ids, topk_weights):
         """The fused op's (x [T,H], topk_ids [T,K], topk_weights [T,K]) from the region's values of `x`,
         `topk_ids`, `topk_weights`: tensors (verification) or `fx.Proxy`s (the rewrite emits these ops into
-        the graph, so autograd gives the router its gradient through them). With the weights on the input,
-        Σ_e expert_e(x·s[t,e]) = expert_id(x·s[t,id]) since s is zero off the top-1 and expert(0) = 0."""
+        the graph, so autograd gives the router its gradient through them). Values the code holds in another
+        shape ([B, S, H] tokens, [T·K] weights) are reshaped, tokens in another dtype cast to the experts'.
+        With the weights on the input, Σ_e expert_e(x·s[t,e]) = expert_id(x·s[t,id]) since s is zero off the
+        top-1 and expert(0) = 0."""
+        spec = self.spec
+        if fu.shape(self.x) != (fu.numel(self.x) // spec.hidden, spec.hidden):
+            x = x.reshape(-1, spec.hidden)
         if not self.weight_on_input:
+            if fu.shape(self.topk_ids) != (fu.numel(self.topk_ids) // spec.top_k, spec.top_k):
+                topk_ids = topk_ids.reshape(-1, spec.top_k)
+            if fu.shape(self.topk_weights) != (fu.numel(self.topk_weights) // spec.top_k, spec.top_k):
+                topk_weights = topk_weights.reshape(-1, spec.top_k)
             return x, topk_ids, topk_weights
         s = topk_weights.gather(1, topk_ids)  # [T, 1]: the selected expert's score, as the graph computed it
         return x * s, topk_ids, torch.ones_like(s)
+
+    def op_weights(self, w1, w2, w3=None):
+        """The op's (w1 [E, N1, H] or with w3 [E, I, H], w2 [E, H, I], w3): the region's weights transposed
+        where the graph holds them [E, in, out] and cast to the experts' compute dtype where the code casts
+        them inside the layer (torchtitan computes its experts in bf16 whatever the parameters' dtype). Tensors
+        or `fx.Proxy`s, as `op_operands`."""
+        dtype = getattr(torch, self.spec.dtype)
+        out = []
+        for node, w, transposed in ((self.w1, w1, self.w1_transposed), (self.w2, w2, self.w2_transposed),
+                                    (self.w3, w3, self.w3_transposed)):
+            if node is None:
+                out.append(None)
+                continue
+            if transposed:
+                w = w.transpose(-2, -1)
+            if node.meta["example_value"].dtype != dtype:
+                w = w.to(dtype)
+            out.append(w)
+        return tuple(out)
 
     def probe_weights(self, topk_ids, topk_weights):
         """What verification feeds the region as its `topk_weights` for random [T,K] weights: those weights, or

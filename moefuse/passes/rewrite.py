@@ -39,16 +39,17 @@ def rewrite(gm: fx.GraphModule, region: Region, rounding: str = "off", tile_m: i
     with graph.inserting_before(out):
         x, ids, weights = (p.node for p in region.op_operands(*(fx.Proxy(n) for n in (
             region.x, region.topk_ids, region.topk_weights))))
-        if x is not region.x or str(x.meta["example_value"].dtype).removeprefix("torch.") != spec.dtype:
+        if x is not region.x or str(region.x.meta["example_value"].dtype).removeprefix("torch.") != spec.dtype:
             x = graph.call_method("to", (x, getattr(torch, spec.dtype)))
-        w1 = graph.call_method("transpose", (region.w1, -2, -1)) if region.w1_transposed else region.w1
-        w2 = graph.call_method("transpose", (region.w2, -2, -1)) if region.w2_transposed else region.w2
+        w1, w2, w3 = (None if p is None else p.node for p in region.op_weights(
+            *(None if n is None else fx.Proxy(n) for n in (region.w1, region.w2, region.w3))))
         sh = region.shared
         # the shared expert's weights ride along as the op's trailing arguments (its output is added inside)
         shared_args = (sh.w1, sh.w2, sh.gate, sh.w3) if sh is not None else ()
         if sh is not None and region.weight_on_input:  # the op's x is scaled for the routed experts only
             shared_args += (region.x,)
         args = (x, ids, weights, w1, w2, region.b1, region.b2, spec.to_key(), *shared_args)
+        w3_kwargs = {"w3": w3} if w3 is not None else {}
         if rounding != "off" and region.scores is not None:
             pairs = graph.call_function(round_routing, (region.scores, ids, weights, rounding, tile_m))
             # tile_m: so the op's GEMM tiles divide the rounded counts; the flat-pairs op has no shared expert
@@ -62,10 +63,10 @@ def rewrite(gm: fx.GraphModule, region: Region, rounding: str = "off", tile_m: i
                 new = graph.call_function(operator.add, (new, s_out))
         elif region.needs_grad:
             # The training op returns (y, h): h, the pre-activation, is what its backward keeps.
-            op_node = graph.call_function(torch.ops.moefuse.moe_fwd.default, args)
+            op_node = graph.call_function(torch.ops.moefuse.moe_fwd.default, args, w3_kwargs)
             new = graph.call_function(operator.getitem, (op_node, 0))
         else:
-            op_node = new = graph.call_function(torch.ops.moefuse.moe.default, args)
+            op_node = new = graph.call_function(torch.ops.moefuse.moe.default, args, w3_kwargs)
     keep = ("example_value", "nn_module_stack", "stack_trace", "source_fn_stack", "val")
     # the op's value is the routed output's [T, H] (plus the shared expert's): its metadata
     value_of = region.shared.routed_output if region.shared is not None else out
@@ -75,6 +76,11 @@ def rewrite(gm: fx.GraphModule, region: Region, rounding: str = "off", tile_m: i
         # the add was over [B, S, H] views of the tokens (DeepSeek-V3): the same view of the op's [T, H]
         with graph.inserting_after(new):
             new = graph.call_method("view_as", (new, region.shared.x))
+        new.meta.update({k: v for k, v in out.meta.items() if k in keep})
+    elif region.shared is None and out.meta["example_value"].dim() != 2:
+        # the layer's output has the tokens' own [B, S, H] shape (detection checked): the op's [T, H] viewed so
+        with graph.inserting_after(new):
+            new = graph.call_method("view_as", (new, region.x))
         new.meta.update({k: v for k, v in out.meta.items() if k in keep})
     out.replace_all_uses_with(new)
     for node in reversed(region.nodes):

@@ -1,0 +1,248 @@
+"""generic: an MoE region from the roles of its expert contractions, whatever the code's spelling.
+
+The front ends in `detect` each know one form; this one knows what every form shares, so code from any
+codebase is matched by meaning:
+  1. experts — a *down* contraction whose rows are computed elementwise (the activation) from one or two *up*
+     contractions of the same E experts (`contraction.expert_contractions` says which weight dim each
+     contracts, so the einsum letters, transposes and `W[ids]` gathers of the spelling do not matter);
+     two up contractions are gate and up held as separate weights (w1, w3);
+  2. routing — the top-k (or argmax / max) over the E experts that precedes the experts: its indices are the
+     ids, K its k; the routing weights are the last [T, K] float value before the dispatch (not computed
+     from a sort, the experts or the ids' permutation) that reaches the output;
+  3. tokens — the last [T, H] float value the up contractions read that is not computed from the ids;
+  4. output — the first [T, H] value after the down contraction that is not merely an elementwise function of
+     its expert-ordered rows and closes the region (it reads only tokens, routing, weights, biases, sizes).
+What happens between these boundaries (sort and counts by any spelling, padding, the un-permute, where the
+weights multiply, how the K rows are summed) is the region's business: the compiler's verification runs it
+against the fused op before any rewrite. Structure the probes could miss is refused here: capacity limits
+(a cumsum of expert positions compared with a bound) and scores that scale the expert *input*.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+
+from moefuse import expr as _expr
+from moefuse.passes import fxutil as fu
+from moefuse.passes.activation import _RULES as _ELEMENTWISE_RULES
+from moefuse.passes.activation import UnsupportedActivation, lift_activation
+from moefuse.passes.contraction import Contraction, expert_contractions
+from moefuse.passes.region import Reason, Region, Reject
+from moefuse.spec import Activation, MoESpec
+
+log = logging.getLogger("moefuse.detect")
+
+_LAYOUT = {"method:view", "method:reshape", "torch.reshape", "method:flatten", "torch.flatten", "method:unsqueeze",
+           "torch.unsqueeze", "method:squeeze", "torch.squeeze", "method:contiguous", "method:chunk", "torch.chunk",
+           "method:split", "torch.split", "method:to", "method:float", "method:half", "method:bfloat16",
+           "method:type_as"}
+_TOPK = {"torch.topk", "method:topk"}
+_MAX = {"torch.max", "method:max"}
+_ARGMAX = {"torch.argmax", "method:argmax"}
+_SORT = {"torch.sort", "method:sort", "torch.argsort", "method:argsort", "torch.msort"}
+
+
+def _elementwise_or_layout(node: fx.Node) -> bool:
+    """A step the activation between the expert matmuls may take: an elementwise op the activation lifter
+    knows, a slice, or a layout change."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = fu.op_name(node)
+    if name == "getitem":
+        idx = node.args[1]
+        return not any(isinstance(i, fx.Node) for i in (idx if isinstance(idx, (tuple, list)) else (idx,)))
+    return name in _LAYOUT or node.target in _ELEMENTWISE_RULES
+
+
+def blocks(contractions: list[Contraction]) -> list[tuple[list[Contraction], Contraction]]:
+    """(up contractions, down contraction) for every down: a contraction whose rows come, through elementwise
+    and layout steps only, from other expert contractions with the same number of experts."""
+    by_node = {c.node: c for c in contractions}
+    found = []
+    for down in contractions:
+        ups, seen, stack = [], set(), [down.operand]
+        while stack:
+            n = stack.pop()
+            if n in seen or not isinstance(n, fx.Node):
+                continue
+            seen.add(n)
+            c = by_node.get(n)
+            if c is not None:
+                if c.num_experts == down.num_experts and c is not down:
+                    ups.append(c)
+                continue
+            if _elementwise_or_layout(n):
+                stack.extend(n.all_input_nodes)
+        if ups:
+            order = {n: i for i, n in enumerate(down.node.graph.nodes)}
+            found.append((sorted(ups, key=lambda c: order[c.node]), down))
+    return found
+
+
+def _forward(node: fx.Node) -> fx.Node:
+    """`node` followed through single-user squeezes and views (a bmm's [S, N, 1] back to [S, N])."""
+    while len(node.users) == 1:
+        u = next(iter(node.users))
+        if fu.op_name(u) not in ("method:squeeze", "torch.squeeze", "method:view", "method:reshape", "torch.reshape"):
+            break
+        node = u
+    return node
+
+
+def _descendants(nodes) -> set[fx.Node]:
+    seen, stack = set(), list(nodes)
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def _routing(down: Contraction, e: int) -> tuple[fx.Node, int]:
+    """(the expert ids, K): the indices of the last top-k / argmax / max over E experts before `down`."""
+    best = None
+    for n in down.node.graph.nodes:
+        if n is down.node:
+            break
+        name = fu.op_name(n)
+        src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        if src is None or (fu.shape(src) or (None,))[-1] != e or not fu.is_float(src):
+            continue
+        if name in _TOPK and fu.arg(n, 2, "dim", -1) in (-1, len(fu.shape(src)) - 1):
+            ids = next((u for u in n.users if fu.op_name(u) == "getitem" and u.args[1] == 1), None)
+            if ids is not None and fu.arg(n, 3, "largest", True) is True:
+                best = (ids, fu.arg(n, 1, "k"))
+        elif name in _MAX and fu.arg(n, 1, "dim") in (-1, len(fu.shape(src)) - 1):
+            ids = next((u for u in n.users if fu.op_name(u) == "getitem" and u.args[1] == 1), None)
+            if ids is not None:
+                best = (ids, 1)
+        elif name in _ARGMAX and fu.arg(n, 1, "dim") in (-1, len(fu.shape(src)) - 1):
+            best = (n, 1)
+    if best is None or not isinstance(best[1], int):
+        raise Reject(Reason.NO_ROUTING_IDS, down.node, f"no top-k, argmax or max over the {e} experts before them in "
+                                                       "this graph: the routing comes from outside it (a graph break "
+                                                       "between router and experts, or routing passed in)")
+    return best
+
+
+def _latest(nodes, order) -> fx.Node | None:
+    nodes = list(nodes)
+    return max(nodes, key=order.__getitem__) if nodes else None
+
+
+def match(ups: list[Contraction], down: Contraction) -> Region:
+    """The region of one (ups, down) block; raises `Reject`."""
+    from moefuse.passes import detect as d  # its region, bias, shared-expert and router helpers
+
+    graph = down.node.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    e = down.num_experts
+    if len(ups) > 2:
+        raise Reject(Reason.UNSUPPORTED_FORM, down.node, f"{len(ups)} up projections feed one down projection")
+    h = ups[0].in_features
+    if any(u.in_features != h for u in ups) or down.out_features != h:
+        raise Reject(Reason.SHAPE, down.node, f"the up projections read {[u.in_features for u in ups]} features "
+                                              f"and the down projection writes {down.out_features}")
+    # ---- activation: over slices of one up projection, or over two (gate and up held apart) ----
+    up_outs = [_forward(u.node) for u in ups]
+    down_in = fu.peel(down.operand, {"method:unsqueeze", "torch.unsqueeze", "method:view", "method:reshape"})
+    if len(ups) == 1:
+        activation, i = d.activation_between(d._after_bias(up_outs[0]), down_in)
+        n1 = ups[0].out_features
+    else:
+        i = ups[0].out_features
+        if ups[1].out_features != i:
+            raise Reject(Reason.SHAPE, ups[1].node, f"gate and up projections of widths {i}, {ups[1].out_features}")
+        try:
+            lifted = lift_activation(down_in, dict(zip(up_outs, _expr.variables(2))))
+        except UnsupportedActivation as exc:
+            raise Reject(Reason.UNSUPPORTED_ACTIVATION, exc.node, str(exc)) from exc
+        activation, n1 = Activation(_expr.to_str(lifted), ((0, 1), (i, 1))), 2 * i
+    if down.in_features != i:
+        raise Reject(Reason.SHAPE, down.node, f"the down projection reads {down.in_features} features, the "
+                                              f"activation gives {i}")
+    # ---- routing ids, tokens ----
+    ids, k = _routing(down, e)
+    t = (fu.numel(ids) or 0) // k
+    from_ids = _descendants([ids])
+    reads = fu.ancestors([u.operand for u in ups]) | {u.operand for u in ups}
+    x = _latest((n for n in reads if fu.is_float(n) and n not in from_ids and (fu.shape(n) or (0,))[-1] == h
+                 and fu.numel(n) == t * h and n.op != "get_attr"), order)
+    if x is None:
+        raise Reject(Reason.NO_TOKENS, ups[0].node, f"no [T={t}, H={h}] token matrix feeds the up projections")
+    # ---- output and routing weights ----
+    expert_path = _descendants([u.node for u in ups])
+    after_sort = _descendants(n for n in graph.nodes if fu.op_name(n) in _SORT)
+    pure = _elementwise_image(down.node)
+    first_reject = None
+    for out in sorted(_descendants([down.node]), key=order.__getitem__)[:64]:
+        if out in pure or not fu.is_float(out) or fu.shape(out) not in ((t, h), fu.shape(x)):
+            continue
+        anc = fu.ancestors([out])
+        d._capacity(sorted(anc & from_ids, key=order.__getitem__))  # before the weights: a capacity's masks use them
+        weights = _latest((n for n in anc if fu.is_float(n) and fu.numel(n) == t * k and n not in expert_path
+                           and n not in after_sort and n not in reads - from_ids), order)
+        if weights is None:
+            first_reject = first_reject or Reject(Reason.NO_ROUTING_WEIGHTS, out, f"no [T={t}, K={k}] routing weights "
+                                                                                  "reach the combine")
+            continue
+        if weights in reads:
+            raise Reject(Reason.INPUT_WEIGHTING, weights, f"the routing weights scale the expert input with top-k = "
+                                                          f"{k}: the fused op applies them to the expert output")
+        try:
+            return _region(d, ups, down, x, ids, weights, out, activation, e, k, h, i, n1)
+        except Reject as r:
+            if r.reason is Reason.CAPACITY:
+                raise
+            first_reject = first_reject or r
+    raise first_reject or Reject(Reason.NO_COMBINE, down.node, f"no [T={t}, H={h}] output after the experts")
+
+
+def _elementwise_image(node: fx.Node) -> set[fx.Node]:
+    """Values computed from `node` by elementwise and layout steps only: still one row per expert pair, in the
+    experts' order (never the layer's output, even when K = 1 gives them the output's shape)."""
+    image, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u not in image and _elementwise_or_layout(u):
+                image.add(u)
+                stack.append(u)
+    return image
+
+
+def _region(d, ups, down, x, ids, weights, out, activation, e, k, h, i, n1) -> Region:
+    w1, w3 = ups[0], ups[1] if len(ups) == 2 else None
+    dispatch = d._Dispatch("generic", x, ids, w1.weight, down.weight, w1.transposed, down.transposed,
+                           up_out=_forward(w1.node), down_in=down.operand, down_out=down.node)
+    boundary = [x, ids, weights, w1.weight, down.weight] + ([w3.weight] if w3 is not None else [])
+    nodes, b1, b2, extra = d._region_nodes(out, boundary, dispatch, [w1.node, down.node], e, n1, h)
+    if w3 is not None and b1 is not None:
+        raise Reject(Reason.UNSUPPORTED_FORM, b1, "a bias on gate and up projections held as separate weights")
+    dtypes = {c.dtype for c in ups + [down]}
+    if len(dtypes) != 1:
+        raise Reject(Reason.SHAPE, down.node, f"the expert products compute in {sorted(map(str, dtypes))}")
+    needs_grad = torch.is_grad_enabled() and any(getattr(fu.tensor(v), "requires_grad", False)
+                                                 for v in (out, x, weights, *boundary[3:], b1, b2) if v is not None)
+    extra_spec = {"w3": True} if w3 is not None else {}
+    spec = MoESpec(num_experts=e, top_k=k, hidden=h, intermediate=i, up_rows=n1, activation=activation,
+                   dtype=d._dtype_name(dtypes.pop()), out_dtype=d._dtype_name(fu.tensor(out).dtype),
+                   w1_bias=b1 is not None, w2_bias=b2 is not None, router=d._router_description(ids, weights),
+                   **extra_spec)
+    scores, missing = d._router_scores(ids, fu.numel(ids) // k, e, k)
+    region = Region(spec, d._module_of(ids, out), out, nodes, x, ids, weights, w1.weight, down.weight,
+                    w1.transposed, down.transposed, b1, b2, extra, needs_grad, scores=scores, scores_missing=missing,
+                    w3=w3.weight if w3 is not None else None, w3_transposed=bool(w3 and w3.transposed))
+    return region
+
+
+def find(graph: fx.Graph, claimed: set[fx.Node]):
+    """Regions (and rejections) for every block of expert contractions no other front end claimed."""
+    for ups, down in blocks(expert_contractions(graph)):
+        if down.node in claimed or any(u.node in claimed for u in ups):
+            continue
+        yield ups, down
