@@ -177,6 +177,8 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
     # ---- output and routing weights ----
     expert_path = _descendants([u.node for u in ups])
     after_sort = _descendants(n for n in graph.nodes if fu.op_name(n) in _SORT)
+    # `ones_like(weights)` and the like carry a shape, not routing weights
+    shape_only = (lambda s: s | _descendants(s))({n for n in graph.nodes if fu.op_name(n) in d._SHAPE_ONLY})
     pure = _elementwise_image(down.node)
     first_reject = None
     for out in sorted(_descendants([down.node]), key=order.__getitem__)[:64]:
@@ -185,7 +187,7 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
         anc = fu.ancestors([out])
         d._capacity(sorted(anc & from_ids, key=order.__getitem__))  # before the weights: a capacity's masks use them
         weights = _latest((n for n in anc if fu.is_float(n) and fu.numel(n) == t * k and n not in expert_path
-                           and n not in after_sort and n not in reads - from_ids), order)
+                           and n not in after_sort and n not in shape_only and n not in reads - from_ids), order)
         if weights is None:
             first_reject = first_reject or Reject(Reason.NO_ROUTING_WEIGHTS, out, f"no [T={t}, K={k}] routing weights "
                                                                                   "reach the combine")
