@@ -69,6 +69,9 @@ class _Dispatch:
     down_in: fx.Node  # the down matmul's activation operand
     down_out: fx.Node | None = None  # the down projection's [S, H] output when it is not the matmul node itself
     input_scores: fx.Node | None = None  # [T, E] scores that scale each expert's *input* (zero off the top-k)
+    w3: fx.Node | None = None  # the second up weight when gate and up are held apart (`MoESpec.w3`)
+    w3_transposed: bool = False
+    dtype: torch.dtype | None = None  # what the expert products compute in, when not w1's dtype (casts inside)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -585,10 +588,19 @@ def _match(d: _Dispatch, mms: list[fx.Node]) -> Region:
         ids = ids if ids is not None else scattered_ids
     if ids is None or not fu.is_int(ids) or fu.shape(ids) != (t, k):
         raise Reject(Reason.NO_ROUTING_IDS, output, "the combine's weights are not paired with [T, K] expert ids")
+    return assemble(d, mms, ids, weights, output, activation, e, k, h, i, n1, t)
+
+
+def assemble(d: _Dispatch, mms: list[fx.Node], ids: fx.Node, weights: fx.Node, output: fx.Node,
+             activation: Activation, e: int, k: int, h: int, i: int, n1: int, t: int) -> Region:
+    """The Region of a matched layer, whichever front end matched it: closed and convex from its boundary
+    (tokens, routing, expert weights) to `output`, with its biases, a shared expert added to its output when
+    one is there and fits, and its spec. Raises `Reject`."""
     module = _module_of(ids, output)
-    boundary = [d.x, ids, weights, d.w1, d.w2]
+    boundary = [d.x, ids, weights, d.w1, d.w2] + ([d.w3] if d.w3 is not None else [])
     routed_output = output
-    shared = _shared_expert(output, d.x, h, fu.tensor(d.w1).dtype)
+    dtype = d.dtype or fu.tensor(d.w1).dtype
+    shared = _shared_expert(output, d.x, h, dtype)
     if shared is not None:
         branch, shared_spec, layer_output = shared
         try:  # the same checks over the routed and shared nodes together: closed, convex, no masking
@@ -599,24 +611,28 @@ def _match(d: _Dispatch, mms: list[fx.Node]) -> Region:
             shared = None
     if shared is None:
         nodes, b1, b2, extra = _region_nodes(output, boundary, d, mms, e, n1, h)
+    if d.w3 is not None and b1 is not None:
+        raise Reject(Reason.UNSUPPORTED_FORM, b1, "a bias on gate and up projections held as separate weights")
     if d.input_scores is not None:
         _check_input_weighting(activation, k, b1 is not None or b2 is not None, output)
     out_val = fu.tensor(routed_output)
     shared_weights = shared[0].inputs[1:] if shared is not None else []
     needs_grad = torch.is_grad_enabled() and any(
         getattr(fu.tensor(v), "requires_grad", False)
-        for v in (output, d.x, weights, d.w1, d.w2, b1, b2, *shared_weights) if v is not None
+        for v in (output, d.x, weights, d.w1, d.w2, d.w3, b1, b2, *shared_weights) if v is not None
     )
     spec = MoESpec(
         num_experts=e, top_k=k, hidden=h, intermediate=i, up_rows=n1, activation=activation,
-        dtype=_dtype_name(fu.tensor(d.w1).dtype), out_dtype=_dtype_name(out_val.dtype),
+        dtype=_dtype_name(dtype), out_dtype=_dtype_name(out_val.dtype),
         w1_bias=b1 is not None, w2_bias=b2 is not None, router=_router_description(ids, weights),
         weight_on_input=d.input_scores is not None, shared=shared[1] if shared is not None else None,
+        w3=d.w3 is not None,
     )
     scores, scores_missing = _router_scores(ids, t, e, k)
     return Region(spec, module, output, nodes, d.x, ids, weights, d.w1, d.w2, d.w1_transposed, d.w2_transposed,
                   b1, b2, extra, needs_grad, weight_on_input=d.input_scores is not None,
-                  scores=scores, scores_missing=scores_missing, shared=shared[0] if shared is not None else None)
+                  scores=scores, scores_missing=scores_missing, shared=shared[0] if shared is not None else None,
+                  w3=d.w3, w3_transposed=d.w3_transposed)
 
 
 def _region_nodes(output: fx.Node, boundary: list[fx.Node], d: _Dispatch, mms: list[fx.Node], e: int, n1: int,
@@ -644,11 +660,14 @@ def _region_nodes(output: fx.Node, boundary: list[fx.Node], d: _Dispatch, mms: l
                 extra.append(inp)  # a symbolic size, or a tensor read for its shape only: kept, not replaced
             else:
                 raise Reject(Reason.EXTERNAL_INPUT, n, f"{n.name} reads {inp.name} (shape {s})")
+    # Routing metadata the model also uses itself (torchtitan adds each expert's token count to a buffer while
+    # training) reads no token and no weight: it stays in the graph for those uses (`Region.keep`).
+    data = generic._descendants([v for v in (d.x, d.w1, d.w2, d.w3) if v is not None])
     for n in nodes:
         if n is output:
             continue
         escaping = [u for u in n.users if u not in inside]
-        if escaping and isinstance(fu.value(n), torch.Tensor):
+        if escaping and isinstance(fu.value(n), torch.Tensor) and n in data:
             raise Reject(Reason.INTERIOR_ESCAPES, n, f"{n.name} is also used by {escaping[0].name}")
     return nodes, b1, b2, extra
 

@@ -30,7 +30,7 @@ from moefuse.passes.activation import _RULES as _ELEMENTWISE_RULES
 from moefuse.passes.activation import UnsupportedActivation, lift_activation
 from moefuse.passes.contraction import Contraction, expert_contractions
 from moefuse.passes.region import Reason, Region, Reject
-from moefuse.spec import Activation, MoESpec
+from moefuse.spec import Activation
 
 log = logging.getLogger("moefuse.detect")
 
@@ -180,6 +180,9 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
     # `ones_like(weights)` and the like carry a shape, not routing weights
     shape_only = (lambda s: s | _descendants(s))({n for n in graph.nodes if fu.op_name(n) in d._SHAPE_ONLY})
     pure = _elementwise_image(down.node)
+    # The layer's output is the first value after the experts that the routing weights reach (K = 1 can give
+    # expert-ordered rows the output's shape: those are skipped). Later values are never tried: one that
+    # closes only because it takes in more of the model (`out + a.mean()`) is not this layer.
     first_reject = None
     for out in sorted(_descendants([down.node]), key=order.__getitem__)[:64]:
         if out in pure or not fu.is_float(out) or fu.shape(out) not in ((t, h), fu.shape(x)):
@@ -195,12 +198,7 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
         if weights in reads:
             raise Reject(Reason.INPUT_WEIGHTING, weights, f"the routing weights scale the expert input with top-k = "
                                                           f"{k}: the fused op applies them to the expert output")
-        try:
-            return _region(d, ups, down, x, ids, weights, out, activation, e, k, h, i, n1)
-        except Reject as r:
-            if r.reason is Reason.CAPACITY:
-                raise
-            first_reject = first_reject or r
+        return _region(d, ups, down, x, ids, weights, out, activation, e, k, h, i, n1)
     raise first_reject or Reject(Reason.NO_COMBINE, down.node, f"no [T={t}, H={h}] output after the experts")
 
 
@@ -219,27 +217,15 @@ def _elementwise_image(node: fx.Node) -> set[fx.Node]:
 
 def _region(d, ups, down, x, ids, weights, out, activation, e, k, h, i, n1) -> Region:
     w1, w3 = ups[0], ups[1] if len(ups) == 2 else None
-    dispatch = d._Dispatch("generic", x, ids, w1.weight, down.weight, w1.transposed, down.transposed,
-                           up_out=_forward(w1.node), down_in=down.operand, down_out=down.node)
-    boundary = [x, ids, weights, w1.weight, down.weight] + ([w3.weight] if w3 is not None else [])
-    nodes, b1, b2, extra = d._region_nodes(out, boundary, dispatch, [w1.node, down.node], e, n1, h)
-    if w3 is not None and b1 is not None:
-        raise Reject(Reason.UNSUPPORTED_FORM, b1, "a bias on gate and up projections held as separate weights")
     dtypes = {c.dtype for c in ups + [down]}
     if len(dtypes) != 1:
         raise Reject(Reason.SHAPE, down.node, f"the expert products compute in {sorted(map(str, dtypes))}")
-    needs_grad = torch.is_grad_enabled() and any(getattr(fu.tensor(v), "requires_grad", False)
-                                                 for v in (out, x, weights, *boundary[3:], b1, b2) if v is not None)
-    extra_spec = {"w3": True} if w3 is not None else {}
-    spec = MoESpec(num_experts=e, top_k=k, hidden=h, intermediate=i, up_rows=n1, activation=activation,
-                   dtype=d._dtype_name(dtypes.pop()), out_dtype=d._dtype_name(fu.tensor(out).dtype),
-                   w1_bias=b1 is not None, w2_bias=b2 is not None, router=d._router_description(ids, weights),
-                   **extra_spec)
-    scores, missing = d._router_scores(ids, fu.numel(ids) // k, e, k)
-    region = Region(spec, d._module_of(ids, out), out, nodes, x, ids, weights, w1.weight, down.weight,
-                    w1.transposed, down.transposed, b1, b2, extra, needs_grad, scores=scores, scores_missing=missing,
-                    w3=w3.weight if w3 is not None else None, w3_transposed=bool(w3 and w3.transposed))
-    return region
+    dispatch = d._Dispatch("expert roles", x, ids, w1.weight, down.weight, w1.transposed, down.transposed,
+                           up_out=_forward(w1.node), down_in=down.operand, down_out=down.node,
+                           w3=w3.weight if w3 is not None else None, w3_transposed=bool(w3 and w3.transposed),
+                           dtype=dtypes.pop())
+    return d.assemble(dispatch, [w1.node, down.node], ids, weights, out, activation, e, k, h, i, n1,
+                      fu.numel(ids) // k)
 
 
 def find(graph: fx.Graph, claimed: set[fx.Node]):

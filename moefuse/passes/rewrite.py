@@ -83,9 +83,12 @@ def rewrite(gm: fx.GraphModule, region: Region, rounding: str = "off", tile_m: i
             new = graph.call_method("view_as", (new, region.x))
         new.meta.update({k: v for k, v in out.meta.items() if k in keep})
     out.replace_all_uses_with(new)
+    region_set = set(region.nodes)
     for node in reversed(region.nodes):
         if node.users and not isinstance(node.meta.get("example_value"), torch.Tensor):
             continue  # a symbolic size the rest of the graph also reads: it stays
+        if node.users and all(u not in region_set for u in node.users) and node is not out:
+            continue  # routing metadata the model also uses outside the layer (detection checked): it stays
         if node.users:
             raise AssertionError(f"moefuse rewrite: {node.name} still has users {list(node.users)} after rewrite")
         graph.erase_node(node)
