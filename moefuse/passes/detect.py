@@ -885,6 +885,8 @@ def _unclaimed_routing(graph: fx.Graph, claimed: set[fx.Node], candidates: set[f
         driven = generic._descendants(ids)
         if not ids or (driven | set(ids)) & candidates:
             continue  # a candidate region already says what happened to it
+        if any(fu.op_name(m).startswith("moefuse::") for m in driven):
+            continue  # the fused op moefuse.convert put in the graph consumes it
         module = fu.module_path(n)
         order = {m: i for i, m in enumerate(graph.nodes)}
         try:
