@@ -121,8 +121,9 @@ def kernels_for(spec: MoESpec, device: torch.device) -> list[str]:
     path = load_activation(spec.activation.expr, spec.activation.num_inputs).fn.__code__.co_filename
     return [
         "triton routing metadata: per-block histogram → scan → stable scatter (no host sync)",
-        f"triton grouped GEMM (up): x rows gathered in the load, epilogue act = {spec.activation.expr} "
-        f"generated at {path}",
+        f"triton grouped GEMM (up): x rows gathered in the load, "
+        + ("gate w1 and up w3 read by two weight pointers, " if spec.w3 else "")
+        + f"epilogue act = {spec.activation.expr} generated at {path}",
         "triton grouped GEMM (down): varlen-M over the expert-sorted rows",
         "triton combine: one program per token, fp32, no atomics",
     ]
