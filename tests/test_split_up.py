@@ -446,3 +446,62 @@ def test_flat_pairs(pairs_kind, dtype, path):
         assert torch.count_nonzero(grads["topk_w"][-3:]) == 0
     for counter in (f"pairs_fwd_train_{path}", f"pairs_bwd_{path}"):
         assert op.counters[counter] == before[counter] + 1, counter
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registration: fakes, autograd, AOT dispatch; w3 beside a shared expert
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("cpu_path")
+def test_opcheck():
+    # Schema, fake tensors (w1 and dw1 [E, I, H], dw3 the last output), the autograd registration and AOT dispatch
+    # with dynamic shapes, for the [T, K] ops and the flat-pairs ops with w3 as their last argument.
+    spec, (x, ids, w, w1, w3, w2, b2) = make_problem(CASES["H_I_not_multiples_of_tiles_b2"], ACTS["x0*silu(x1)"],
+                                                     torch.float32)
+    key = spec.to_key()
+    grad_args = [t.requires_grad_() for t in (x.clone(), w.clone(), w1.clone(), w2.clone(), b2.clone(), w3.clone())]
+    xg, wg, w1g, w2g, b2g, w3g = grad_args
+    torch.library.opcheck(torch.ops.moefuse.moe.default, (x, ids, w, w1, w2, None, b2, key),
+                          {"w3": w3})
+    torch.library.opcheck(torch.ops.moefuse.moe_fwd.default, (xg, ids, wg, w1g, w2g, None, b2g, key), {"w3": w3g})
+    y, h = torch.ops.moefuse.moe_fwd(x, ids, w, w1, w2, None, b2, key, w3=w3)
+    torch.library.opcheck(torch.ops.moefuse.moe_bwd.default, (torch.randn_like(y), x, ids, w, w1, w2, None, b2, h, key),
+                          {"w3": w3})
+    pairs = exact_pairs(ids, w)
+    pair_args = (x, pairs.token, pairs.expert, pairs.weight, pairs.token_offsets, w1, w2, None, b2, key, w3)
+    torch.library.opcheck(torch.ops.moefuse.moe_pairs.default, pair_args)
+    grad_pairs = (xg, pairs.token, pairs.expert, pairs.weight.clone().requires_grad_(), pairs.token_offsets, w1g, w2g,
+                  None, b2g, key, w3g)
+    torch.library.opcheck(torch.ops.moefuse.moe_pairs_fwd.default, grad_pairs)
+    y, h = torch.ops.moefuse.moe_pairs_fwd(*pair_args)
+    torch.library.opcheck(torch.ops.moefuse.moe_pairs_bwd.default,
+                          (torch.randn_like(y), *pair_args[:-2], h, key, w3))
+
+
+def test_w3_beside_a_shared_expert(cpu_path):
+    # moe_bwd's outputs with both: the six routed gradients, the shared expert's five, then dw3. The shared
+    # expert does not read w3, so dw3 and dw1 are those of the layer without it, and y differs by its output.
+    from moefuse.runtime.shared import shared_forward
+    from moefuse.spec import SharedExpert
+
+    spec, (x, ids, w, w1, w3, w2, b2) = make_problem(CASES["K=E"], ACTS["silu(x0)*x1"], torch.float32)
+    gen = torch.Generator().manual_seed(7)
+    Is = 16
+    shared = SharedExpert(Is, 2 * Is, Activation("silu(x0)*x1", ((0, 1), (Is, 1))))
+    sw1, sw3 = torch.randn(Is, 32, generator=gen) * 0.2, torch.randn(Is, 32, generator=gen) * 0.2
+    sw2 = torch.randn(32, Is, generator=gen) * 0.2
+    with_shared = dataclasses.replace(spec, shared=shared)
+    dy = random_dy((x.shape[0], 32), torch.float32)
+
+    def run(s, **shared_args):
+        w1l, w3l = w1.clone().requires_grad_(), w3.clone().requires_grad_()
+        y, _ = torch.ops.moefuse.moe_fwd(x, ids, w, w1l, w2, None, b2, s.to_key(), w3=w3l, **shared_args)
+        y.backward(dy)
+        return y.detach(), w1l.grad, w3l.grad
+
+    y, dw1, dw3 = run(spec)
+    y_s, dw1_s, dw3_s = run(with_shared, shared_w1=sw1, shared_w2=sw2, shared_w3=sw3)
+    torch.testing.assert_close(y_s, y + shared_forward(shared, x, sw1, sw3, sw2, None), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dw1_s, dw1, rtol=0, atol=0)
+    torch.testing.assert_close(dw3_s, dw3, rtol=0, atol=0)
