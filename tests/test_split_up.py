@@ -532,3 +532,38 @@ def test_weights_are_never_concatenated(path, monkeypatch):
     assert seen == ["cat"]
     y.backward(torch.ones_like(y))
     assert seen == ["cat"] and w1.grad is not None and w3.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a GPU: the compiled kernels (wgmma, TMA with two descriptors on sm_90), fp16 and bf16
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled kernels and TMA")
+@pytest.mark.parametrize("schedule", ["per_tile", "persistent_tma"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_split_on_cuda(dtype, schedule, monkeypatch):
+    # Default tiles (BLOCK_M=64: 4 M-tiles on the busiest experts), forward with either schedule, the default
+    # backward; bounded like the fp16 tests above, by a plain torch implementation in the same dtype on the GPU.
+    from moefuse.kernels.grouped_gemm import GemmConfig
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    case = Case(T=256, K=2, E=8, H=256, I=128, b2=True)
+    act = ACTS["silu(x0)*x1"]
+    spec, cpu_tensors = make_problem(case, act, dtype)
+    tensors = [t.cuda() if t is not None else None for t in cpu_tensors]
+    x, ids, w, w1, w3, w2, b2 = tensors
+    config = GemmConfig.default(dtype)
+    if schedule == "persistent_tma":
+        config = dataclasses.replace(config, persistent=True, tma=True)
+    activation = load_activation(spec.activation.expr, 2)
+    y, h = moe_forward(spec, x, ids, w, w1, w2, None, b2, activation=activation, config=config, save_h=True, w3=w3)
+    dy = random_dy((case.T, case.H), dtype).cuda()
+    dx, dw, dw1, dw2, _, db2, dw3 = moe_backward(spec, dy, x, ids, w, w1, w2, None, b2, h, w3=w3)
+    got = {"x": dx, "topk_w": dw, "w1": dw1, "w3": dw3, "w2": dw2, "b2": db2}
+    y_ref, grads_ref = gradients(lambda *a: reference_moe(*a, act), cpu_tensors, dy.cpu(), torch.float64)
+    y_base, grads_base = gradients(lambda *a: plain_fp16(*a, act), tensors, dy)
+    assert_close_to_reference("y", y.cpu(), y_ref, dtype, y_base.cpu())
+    for name in GRADS:
+        assert_close_to_reference(f"d{name}", got[name].cpu(), grads_ref[name], dtype, grads_base[name].cpu())
