@@ -270,8 +270,8 @@ for dtype in ("float16", "bfloat16"):
                     w3=True)
     tma = dataclasses.replace(GemmConfig.default(getattr(torch, dtype)), persistent=True, tma=True)
     for cap in (80, 90):
-        jobs += [(f"{s.name}_split", dtype, s, cap) for s in kernel_sources(split, silu_mul, save_h=True, capability=cap)
-                 if s.name == "up_gemm"]
+        jobs += [(f"{s.name}_split", dtype, s, cap)
+                 for s in kernel_sources(split, silu_mul, save_h=True, capability=cap) if s.name == "up_gemm"]
         jobs += [(f"{s.name}_split_persistent_tma", dtype, s, cap)
                  for s in kernel_sources(split, silu_mul, tma, save_h=True, capability=cap) if s.name == "up_gemm"]
         jobs += [(f"{s.name}_split", dtype, s, cap)

@@ -188,10 +188,11 @@ class KernelSource:
 
 def gemm_signature(ptr: str) -> dict[str, str]:
     """The runtime arguments of `grouped_gemm_kernel` with operands of pointer type `ptr` ("*fp16" …)."""
-    return {"a_ptr": ptr, "w_ptr": ptr, "w3_ptr": ptr, "bias_ptr": ptr, "c_ptr": ptr, "h_ptr": ptr, "counts_ptr": "*i32",
-            "offsets_ptr": "*i32", "sorted_pairs_ptr": "*i32", "pair_token_ptr": "*i32", "N": "i32", "KDIM": "i32",
-            "E": "i32", "TOP_K": "i32", "stride_am": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_w3e": "i32",
-            "stride_w3n": "i32", "stride_be": "i32", "stride_cm": "i32", "stride_hm": "i32"}
+    return {"a_ptr": ptr, "w_ptr": ptr, "w3_ptr": ptr, "bias_ptr": ptr, "c_ptr": ptr, "h_ptr": ptr,
+            "counts_ptr": "*i32", "offsets_ptr": "*i32", "sorted_pairs_ptr": "*i32", "pair_token_ptr": "*i32",
+            "N": "i32", "KDIM": "i32", "E": "i32", "TOP_K": "i32", "stride_am": "i32", "stride_we": "i32",
+            "stride_wn": "i32", "stride_w3e": "i32", "stride_w3n": "i32", "stride_be": "i32", "stride_cm": "i32",
+            "stride_hm": "i32"}
 
 
 def with_constexprs(runtime_args: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
