@@ -41,10 +41,15 @@ PATHS = ("cpu", "triton")
 GRADS = ("x", "topk_w", "w1", "w3", "w2", "b2")
 
 # fp32 in, every product and sum in fp32: only summation order differs from float64 (sums of <= 48 terms, two
-# GEMMs deep for dx). Relative to the largest entry, as in test_autograd.
+# GEMMs deep for dx). Error relative to the largest entry, as in test_autograd: measured worst 6.3e-7 over every
+# case × both activations × 3 seeds, both paths: a 16× margin.
 FP32_REL = 1e-5
 # fp16: moefuse's error against float64 may be at most this multiple of a plain fp16 torch implementation's
-# (`plain_fp16`): both round h, A and every output to fp16, so the same order of error is expected.
+# (`plain_fp16`): both round h (or gate/up), A, dH and every output to fp16, so the same order of error is
+# expected. Errors are norm-wise, ‖got − ref‖ / ‖ref‖: measured worst ratio 1.65 (dtopk_w at T=1, two entries)
+# over every case × both activations × 6 seeds, both paths. The largest-entry metric is too noisy for a ratio:
+# at T=1 each dW entry carries one or two roundings, and the ratio of two such maxima reached 2.19 (dW3, seed 2)
+# with neither implementation more than one fp16 ulp off.
 FP16_FACTOR = 2.0
 
 
@@ -181,18 +186,24 @@ def gradients(fn, tensors, dy, dtype=None):
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got − ref| / max |ref|: the error relative to the largest entry."""
     return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
+def norm_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖got − ref‖ / ‖ref‖ (Frobenius)."""
+    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
 def assert_close_to_reference(name, got, ref, dtype, baseline=None):
-    """fp32: within FP32_REL of the largest entry. fp16: within FP16_FACTOR × the plain fp16 implementation's
-    error (`baseline`, same metric), and never worse than that implementation by more than the factor."""
+    """fp32: within FP32_REL of the largest entry. fp16/bf16: norm-wise within FP16_FACTOR × the error of the
+    plain implementation in the same dtype (`baseline`) against the same reference."""
     assert got.shape == ref.shape, (name, got.shape, ref.shape)
-    err = relative_error(got, ref)
     if dtype == torch.float32:
+        err = relative_error(got, ref)
         assert err <= FP32_REL, f"{name}: relative error {err:.2e} > {FP32_REL:.0e}"
     else:
-        base = relative_error(baseline, ref)
+        err, base = norm_error(got, ref), norm_error(baseline, ref)
         assert err <= FP16_FACTOR * base, f"{name}: relative error {err:.2e} > {FP16_FACTOR} × plain fp16's {base:.2e}"
 
 
