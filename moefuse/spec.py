@@ -91,7 +91,7 @@ class MoESpec:
     top_k: int
     hidden: int
     intermediate: int
-    up_rows: int  # N1: rows of w1 per expert (2·I for a GLU stored [gate; up])
+    up_rows: int  # N1: rows of w1 per expert (2·I for a GLU stored [gate; up]; with w3, of the virtual [w1; w3])
     activation: Activation
     dtype: str  # dtype of x and the expert weights
     out_dtype: str  # dtype of y

@@ -20,8 +20,9 @@ With a shared expert in the spec (`MoESpec.shared`), both ops take its weights a
 arguments `shared_w1, shared_w2, shared_gate, shared_w3, shared_x` (as `moefuse::moe` does): moe_fwd adds
 its output to y (on CUDA computed on a side stream while the routed experts run), and moe_bwd returns their
 gradients after the six above — dshared_w1, dshared_w2, dshared_gate, dshared_w3, dshared_x (empty when
-absent) — and adds the shared path's dx to dx when the shared expert reads x itself (no shared_x). Nothing
-of the shared MLP is saved: moe_bwd recomputes it from its input (`runtime.shared`).
+absent), before dw3, which stays last — and adds the shared path's dx to dx when the shared expert reads x
+itself (no shared_x). Nothing of the shared MLP is saved: moe_bwd recomputes it from its input
+(`runtime.shared`).
 
 Inference uses the plain `moefuse::moe` op (`runtime.op`), which keeps no h: the compiler emits this pair
 only when gradients are needed. Under `torch.no_grad()` / `inference_mode` moe_fwd still computes h (it is
