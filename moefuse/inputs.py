@@ -25,7 +25,7 @@ def check_dtype(name: str, tensor: torch.Tensor, expected: tuple[torch.dtype, ..
         raise InputError(f"{name}: expected dtype {names}, got {tensor.dtype}")
 
 
-def check_layer_inputs(spec: MoESpec, x, topk_ids, topk_w, w1, w2, b1, b2) -> None:
+def check_layer_inputs(spec: MoESpec, x, topk_ids, topk_w, w1, w2, b1, b2, w3=None) -> None:
     """The checks the forward and the backward share: shapes, dtypes and devices of the layer's inputs."""
     if x.dim() != 2:
         raise InputError(f"x: expected a 2-D tensor [T, {spec.hidden}], got shape {tuple(x.shape)}")
@@ -35,10 +35,11 @@ def check_layer_inputs(spec: MoESpec, x, topk_ids, topk_w, w1, w2, b1, b2) -> No
     check_shape("topk_w", topk_w, (T, K))
     check_dtype("topk_ids", topk_ids, (torch.int32, torch.int64))
     check_dtype("topk_w", topk_w, tuple(TORCH_DTYPES.values()))
-    _check_x_weights(spec, x, w1, w2, b1, b2, {"topk_ids": topk_ids, "topk_w": topk_w})
+    _check_x_weights(spec, x, w1, w2, b1, b2, w3, {"topk_ids": topk_ids, "topk_w": topk_w})
 
 
-def check_pairs_inputs(spec: MoESpec, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2) -> None:
+def check_pairs_inputs(spec: MoESpec, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2,
+                       w3=None) -> None:
     """As `check_layer_inputs`, for flat pairs: pair_token/pair_expert/pair_weight [S_max] (any S_max) and
     token_offsets [T + 1], int32 or int64 ids."""
     if x.dim() != 2:
@@ -54,15 +55,28 @@ def check_pairs_inputs(spec: MoESpec, x, pair_token, pair_expert, pair_weight, t
     for name, ids in (("pair_token", pair_token), ("pair_expert", pair_expert), ("token_offsets", token_offsets)):
         check_dtype(name, ids, (torch.int32, torch.int64))
     check_dtype("pair_weight", pair_weight, tuple(TORCH_DTYPES.values()))
-    _check_x_weights(spec, x, w1, w2, b1, b2, {"pair_token": pair_token, "pair_expert": pair_expert,
+    _check_x_weights(spec, x, w1, w2, b1, b2, w3, {"pair_token": pair_token, "pair_expert": pair_expert,
                                                "pair_weight": pair_weight, "token_offsets": token_offsets})
 
 
-def _check_x_weights(spec: MoESpec, x, w1, w2, b1, b2, routing: dict[str, torch.Tensor]) -> None:
+def _check_x_weights(spec: MoESpec, x, w1, w2, b1, b2, w3, routing: dict[str, torch.Tensor]) -> None:
     """Shapes and dtypes of x, the weights and the biases; devices of those and of the routing tensors."""
     E, H, I, N1 = spec.num_experts, spec.hidden, spec.intermediate, spec.up_rows  # noqa: E741
     dtype = TORCH_DTYPES[spec.dtype]
-    check_shape("w1", w1, (E, N1, H))
+    if (w3 is not None) != spec.w3:
+        raise InputError(
+            "w3: the spec holds gate and up as two tensors (MoESpec.w3=True) but w3 is None: pass the up weights "
+            "[E, I, H] as w3" if spec.w3 else
+            "w3: given, but the spec's up-projection is the one tensor w1 (MoESpec.w3=False): pass w3=None, or "
+            "a spec with w3=True"
+        )
+    if w3 is not None:
+        # the up-projection's N1 = 2·I rows are virtual: I in w1 (the gate), I in w3 (the up)
+        check_shape("w1", w1, (E, I, H))
+        check_shape("w3", w3, (E, I, H))
+        check_dtype("w3", w3, (dtype,))
+    else:
+        check_shape("w1", w1, (E, N1, H))
     check_shape("w2", w2, (E, H, I))
     check_dtype("x", x, (dtype,))
     check_dtype("w1", w1, (dtype,))
@@ -74,7 +88,7 @@ def _check_x_weights(spec: MoESpec, x, w1, w2, b1, b2, routing: dict[str, torch.
         if bias is not None:
             check_shape(name, bias, shape)
             check_dtype(name, bias, tuple(TORCH_DTYPES.values()))
-    tensors = {"x": x, **routing, "w1": w1, "w2": w2, "b1": b1, "b2": b2}
+    tensors = {"x": x, **routing, "w1": w1, "w3": w3, "w2": w2, "b1": b1, "b2": b2}
     for name, tensor in tensors.items():
         if tensor is not None and tensor.device != x.device:
             raise InputError(f"{name}: expected device {x.device} (that of x), got {tensor.device}")

@@ -87,6 +87,7 @@ from moefuse.errors import MoefuseError
 from moefuse.passes.detect import capture_activation
 from moefuse.passes.region import Reject
 from moefuse.runtime import pairs as _pairs_ops  # noqa: F401  (registers moefuse::moe_pairs / _fwd / _bwd)
+from moefuse.spec import spec_from_key
 
 log = logging.getLogger("moefuse.parallel")
 
@@ -312,6 +313,11 @@ def ep_moe(
     (the P received pairs as flat pairs over those rows), token_offsets[N+1] int32, h (the fused op's
     pre-activation, [P,N1]; empty unless `save`). counts[W,2,W] int64 on the CPU: rows (1: pairs) from rank i
     to rank j, the split sizes."""
+    if spec_from_key(spec).w3:
+        raise ExpertParallelError(
+            "expert parallelism does not take layers whose gate and up are two tensors (MoESpec.w3): moefuse::ep_moe "
+            "shards and exchanges w1, w2 and the biases only; run the layer unsharded (moefuse::moe with w3), or hold "
+            "gate and up as one [E, 2·I, H] tensor")
     group = _group(group_name)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     local_experts = w1.shape[0]
@@ -393,7 +399,7 @@ def ep_moe_bwd(
     # y[t] is the sum of its rows' partial sums, so each row's gradient is dy[t]; the owners run the fused
     # backward on the rows they ran: dx per row, the routing weights' gradient per pair (⟨dy[t], Y_pair⟩).
     dy_recv = _all_to_all(dy[send_token], recv_rows, send_rows, group)
-    dx_recv, dpair_weight, dw1, dw2, db1, db2 = torch.ops.moefuse.moe_pairs_bwd(
+    dx_recv, dpair_weight, dw1, dw2, db1, db2, _ = torch.ops.moefuse.moe_pairs_bwd(
         dy_recv, x_recv, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2, h, spec)
     dx_rows = _all_to_all(dx_recv, send_rows, recv_rows, group)
     dpairs = _all_to_all(dpair_weight.to(topk_weights.dtype), send_pairs, recv_pairs, group)

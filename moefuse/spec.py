@@ -10,6 +10,9 @@ Layout conventions (logical shapes; any strides are accepted by the runtime):
   topk_w   [T, K]      float, routing weight of each pair (applied to the expert *output*)
   w1       [E, N1, H]  up-projection, out × in (N1 = rows the activation reads, e.g. 2·I for a GLU)
   b1       [E, N1]     optional
+  w3       [E, I, H]   with `MoESpec.w3` only: the GLU's up held apart from its gate (torchtitan, gpt-fast,
+                       Mistral: w1 = gate, w3 = up). w1 is then [E, I, H] too, and the up-projection the
+                       activation reads is the virtual [w1; w3] (N1 = 2·I rows), never materialised
   w2       [E, H, I]   down-projection, out × in
   b2       [E, H]      optional
   y        [T, H]      Σ_k topk_w[t,k] · expert_{ids[t,k]}(x[t])  (+ shared(x[t]) with a `SharedExpert`)
@@ -88,7 +91,7 @@ class MoESpec:
     top_k: int
     hidden: int
     intermediate: int
-    up_rows: int  # N1: rows of w1 per expert (2·I for a GLU stored [gate; up])
+    up_rows: int  # N1: rows of w1 per expert (2·I for a GLU stored [gate; up]; with w3, of the virtual [w1; w3])
     activation: Activation
     dtype: str  # dtype of x and the expert weights
     out_dtype: str  # dtype of y
@@ -103,7 +106,9 @@ class MoESpec:
     tile_m: int = 0
     # The shared expert computed inside the op (added to the routed output), or None: it stays in the graph.
     shared: SharedExpert | None = None
-    # Gate and up held as two weights: w1 [E, I, H] gives the up-projection rows [0, I), w3 [E, I, H] rows [I, 2I).
+    # The up-projection is two tensors, w1 [E, I, H] and w3 [E, I, H]: virtual row r < I is w1's row r, row I + r
+    # is w3's row r (up_rows = 2·I); the activation reads the two halves, in either order. No copy [w1; w3]
+    # exists anywhere (the weights change during training): the kernels read each tensor where it lies.
     w3: bool = False
 
     def __post_init__(self):
@@ -121,6 +126,17 @@ class MoESpec:
                 f"activation slices {self.activation.slices} read row {last} of an up-projection "
                 f"with {self.up_rows} rows"
             )
+        if self.w3:
+            I = self.intermediate  # noqa: E741
+            if self.up_rows != 2 * I or self.activation.slices not in (((0, 1), (I, 1)), ((I, 1), (0, 1))):
+                raise ValueError(
+                    f"MoESpec.w3=True (gate and up as two tensors w1, w3 [E, I, H]) needs up_rows = 2·I = {2 * I} "
+                    f"and activation slices ((0, 1), ({I}, 1)) or (({I}, 1), (0, 1)) (one input per tensor), got "
+                    f"up_rows={self.up_rows} slices={self.activation.slices}"
+                )
+            if self.w1_bias:
+                raise ValueError("MoESpec.w3=True with w1_bias=True: biases on a split up-projection (w1, w3) are "
+                                 "not supported yet; hold gate and up as one [E, 2·I, H] tensor to use b1")
 
     @property
     def glu(self) -> bool:
@@ -155,6 +171,7 @@ class MoESpec:
         return (
             f"E={self.num_experts} K={self.top_k} H={self.hidden} I={self.intermediate} {self.dtype} "
             f"act={self.activation.expr} slices={list(self.activation.slices)} {bias} router={self.router}"
+            + (" gate/up as w1, w3" if self.w3 else "")
             + (" weights on input" if self.weight_on_input else "")
             + (f" token rounding M={self.tile_m}" if self.tile_m else "")
             + (f" shared expert: {self.shared.describe()}" if self.shared is not None else "")

@@ -213,7 +213,7 @@ class _CpuMoE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, ids, w, w1, w2, b1, b2, h = ctx.saved_tensors
-        dx, dw, dw1, dw2, db1, db2 = moe_backward_cpu(ctx.spec, dy, x, ids, w, w1, w2, b1, b2, h)
+        dx, dw, dw1, dw2, db1, db2, _ = moe_backward_cpu(ctx.spec, dy, x, ids, w, w1, w2, b1, b2, h)
         return dx, dw, dw1, dw2, db1, db2, None, None
 
 
@@ -284,10 +284,11 @@ def test_backward_outputs_are_contiguous_in_logical_layout():
     spec, _, (x, ids, w, w1, w2, b1, b2) = problem("transposed_weights", torch.float32)
     assert not w1.is_contiguous() and not w2.is_contiguous()
     y, h = torch.ops.moefuse.moe_fwd(x, ids, w, w1, w2, b1, b2, spec.to_key())
-    dx, dw, dw1, dw2, db1, db2 = torch.ops.moefuse.moe_bwd(torch.ones_like(y), x, ids, w, w1, w2, b1, b2, h,
-                                                            spec.to_key())
+    dx, dw, dw1, dw2, db1, db2, dw3 = torch.ops.moefuse.moe_bwd(torch.ones_like(y), x, ids, w, w1, w2, b1, b2, h,
+                                                                 spec.to_key())
     assert dw1.shape == w1.shape and dw1.is_contiguous() and dw2.shape == w2.shape and dw2.is_contiguous()
     assert dx.shape == x.shape and dw.shape == w.shape and db1.numel() == 0 and db2.numel() == 0
+    assert dw3.numel() == 0  # no w3: its empty gradient, the op's last output
 
 
 def test_deterministic():

@@ -284,7 +284,7 @@ def test_T_zero():
     spec, act, dy, args = make_problem(Case(T=0, K=2, E=4, H=32, I=32, bias=True), torch.float32)
     y, h = moe_forward(spec, *args, activation=load_activation(act.expr, 2), config=SMALL, save_h=True)
     assert y.shape == (0, 32) and h.shape == (0, 64)
-    dx, dw, dw1, dw2, db1, db2 = moe_backward(spec, dy, *args, h, config=TILES)
+    dx, dw, dw1, dw2, db1, db2, _ = moe_backward(spec, dy, *args, h, config=TILES)
     assert dx.shape == (0, 32) and dw.shape == (0, 2)
     for grad, shape in ((dw1, (4, 64, 32)), (dw2, (4, 32, 32)), (db1, (4, 64)), (db2, (4, 32))):
         assert grad.shape == shape and not grad.any()

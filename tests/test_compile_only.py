@@ -254,3 +254,50 @@ def test_persistent_and_tma_gemms_compile(schedule_records):
         # sm_90 with tma: the weight tiles arrive by TMA; sm_80 (no TMA), or tma off: the host chose pointer loads.
         tma = r["cap"] == 90 and r["kernel"].endswith("_tma")
         assert r["w_tma"] == tma and r["tma_load"] == tma, r
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gate and up as two tensors (`MoESpec.w3`): the up GEMM with a second weight pointer (SPLIT_W; with tma, a
+# second tensor descriptor) and dX with two B pointers along K (SPLIT_K), fp16 and bf16, sm_80 and sm_90
+# ---------------------------------------------------------------------------------------------------------
+
+SPLIT_SCRIPT = _HEAD + r'''
+import dataclasses
+from moefuse.kernels.grouped_gemm import GemmConfig
+jobs = []
+for dtype in ("float16", "bfloat16"):
+    split = MoESpec(8, 2, H, I, 2 * I, Activation("silu(x0)*x1", ((0, 1), (I, 1))), dtype, dtype, w2_bias=True,
+                    w3=True)
+    tma = dataclasses.replace(GemmConfig.default(getattr(torch, dtype)), persistent=True, tma=True)
+    for cap in (80, 90):
+        jobs += [(f"{s.name}_split", dtype, s, cap)
+                 for s in kernel_sources(split, silu_mul, save_h=True, capability=cap) if s.name == "up_gemm"]
+        jobs += [(f"{s.name}_split_persistent_tma", dtype, s, cap)
+                 for s in kernel_sources(split, silu_mul, tma, save_h=True, capability=cap) if s.name == "up_gemm"]
+        jobs += [(f"{s.name}_split", dtype, s, cap)
+                 for s in backward_kernel_sources(split, load_activation_grad(split.activation.expr, 2))
+                 if s.name == "dx_gemm"]
+
+
+def compile_one''' + _REST.split("def compile_one", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def split_records(tmp_path_factory):
+    return run_compile_script(tmp_path_factory, "compile_only_split", SPLIT_SCRIPT)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_split_weight_gemms_compile(split_records, dtype):
+    # Each builds for both targets without spills and fits shared memory; tensor cores (wgmma on sm_90, mma.sync on
+    # sm_80) and the cp.async pipeline of the A operand survive the second weight pointer.
+    kernels = {"up_gemm_split", "up_gemm_split_persistent_tma", "dx_gemm_split"}
+    for cap in CAPABILITIES:
+        assert {r["kernel"] for r in select(split_records, cap=cap, dtype=dtype)} == kernels
+    for r in select(split_records, dtype=dtype):
+        assert r["ptx_bytes"] > 0 and r["spill_bytes"] == 0 and r["shared"] <= SHARED_LIMIT[r["cap"]], r
+        assert r["cp_async"], r
+        assert r["wgmma"] if r["cap"] == 90 else r["mma_sync"] and not r["wgmma"], r
+        # sm_90 with tma: both w1 and w3 tiles by TMA (two descriptors); otherwise the pointer loads.
+        tma = r["cap"] == 90 and r["kernel"].endswith("_tma")
+        assert r["w_tma"] == tma and r["tma_load"] == tma, r

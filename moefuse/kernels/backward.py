@@ -13,6 +13,11 @@ Per sorted row r (expert e, token t, pair weight s = topk_w[t, k]); A = act(H), 
   4. dX    = dH · W1_e               the forward's varlen-M grouped GEMM, W = w1 viewed [E, H, N1]
      dx_t  = Σ_k dX[pair_pos[t·K + k]]  the forward's combine, unweighted
 
+Gate and up as two tensors (`MoESpec.w3`, w1 and w3 [E, I, H]): dH keeps the layout of the virtual [w1; w3]
+(step 1 is unchanged); step 3 runs the varlen-K GEMM once per tensor on its half of dH's columns, dW1_e =
+Σ_r dH_r[:I]ᵀ x_t(r) and dW3_e = Σ_r dH_r[I:]ᵀ x_t(r) (a strided view of dH, no copy); step 4 is one GEMM
+with two B pointers along K (SPLIT_K), dX = dH[:, :I] · W1_e + dH[:, I:] · W3_e in one fp32 accumulator.
+
 dS rests on ⟨dy_t, Y_r⟩ = ⟨dy_t, W2_e A_r⟩ = ⟨W2_eᵀ dy_t, A_r⟩ = ⟨dA'_r, A_r⟩: the router gradient
 needs neither Y nor its gradient. Memory beyond the outputs: dH [S, N1], A' [S, I] and dX [S, H] in x's dtype,
 and dS (fp32, NT per row).
@@ -144,9 +149,11 @@ def activation_backward_kernel(
     n_mask = rn < N
 
     # ---- Main loop: dA' = dy_t · W2_e (one accumulator) ----
+    w_expert = w_ptr + expert.to(tl.int64) * stride_we
     da, _ = varlen_m_mainloop(dy_ptr, dy_row, m_mask, stride_dyt, stride_dyh,
-                              w_ptr + expert.to(tl.int64) * stride_we, rn.to(tl.int64), rn.to(tl.int64), n_mask,
-                              stride_wn, stride_wk, KDIM, 1, BLOCK_M, BLOCK_N, BLOCK_K, False)
+                              w_expert, rn.to(tl.int64), n_mask, stride_wn, stride_wk,
+                              w_expert, rn.to(tl.int64), stride_wn, stride_wk,
+                              KDIM, 1, BLOCK_M, BLOCK_N, BLOCK_K, False)
 
     # ---- Epilogue: recompute act(H) and its partials from the saved pre-activations, in fp32 ----
     mask = m_mask[:, None] & n_mask[None, :]
@@ -415,22 +422,26 @@ def moe_backward(
     h: torch.Tensor,
     *,
     config: BackwardConfig | GemmConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dtopk_w, dw1, dw2, db1, db2): the gradients of `moe_forward`'s y with respect to its inputs, given
-    dy [T, H] (any float dtype; cast to the weights' dtype, as torch's autograd of a low-precision layer does)
-    and h, the [T·K, N1] pre-activations `moe_forward(..., save_h=True)` returned.
+    w3: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+           torch.Tensor | None]:
+    """(dx, dtopk_w, dw1, dw2, db1, db2, dw3): the gradients of `moe_forward`'s y with respect to its inputs,
+    given dy [T, H] (any float dtype; cast to the weights' dtype, as torch's autograd of a low-precision layer
+    does) and h, the [T·K, N1] pre-activations `moe_forward(..., save_h=True)` returned.
 
     dx [T, H] dtype of x; dtopk_w [T, K] dtype of topk_w (0 for dropped pairs); dw1 [E, N1, H], dw2 [E, H, I]
-    contiguous, dtype of the weights; db1 [E, N1], db2 [E, H] dtype of the biases, None without them.
+    contiguous, dtype of the weights; db1 [E, N1], db2 [E, H] dtype of the biases, None without them. With w3
+    (`MoESpec.w3`): dw1 and dw3 [E, I, H] contiguous, separate tensors; else dw3 is None.
     The routing plan is recomputed (deterministic, cheap); the activation's derivative is generated from
     spec.activation.expr. config: one GemmConfig for every GEMM, or a BackwardConfig
     (default: `BackwardConfig.default(dtype)`).
     """
-    check_layer_inputs(spec, x, topk_ids, topk_w, w1, w2, b1, b2)
+    check_layer_inputs(spec, x, topk_ids, topk_w, w1, w2, b1, b2, w3)
     check_triton_device(x)
     T = x.shape[0]
     plan = functools.partial(routing_plan, topk_ids, spec.num_experts)
-    return _backward_on_plan(spec, dy, x, plan, topk_ids, topk_w, w1, w2, b1, b2, h, config, num_pairs=T * spec.top_k)
+    return _backward_on_plan(spec, dy, x, plan, topk_ids, topk_w, w1, w2, b1, b2, h, config, w3,
+                             num_pairs=T * spec.top_k)
 
 
 def moe_pairs_backward(
@@ -448,19 +459,21 @@ def moe_pairs_backward(
     h: torch.Tensor,
     *,
     config: BackwardConfig | GemmConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """`moe_backward` on flat pairs (`moe.moe_pairs_forward`): (dx, dpair_weight, dw1, dw2, db1, db2), with h the
+    w3: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+           torch.Tensor | None]:
+    """`moe_backward` on flat pairs (`moe.moe_pairs_forward`): (dx, dpair_weight, dw1, dw2, db1, db2, dw3), with h the
     [S_max, N1] pre-activations `moe_pairs_forward(..., save_h=True)` returned and dpair_weight [S_max] in
     pair_weight's dtype (0 in unused slots). Same launches, no host sync."""
-    check_pairs_inputs(spec, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2)
+    check_pairs_inputs(spec, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2, w3)
     check_triton_device(x)
     plan = functools.partial(flat_pairs_plan, pair_token, pair_expert, token_offsets, spec.num_experts)
     grads = _backward_on_plan(spec, dy, x, plan, pair_expert.unsqueeze(1), pair_weight.unsqueeze(1), w1, w2, b1, b2,
-                              h, config, num_pairs=pair_expert.shape[0])
+                              h, config, w3, num_pairs=pair_expert.shape[0])
     return (grads[0], grads[1].squeeze(1), *grads[2:])
 
 
-def _backward_on_plan(spec: MoESpec, dy, x, make_plan, ids, weights, w1, w2, b1, b2, h, config, *, num_pairs):
+def _backward_on_plan(spec: MoESpec, dy, x, make_plan, ids, weights, w1, w2, b1, b2, h, config, w3, *, num_pairs):
     """The launches of both forms: ids and weights [T, K], or [S, 1] for flat pairs; make_plan() builds the
     routing plan (after the remaining checks, and only if there is a token)."""
     # ---- Check ----
@@ -488,16 +501,18 @@ def _backward_on_plan(spec: MoESpec, dy, x, make_plan, ids, weights, w1, w2, b1,
     # ---- Allocate ----
     device = x.device
     dweights = torch.empty(weights.shape, dtype=weights.dtype, device=device)
-    dw1 = torch.empty(E, N1, H, dtype=w1.dtype, device=device)
+    # Two separate gradients with w3: the custom ops may not return views of one buffer (outputs may not alias).
+    dw1 = torch.empty(E, N1 if w3 is None else I, H, dtype=w1.dtype, device=device)
+    dw3 = torch.empty(E, I, H, dtype=w3.dtype, device=device) if w3 is not None else None
     dw2 = torch.empty(E, H, I, dtype=w2.dtype, device=device)
     db1 = torch.empty(E, N1, dtype=b1.dtype, device=device) if b1 is not None else None
     db2 = torch.empty(E, H, dtype=b2.dtype, device=device) if b2 is not None else None
     if T == 0:
         # Flat pairs may still have (unused) slots: their weights get no gradient.
-        for grad in (dweights, dw1, dw2, db1, db2):
+        for grad in (dweights, dw1, dw2, db1, db2, dw3):
             if grad is not None:
                 grad.zero_()
-        return torch.empty(0, H, dtype=dtype, device=device), dweights, dw1, dw2, db1, db2
+        return torch.empty(0, H, dtype=dtype, device=device), dweights, dw1, dw2, db1, db2, dw3
     dy = dy.to(dtype)  # no copy when it already is
     # Rows no activation input reads get no gradient; the dW1 and dX GEMMs read every column of dH.
     dh = (torch.empty if covers_all_rows else torch.zeros)(S, N1, dtype=dtype, device=device)
@@ -512,10 +527,16 @@ def _backward_on_plan(spec: MoESpec, dy, x, make_plan, ids, weights, w1, w2, b1,
     _router_grad(ds, dy, b2, ids, plan, dweights, router_meta)
     # dW2[e] = Σ dyᵀ A' (M = H, N = I);  dW1[e] = Σ dHᵀ x (M = N1, N = H)
     _weight_grad(dy, a_prime, dw2, db2, weights, plan, gather_p=True, config=config.weight)
-    _weight_grad(dh, x, dw1, db1, None, plan, gather_p=False, config=config.weight)
-    dx_sorted = grouped_gemm(dh, w1.transpose(1, 2), plan, out_cols=H, config=config.dx)
+    if w3 is None:
+        _weight_grad(dh, x, dw1, db1, None, plan, gather_p=False, config=config.weight)
+        dx_sorted = grouped_gemm(dh, w1.transpose(1, 2), plan, out_cols=H, config=config.dx)
+    else:  # each tensor's gradient from its half of dH's columns (strided views, no copy); dX in one GEMM
+        _weight_grad(dh[:, :I], x, dw1, None, None, plan, gather_p=False, config=config.weight)
+        _weight_grad(dh[:, I:], x, dw3, None, None, plan, gather_p=False, config=config.weight)
+        dx_sorted = grouped_gemm(dh, w1.transpose(1, 2), plan, out_cols=H, config=config.dx,
+                                 w3=w3.transpose(1, 2), split_k=True)
     dx = combine(dx_sorted, None, plan, out_dtype=dtype)
-    return dx, dweights, dw1, dw2, db1, db2
+    return dx, dweights, dw1, dw2, db1, db2, dw3
 
 
 def _pair_token_arg(plan: RoutingPlan) -> torch.Tensor:
@@ -616,7 +637,8 @@ def weight_grad_constexprs(*, gather_p: bool, has_bias: bool, bias_weighted: boo
 # ---------------------------------------------------------------------------------------------------------
 
 # As `moe.FORWARD_ALIGNED_INTS`: sizes and outer strides that are multiples of 16 whenever H, I and N1 are.
-_ALIGNED_INTS = frozenset({"N", "KDIM", "M", "H", "stride_dyt", "stride_we", "stride_wk", "stride_hm", "stride_dhm",
+_ALIGNED_INTS = frozenset({"N", "KDIM", "M", "H", "stride_dyt", "stride_we", "stride_wk", "stride_w3e", "stride_w3k",
+                           "stride_hm", "stride_dhm",
                            "stride_apm", "stride_be", "stride_pr", "stride_qr", "stride_ce", "stride_cm",
                            "stride_am", "stride_ym", "stride_ot"})
 
@@ -677,12 +699,15 @@ def backward_kernel_sources(
         sources.append(source(f"weight_grad_{name}", weight_grad_kernel, args, consts, cfg.num_warps,
                               cfg.num_stages))
 
-    # ---- 4. dX = dH · W1 (w = w1ᵀ: unit stride along H, the output columns), unweighted gather-sum ----
+    # (With spec.w3, dW1 and dW3 are this dw1 specialisation twice, on the two column halves of dH.)
+
+    # ---- 4. dX = dH · W1 (w = w1ᵀ: unit stride along H, the output columns), unweighted gather-sum; with spec.w3
+    # dX = dH[:, :I] · W1 + dH[:, I:] · W3 in one GEMM (SPLIT_K, w3ᵀ laid out like w1ᵀ) ----
     cfg = config.dx
-    consts = {"stride_ak": 1, "stride_wn": 1, "stride_bn": 1, "stride_cn": 1, "stride_hn": 1,
+    consts = {"stride_ak": 1, "stride_wn": 1, "stride_w3n": 1, "stride_bn": 1, "stride_cn": 1, "stride_hn": 1,
               **gemm_constexprs(slices=((0, 1),), activation=identity, has_bias=False, gather=False,
-                                num_experts=spec.num_experts, config=cfg, flat_pairs=flat_pairs)}
-    args = {**gemm_signature(ptr), "stride_wk": "i32"}
+                                num_experts=spec.num_experts, config=cfg, flat_pairs=flat_pairs, split_k=spec.w3)}
+    args = {**gemm_signature(ptr), "stride_wk": "i32", "stride_w3k": "i32"}
     sources.append(source("dx_gemm", grouped_gemm_kernel, args, consts, cfg.num_warps, cfg.num_stages))
     sources.append(combine_source("combine_unweighted", ptr, ptr, spec.hidden, weighted=False, flat_pairs=flat_pairs))
     return sources

@@ -9,6 +9,11 @@ One kernel, specialised by constexprs:
                      the pre-activations H for the backward, from the same accumulators (no extra pass).
   - down-projection: GATHER=False, A = [S, I] already in sorted order; NUM_INPUTS=1, identity epilogue.
   - backward dX:     dH · W1 with W = w1 viewed [E, H, N1] (see `moefuse.kernels.backward`).
+Gate and up as two tensors (`MoESpec.w3`: w1 and w3, each [E, I, H]) add a second weight pointer, never a copy:
+  - SPLIT_W (up-projection): the weights are the virtual [w; w3] (N_ROWS = 2·N): accumulator j reads row n of
+                     w if OFF_j = 0, of w3 if OFF_j = N, while its h (and bias) columns stay OFF_j + STEP_j·n;
+  - SPLIT_K (backward dX = dH[:, :I]·W1 + dH[:, I:]·W3): A has 2·KDIM columns, the first KDIM multiply w,
+                     the last KDIM w3, into one fp32 accumulator.
 
 The tile location, the gathered row indices and the main loop are @triton.jit building blocks that the
 backward's fused activation-gradient GEMM shares.
@@ -129,25 +134,28 @@ def operand_rows(sorted_row, mask, sorted_pairs_ptr, pair_token_ptr, TOP_K, GATH
 @triton.jit
 def varlen_m_mainloop(
     a_ptr, a_row, m_mask, stride_am, stride_ak,  # A rows a_row [BLOCK_M] (int64), masked by m_mask
-    w, w_row0, w_row1, n_mask, stride_wn, stride_wk,  # the expert's weights and the rows w_row_j [BLOCK_N] it reads
+    w, w_row0, n_mask, stride_wn, stride_wk,  # accumulator 0's weights (the expert's) and the rows w_row0 it reads
+    v, w_row1, stride_vn, stride_vk,  # accumulator 1's: v is w itself unless the weights are split (SPLIT_W)
     KDIM,
     NUM_INPUTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_TMA: tl.constexpr,
 ):
-    """(acc0, acc1) [BLOCK_M, BLOCK_N] fp32: acc_j = A[a_row] · W[w_row_j]ᵀ over KDIM. One A tile feeds
-    NUM_INPUTS weight tiles; with NUM_INPUTS=1, acc1 stays zero (and is dead code in the caller).
+    """(acc0, acc1) [BLOCK_M, BLOCK_N] fp32: acc0 = A[a_row] · W[w_row0]ᵀ and acc1 = A[a_row] · V[w_row1]ᵀ over
+    KDIM. One A tile feeds NUM_INPUTS weight tiles; with NUM_INPUTS=1, acc1 stays zero (and is dead code in the
+    caller). A caller with one weight tensor passes it (and its strides) as both w and v: the same values, so
+    the same code as a loop with one weight pointer.
 
-    W_TMA=False: w points at the expert's weights, read through the strides at rows w_row_j, masked by n_mask.
-    W_TMA=True: w is a tensor descriptor of all experts' weights viewed [E·N_ROWS, KDIM] (unit inner stride)
-    and w_row_j the first row of tile j (a scalar, rows are consecutive): the [BLOCK_N, BLOCK_K] tiles arrive
-    by TMA, zero past the view's end; rows past the N-panel are read unmasked and land in output columns the
-    caller's n_mask does not store."""
+    W_TMA=False: w and v point at the expert's weights, read through the strides at rows w_row_j, masked by
+    n_mask. W_TMA=True: w and v are tensor descriptors of all experts' weights viewed [E·N_ROWS, KDIM] (unit
+    inner stride) and w_row_j the first row of tile j (a scalar, rows are consecutive): the [BLOCK_N, BLOCK_K]
+    tiles arrive by TMA, zero past the view's end; rows past the N-panel are read unmasked and land in output
+    columns the caller's n_mask does not store."""
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_row[:, None] * stride_am + rk[None, :] * stride_ak
     if not W_TMA:
         w_ptrs0 = w + w_row0[None, :] * stride_wn + rk[:, None] * stride_wk
-        w_ptrs1 = w + w_row1[None, :] * stride_wn + rk[:, None] * stride_wk
+        w_ptrs1 = v + w_row1[None, :] * stride_vn + rk[:, None] * stride_vk
     acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # fp32 accumulation always; "ieee" keeps fp32 inputs out of TF32 (10-bit mantissa, ~1e-3 relative error)
@@ -163,10 +171,10 @@ def varlen_m_mainloop(
         acc0 = tl.dot(a, w0, acc0, input_precision="ieee")
         if NUM_INPUTS == 2:
             if W_TMA:
-                w1 = w.load([w_row1, k0]).T
+                w1 = v.load([w_row1, k0]).T
             else:
                 w1 = tl.load(w_ptrs1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                w_ptrs1 += BLOCK_K * stride_wk
+                w_ptrs1 += BLOCK_K * stride_vk
             acc1 = tl.dot(a, w1, acc1, input_precision="ieee")
         a_ptrs += BLOCK_K * stride_ak
     return acc0, acc1
@@ -179,46 +187,79 @@ def varlen_m_mainloop(
 
 @triton.jit
 def grouped_gemm_tile(
-    a_ptr, w_ptr, bias_ptr, c_ptr, h_ptr, sorted_pairs_ptr, pair_token_ptr,
+    a_ptr, w_ptr, w3_ptr, bias_ptr, c_ptr, h_ptr, sorted_pairs_ptr, pair_token_ptr,
     N, KDIM, TOP_K,
-    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_cm, stride_cn,
-    stride_hm, stride_hn,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_w3e, stride_w3n, stride_w3k, stride_be, stride_bn,
+    stride_cm, stride_cn, stride_hm, stride_hn,
     expert, m_mask, sorted_row, pid_n,  # the output tile: BLOCK_M sorted rows of `expert` × N-tile pid_n
     OFF0: tl.constexpr, STEP0: tl.constexpr, OFF1: tl.constexpr, STEP1: tl.constexpr,
     NUM_INPUTS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
-    FLAT_PAIRS: tl.constexpr, STORE_H: tl.constexpr, W_TMA: tl.constexpr,
+    FLAT_PAIRS: tl.constexpr, STORE_H: tl.constexpr, W_TMA: tl.constexpr, SPLIT_W: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One output tile of `grouped_gemm_kernel` (its arguments, same meaning), whichever grid found it."""
     a_row = operand_rows(sorted_row, m_mask, sorted_pairs_ptr, pair_token_ptr, TOP_K, GATHER, FLAT_PAIRS)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
-    w_row0 = (OFF0 + STEP0 * rn).to(tl.int64)  # int64: E·N_ROWS·KDIM can pass 2**31
-    w_row1 = (OFF1 + STEP1 * rn).to(tl.int64)
+    # Columns of h and rows of the bias: OFF_j + STEP_j·n of the (virtual, with SPLIT_W) up-projection.
+    col0 = (OFF0 + STEP0 * rn).to(tl.int64)  # int64: E·N_ROWS·KDIM can pass 2**31
+    col1 = (OFF1 + STEP1 * rn).to(tl.int64)
+
+    # ---- Which tensor and rows each accumulator reads ----
+    if SPLIT_W:
+        # Virtual row r of [w; w3] is w's row r for r < N, else w3's row r − N; the spec allows only OFF_j ∈ {0, N}
+        # with STEP_j = 1 (one input per tensor), so either way accumulator j reads row n of one tensor.
+        w_row0 = rn.to(tl.int64)
+        w_row1 = w_row0
+        if OFF0 == 0:
+            src0, s0e, s0n, s0k, src1, s1e, s1n, s1k = (w_ptr, stride_we, stride_wn, stride_wk,
+                                                        w3_ptr, stride_w3e, stride_w3n, stride_w3k)
+        else:
+            src0, s0e, s0n, s0k, src1, s1e, s1n, s1k = (w3_ptr, stride_w3e, stride_w3n, stride_w3k,
+                                                        w_ptr, stride_we, stride_wn, stride_wk)
+    else:
+        w_row0 = col0
+        w_row1 = col1
+        src0, s0e, s0n, s0k, src1, s1e, s1n, s1k = (w_ptr, stride_we, stride_wn, stride_wk,
+                                                    w_ptr, stride_we, stride_wn, stride_wk)
 
     # ---- Main loop ----
-    if W_TMA:  # rows of the [E·N_ROWS, KDIM] view: expert e's start at e·N_ROWS = e·stride_we / stride_wn
-        first_row = expert * (stride_we // stride_wn) + pid_n * BLOCK_N
-        acc0, acc1 = varlen_m_mainloop(a_ptr, a_row, m_mask, stride_am, stride_ak, w_ptr, first_row + OFF0,
-                                       first_row + OFF1, n_mask, stride_wn, stride_wk, KDIM, NUM_INPUTS,
-                                       BLOCK_M, BLOCK_N, BLOCK_K, True)
+    if W_TMA:  # rows of each [E·rows, KDIM] view: expert e's start at e·rows = e·stride_e / stride_n
+        row0 = expert * (s0e // s0n) + pid_n * BLOCK_N
+        row1 = expert * (s1e // s1n) + pid_n * BLOCK_N
+        if not SPLIT_W:
+            row0 += OFF0
+            row1 += OFF1
+        acc0, acc1 = varlen_m_mainloop(a_ptr, a_row, m_mask, stride_am, stride_ak, src0, row0, n_mask, s0n, s0k,
+                                       src1, row1, s1n, s1k, KDIM, NUM_INPUTS, BLOCK_M, BLOCK_N, BLOCK_K, True)
     else:
         acc0, acc1 = varlen_m_mainloop(a_ptr, a_row, m_mask, stride_am, stride_ak,
-                                       w_ptr + expert.to(tl.int64) * stride_we, w_row0, w_row1, n_mask,
-                                       stride_wn, stride_wk, KDIM, NUM_INPUTS, BLOCK_M, BLOCK_N, BLOCK_K, False)
+                                       src0 + expert.to(tl.int64) * s0e, w_row0, n_mask, s0n, s0k,
+                                       src1 + expert.to(tl.int64) * s1e, w_row1, s1n, s1k,
+                                       KDIM, NUM_INPUTS, BLOCK_M, BLOCK_N, BLOCK_K, False)
+    if SPLIT_K:
+        # A's columns [KDIM, 2·KDIM) times w3, into the same fp32 accumulator: dX = dH[:, :I]·W1 + dH[:, I:]·W3
+        # in one kernel, rounded once (two launches and an add would round twice and write dX twice).
+        w3_expert = w3_ptr + expert.to(tl.int64) * stride_w3e
+        acc3, _ = varlen_m_mainloop(a_ptr + KDIM * stride_ak, a_row, m_mask, stride_am, stride_ak,
+                                    w3_expert, w_row0, n_mask, stride_w3n, stride_w3k,
+                                    w3_expert, w_row0, stride_w3n, stride_w3k,
+                                    KDIM, 1, BLOCK_M, BLOCK_N, BLOCK_K, False)
+        acc0 += acc3
 
     # ---- Epilogue: bias, (pre-activations to h,) activation in fp32, one rounding to the output dtype ----
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
         b_expert = bias_ptr + expert.to(tl.int64) * stride_be
-        acc0 += tl.load(b_expert + w_row0 * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc0 += tl.load(b_expert + col0 * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if NUM_INPUTS == 2:
-            acc1 += tl.load(b_expert + w_row1 * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            acc1 += tl.load(b_expert + col1 * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if STORE_H:
         h_rows = h_ptr + sorted_row[:, None] * stride_hm
-        tl.store(h_rows + w_row0[None, :] * stride_hn, acc0.to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(h_rows + col0[None, :] * stride_hn, acc0.to(h_ptr.dtype.element_ty), mask=mask)
         if NUM_INPUTS == 2:
-            tl.store(h_rows + w_row1[None, :] * stride_hn, acc1.to(h_ptr.dtype.element_ty), mask=mask)
+            tl.store(h_rows + col1[None, :] * stride_hn, acc1.to(h_ptr.dtype.element_ty), mask=mask)
     if NUM_INPUTS == 2:
         out = ACTIVATION(acc0, acc1)
     else:
@@ -231,7 +272,10 @@ def grouped_gemm_tile(
 def grouped_gemm_kernel(
     # Pointers
     a_ptr,  # GATHER: x [T, KDIM]; else A [S, KDIM] in expert-sorted order; fp16/bf16/fp32
-    w_ptr,  # [E, N_ROWS, KDIM] out × in, any strides, dtype of a (W_TMA: a descriptor of it as [E·N_ROWS, KDIM])
+    w_ptr,  # [E, N_ROWS, KDIM] out × in, any strides, dtype of a (W_TMA: a descriptor of it as [E·N_ROWS, KDIM]);
+    #         SPLIT_W: [E, N, KDIM], the first half of the virtual [w; w3]; SPLIT_K: multiplies A's first KDIM columns
+    w3_ptr,  # SPLIT_W: [E, N, KDIM] the second half of [w; w3] (a descriptor with W_TMA); SPLIT_K: [E, N, KDIM]
+    #          multiplying A's columns [KDIM, 2·KDIM); any strides, dtype of a; else never read (the host passes w)
     bias_ptr,  # [E, N_ROWS] any float dtype, any strides; read only if HAS_BIAS
     c_ptr,  # [S, N] out, expert-sorted order; rows of dropped pairs (>= offsets[E]) are not written
     h_ptr,  # [S, N_ROWS] out, dtype of a: the pre-activation accumulators (bias included); written only if STORE_H
@@ -244,10 +288,11 @@ def grouped_gemm_kernel(
     # Strides
     stride_am, stride_ak,
     stride_we, stride_wn, stride_wk,
+    stride_w3e, stride_w3n, stride_w3k,
     stride_be, stride_bn,
     stride_cm, stride_cn,
     stride_hm, stride_hn,
-    # Epilogue: accumulator j of output column n reads weight (and bias) row OFF_j + STEP_j·n
+    # Epilogue: accumulator j of output column n reads weight (and bias) row OFF_j + STEP_j·n (of [w; w3])
     OFF0: tl.constexpr, STEP0: tl.constexpr,
     OFF1: tl.constexpr, STEP1: tl.constexpr,
     NUM_INPUTS: tl.constexpr,  # 1, or 2 for a GLU
@@ -260,6 +305,9 @@ def grouped_gemm_kernel(
     PERSISTENT: tl.constexpr,  # a fixed grid of programs walking the output tiles (see below)
     GROUP_M: tl.constexpr,  # persistent only: M-tiles of one expert that share each weight N-panel in time
     W_TMA: tl.constexpr,  # weight tiles by TMA (w_ptr is a descriptor; STEP0 = STEP1 = 1, see `weight_tma`)
+    # Gate and up as two tensors (`MoESpec.w3`), see the module docstring
+    SPLIT_W: tl.constexpr,  # the weights are [w; w3]: N_ROWS = 2·N, OFF_j ∈ {0, N}, STEP_j = 1
+    SPLIT_K: tl.constexpr,  # A is [S, 2·KDIM]: its first KDIM columns multiply w, the last KDIM w3 (NUM_INPUTS=1)
     # Meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,  # power of two >= E
@@ -281,21 +329,21 @@ def grouped_gemm_kernel(
             experts, counts, tiles, tiles_end = m_tile_table(counts_ptr, E, BLOCK_M, BLOCK_E)
             expert, tile_in_expert, pid_n = schedule_tile(tile, num_n, experts, tiles, tiles_end, GROUP_M)
             m_mask, sorted_row = m_tile_rows(expert, tile_in_expert, experts, counts, offsets_ptr, BLOCK_M)
-            grouped_gemm_tile(a_ptr, w_ptr, bias_ptr, c_ptr, h_ptr, sorted_pairs_ptr, pair_token_ptr, N, KDIM, TOP_K,
-                              stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
-                              stride_cm, stride_cn, stride_hm, stride_hn, expert, m_mask, sorted_row, pid_n,
-                              OFF0, STEP0, OFF1, STEP1, NUM_INPUTS, ACTIVATION, HAS_BIAS, GATHER, FLAT_PAIRS,
-                              STORE_H, W_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+            grouped_gemm_tile(a_ptr, w_ptr, w3_ptr, bias_ptr, c_ptr, h_ptr, sorted_pairs_ptr, pair_token_ptr, N, KDIM,
+                              TOP_K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_w3e, stride_w3n,
+                              stride_w3k, stride_be, stride_bn, stride_cm, stride_cn, stride_hm, stride_hn, expert,
+                              m_mask, sorted_row, pid_n, OFF0, STEP0, OFF1, STEP1, NUM_INPUTS, ACTIVATION, HAS_BIAS,
+                              GATHER, FLAT_PAIRS, STORE_H, W_TMA, SPLIT_W, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         pid_m = tl.program_id(0)
         num_tiles, expert, m_mask, sorted_row = locate_m_tile(pid_m, counts_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
         if pid_m >= num_tiles:
             return
-        grouped_gemm_tile(a_ptr, w_ptr, bias_ptr, c_ptr, h_ptr, sorted_pairs_ptr, pair_token_ptr, N, KDIM, TOP_K,
-                          stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
-                          stride_cm, stride_cn, stride_hm, stride_hn, expert, m_mask, sorted_row, tl.program_id(1),
-                          OFF0, STEP0, OFF1, STEP1, NUM_INPUTS, ACTIVATION, HAS_BIAS, GATHER, FLAT_PAIRS,
-                          STORE_H, W_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+        grouped_gemm_tile(a_ptr, w_ptr, w3_ptr, bias_ptr, c_ptr, h_ptr, sorted_pairs_ptr, pair_token_ptr, N, KDIM,
+                          TOP_K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_w3e, stride_w3n,
+                          stride_w3k, stride_be, stride_bn, stride_cm, stride_cn, stride_hm, stride_hn, expert, m_mask,
+                          sorted_row, tl.program_id(1), OFF0, STEP0, OFF1, STEP1, NUM_INPUTS, ACTIVATION, HAS_BIAS,
+                          GATHER, FLAT_PAIRS, STORE_H, W_TMA, SPLIT_W, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -374,16 +422,24 @@ def gemm_constexprs(
     store_h: bool = False,
     flat_pairs: bool = False,
     w_tma: bool = False,
+    split_w: bool = False,
+    split_k: bool = False,
 ) -> dict:
     """The constexpr arguments of one grouped-GEMM specialisation (shared by the launch and compile-only builds).
-    w_tma: `weight_tma`'s decision for this launch (w_ptr is then a TensorDescriptor)."""
+    w_tma: `weight_tma`'s decision for this launch (w_ptr, and w3_ptr with split_w, are then TensorDescriptors).
+    split_w / split_k: a second weight tensor w3, as the up-projection's second half / as dX's second K-half."""
     if not 1 <= len(slices) <= 2:
         raise ValueError(f"slices: expected 1 or 2 (offset, step) pairs, got {slices}")
+    if split_w and split_k:
+        raise ValueError("split_w and split_k: a launch splits its weights along N or along K, not both")
+    if split_k and (len(slices) != 1 or w_tma):
+        raise ValueError("split_k: one accumulator (slices ((0, 1),)) and pointer loads (no TMA)")
     (off0, step0), (off1, step1) = slices[0], slices[-1]
     return dict(
         OFF0=off0, STEP0=step0, OFF1=off1, STEP1=step1,
         NUM_INPUTS=len(slices), ACTIVATION=activation, HAS_BIAS=has_bias, GATHER=gather, FLAT_PAIRS=flat_pairs,
-        STORE_H=store_h, PERSISTENT=config.persistent, GROUP_M=config.group_m, W_TMA=w_tma,
+        STORE_H=store_h, PERSISTENT=config.persistent, GROUP_M=config.group_m, W_TMA=w_tma, SPLIT_W=split_w,
+        SPLIT_K=split_k,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts),
     )
@@ -465,6 +521,8 @@ def grouped_gemm(
     gather: bool = False,
     h: torch.Tensor | None = None,
     config: GemmConfig | None = None,
+    w3: torch.Tensor | None = None,
+    split_k: bool = False,
 ) -> torch.Tensor:
     """C [S, out_cols] (dtype of a) in expert-sorted order: C[r] = activation(A[r] · W[e]ᵀ[rows of slices] + b).
 
@@ -473,13 +531,34 @@ def grouped_gemm(
     w: [E, N_ROWS, KDIM], any strides. bias: [E, N_ROWS] or None. Rows of dropped pairs are left unwritten.
     h: None, or an [S, N_ROWS] output (dtype of a) that receives the pre-activations A[r] · W[e]ᵀ + b at the
     columns of the weight rows the slices read (the others, and rows of dropped pairs, are left unwritten).
+    w3: a second weight tensor, never concatenated with w. Without split_k, W is the virtual [w; w3] along the
+    rows: w and w3 are [E, out_cols, KDIM] (N_ROWS = 2·out_cols) and the slices ((0, 1), (out_cols, 1)) or
+    swapped (gate and up as w1, w3). With split_k, along K: a is [S, 2·KDIM] and C[r] = A[r, :KDIM] · w[e]ᵀ +
+    A[r, KDIM:] · w3[e]ᵀ (the backward's dX), w and w3 [E, out_cols, KDIM], one slice ((0, 1),).
     """
     # ---- Check ----
     E, K = plan.num_experts, plan.top_k
     S = plan.num_pairs
     if a.dim() != 2:
         raise ValueError(f"a: expected a 2-D tensor, got shape {tuple(a.shape)}")
-    kdim = a.shape[1]
+    if split_k and w3 is None:
+        raise ValueError("split_k: pass w3, the weights of A's second K-half")
+    if split_k and a.shape[1] % 2:
+        raise ValueError(f"a: split_k needs an even column count (two K-halves), got shape {tuple(a.shape)}")
+    kdim = a.shape[1] // 2 if split_k else a.shape[1]
+    if w3 is not None:
+        if w3.shape != w.shape or w3.dtype != w.dtype or w3.device != w.device:
+            raise ValueError(f"w3: expected the shape, dtype and device of w {tuple(w.shape)} {w.dtype} {w.device}, "
+                             f"got {tuple(w3.shape)} {w3.dtype} {w3.device}")
+        if w.dim() != 3 or w.shape[1] != out_cols:
+            raise ValueError(f"w, w3: expected [{E}, out_cols={out_cols}, KDIM] each, got {tuple(w.shape)}")
+        if split_k and tuple(slices) != ((0, 1),):
+            raise ValueError(f"split_k: one accumulator (slices ((0, 1),)), got {slices}")
+        if not split_k and tuple(slices) not in (((0, 1), (out_cols, 1)), ((out_cols, 1), (0, 1))):
+            raise ValueError(f"w3: the slices must read one tensor each, ((0, 1), ({out_cols}, 1)) or swapped; "
+                             f"got {slices}")
+    split_w = w3 is not None and not split_k
+    n_rows = 2 * out_cols if split_w else w.shape[1]  # rows of the (virtual, with split_w) weights
     if gather and plan.flat_pairs and a.shape[0] != plan.num_tokens:
         raise ValueError(f"a: expected [T, KDIM] with T = {plan.num_tokens} (token_offsets has T + 1 entries), "
                          f"got shape {tuple(a.shape)}")
@@ -492,12 +571,12 @@ def grouped_gemm(
     if w.dtype != a.dtype:
         raise ValueError(f"w: expected dtype {a.dtype} (that of a), got {w.dtype}")
     last_row = max(off + step * (out_cols - 1) for off, step in slices)
-    if last_row >= w.shape[1]:
-        raise ValueError(f"slices {slices} read weight row {last_row} but w has {w.shape[1]} rows: {tuple(w.shape)}")
-    if bias is not None and tuple(bias.shape) != (E, w.shape[1]):
-        raise ValueError(f"bias: expected shape ({E}, {w.shape[1]}), got {tuple(bias.shape)}")
-    if h is not None and (tuple(h.shape) != (S, w.shape[1]) or h.dtype != a.dtype):
-        raise ValueError(f"h: expected shape ({S}, {w.shape[1]}) and dtype {a.dtype}, got {tuple(h.shape)} {h.dtype}")
+    if last_row >= n_rows:
+        raise ValueError(f"slices {slices} read weight row {last_row} but w has {n_rows} rows: {tuple(w.shape)}")
+    if bias is not None and tuple(bias.shape) != (E, n_rows):
+        raise ValueError(f"bias: expected shape ({E}, {n_rows}), got {tuple(bias.shape)}")
+    if h is not None and (tuple(h.shape) != (S, n_rows) or h.dtype != a.dtype):
+        raise ValueError(f"h: expected shape ({S}, {n_rows}) and dtype {a.dtype}, got {tuple(h.shape)} {h.dtype}")
     config = config or GemmConfig.default(a.dtype)
 
     # ---- Allocate ----
@@ -506,14 +585,24 @@ def grouped_gemm(
         return c
 
     # ---- Launch ----
-    use_tma = (weight_tma(config, slices, tuple(w.shape), w.stride(), w.element_size(), device_capability(w.device))
-               and w.data_ptr() % 16 == 0)
+    # With split_w each tensor is one slice's rows (read from row 0, step 1); TMA only if both allow it, since
+    # the kernel has one W_TMA switch. split_k keeps pointer loads (dX's w1ᵀ has no unit inner stride anyway).
+    tensors = (w,) if w3 is None else (w, w3)
+    tma_slices = ((0, 1),) if split_w else slices
+    use_tma = not split_k and all(
+        weight_tma(config, tma_slices, tuple(t.shape), t.stride(), t.element_size(), device_capability(t.device))
+        and t.data_ptr() % 16 == 0 for t in tensors)
     meta = gemm_constexprs(slices=slices, activation=activation, has_bias=bias is not None, gather=gather,
                            num_experts=E, config=config, store_h=h is not None, flat_pairs=plan.flat_pairs,
-                           w_tma=use_tma)
-    # w's [E·N_ROWS, KDIM] view (`weight_tma` checked that it exists), one [BLOCK_N, BLOCK_K] box per load
-    w_arg = TensorDescriptor(w, [E * w.shape[1], kdim], [w.stride(1), 1], [config.block_n, config.block_k]) \
-        if use_tma else w
+                           w_tma=use_tma, split_w=split_w, split_k=split_k)
+
+    def descriptor(t):  # t's [E·rows, KDIM] view (`weight_tma` checked it exists), a [BLOCK_N, BLOCK_K] box a load
+        return TensorDescriptor(t, [E * t.shape[1], kdim], [t.stride(1), 1], [config.block_n, config.block_k])
+
+    w_arg = descriptor(w) if use_tma else w
+    # Never read without a split (the kernel then passes w to both accumulators): w stands in
+    w3_arg = (descriptor(w3) if use_tma else w3) if w3 is not None else w_arg
+    w3_strides = w3.stride() if w3 is not None else w.stride()
     # Never read: HAS_BIAS=False / STORE_H=False compile the loads and stores away
     bias_arg = bias if bias is not None else c
     bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
@@ -528,10 +617,11 @@ def grouped_gemm(
     else:
         grid = (max_tiles, n_tiles)
     grouped_gemm_kernel[grid](
-        a, w_arg, bias_arg, c, h_arg, plan.counts, plan.offsets, plan.sorted_pairs, pair_token,
+        a, w_arg, w3_arg, bias_arg, c, h_arg, plan.counts, plan.offsets, plan.sorted_pairs, pair_token,
         out_cols, kdim, E, K,
         a.stride(0), a.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
+        *w3_strides,
         *bias_strides,
         c.stride(0), c.stride(1),
         *h_strides,

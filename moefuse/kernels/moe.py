@@ -1,7 +1,8 @@
 """The forward of one MoE layer on Triton kernels: routing plan → up GEMM → down GEMM → combine.
 
   plan = routing_plan(topk_ids, E)                               counts, offsets, sorted_pairs, pair_pos
-  A    = act(gather(x) · w1[e]ᵀ + b1[e])      [S, I]  dtype of x  (gather inside the load, GLU in the epilogue)
+  A    = act(gather(x) · w1[e]ᵀ + b1[e])      [S, I]  dtype of x  (gather inside the load, GLU in the epilogue;
+                                                                  with `MoESpec.w3`, w1[e] is the virtual [w1; w3][e])
   Y    = A · w2[e]ᵀ + b2[e]                   [S, H]  dtype of x  (expert-sorted order)
   y    = Σ_k topk_w[t, k] · Y[pair_pos[t·K + k]]  [T, H]  spec.out_dtype, summed in fp32
 
@@ -64,6 +65,7 @@ def moe_forward(
     activation: KernelInterface,
     config: GemmConfig | None = None,
     save_h: bool = False,
+    w3: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y [T, H] in spec.out_dtype for the layouts of `moefuse.spec` (any strides).
 
@@ -72,12 +74,14 @@ def moe_forward(
     save_h: return (y, h) instead, h [T·K, N1] in x's dtype: row r is sorted position r of the routing plan
     (pair plan.sorted_pairs[r]), column c the pre-activation up-projection row c, b1 included. Rows of dropped
     pairs, and columns no activation slice reads, are unspecified.
+    w3: the up weights [E, I, H] of a spec with `MoESpec.w3` (w1 [E, I, H] is the gate's); the up GEMM reads
+    the two tensors where they lie (SPLIT_W) and h keeps the layout of the virtual [w1; w3].
     """
-    check_layer_inputs(spec, x, topk_ids, topk_w, w1, w2, b1, b2)
+    check_layer_inputs(spec, x, topk_ids, topk_w, w1, w2, b1, b2, w3)
     check_triton_device(x)
     check_activation(activation)
     plan = routing_plan(topk_ids, spec.num_experts) if x.shape[0] else None
-    return _forward_on_plan(spec, x, plan, topk_w, w1, w2, b1, b2, activation, config, save_h,
+    return _forward_on_plan(spec, x, plan, topk_w, w1, w2, b1, b2, activation, config, save_h, w3,
                             num_pairs=x.shape[0] * spec.top_k)
 
 
@@ -96,6 +100,7 @@ def moe_pairs_forward(
     activation: KernelInterface,
     config: GemmConfig | None = None,
     save_h: bool = False,
+    w3: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`moe_forward` on flat pairs (the contract of `moefuse.runtime.pairs`): y [T, H], y[t] = Σ over pairs p
     of t (token_offsets[t] .. token_offsets[t+1]) of pair_weight[p] · expert pair_expert[p] applied to x[t].
@@ -104,11 +109,11 @@ def moe_pairs_forward(
     (−1: unused) contribute nothing. save_h: h is [S_max, N1], rows in the plan's sorted order as in
     `moe_forward`. No host sync: S_max, not the used count, sizes every buffer and grid.
     """
-    check_pairs_inputs(spec, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2)
+    check_pairs_inputs(spec, x, pair_token, pair_expert, pair_weight, token_offsets, w1, w2, b1, b2, w3)
     check_triton_device(x)
     check_activation(activation)
     plan = flat_pairs_plan(pair_token, pair_expert, token_offsets, spec.num_experts) if x.shape[0] else None
-    return _forward_on_plan(spec, x, plan, pair_weight.unsqueeze(1), w1, w2, b1, b2, activation, config, save_h,
+    return _forward_on_plan(spec, x, plan, pair_weight.unsqueeze(1), w1, w2, b1, b2, activation, config, save_h, w3,
                             num_pairs=pair_expert.shape[0])
 
 
@@ -117,7 +122,8 @@ def check_activation(activation) -> None:
         raise ValueError(f"activation: expected a @triton.jit function, got {type(activation).__name__}")
 
 
-def _forward_on_plan(spec: MoESpec, x, plan, weights, w1, w2, b1, b2, activation, config, save_h, *, num_pairs):
+def _forward_on_plan(spec: MoESpec, x, plan, weights, w1, w2, b1, b2, activation, config, save_h, w3, *,
+                     num_pairs):
     """The launches of both forms; weights [T, K] or [S, 1] as the plan's combine reads them; plan is None
     when T = 0 (nothing to launch)."""
     H, I, N1 = spec.hidden, spec.intermediate, spec.up_rows  # noqa: E741
@@ -129,7 +135,7 @@ def _forward_on_plan(spec: MoESpec, x, plan, weights, w1, w2, b1, b2, activation
         y = torch.empty(0, H, dtype=out_dtype, device=x.device)
         return (y, h) if save_h else y
     a = grouped_gemm(x, w1, plan, out_cols=I, slices=spec.activation.slices, activation=activation, bias=b1,
-                     gather=True, h=h, config=config)
+                     gather=True, h=h, config=config, w3=w3)
     y_sorted = grouped_gemm(a, w2, plan, out_cols=H, bias=b2, config=config)
     y = combine(y_sorted, weights, plan, out_dtype=out_dtype)
     return (y, h) if save_h else y
@@ -142,8 +148,8 @@ def _forward_on_plan(spec: MoESpec, x, plan, weights, w1, w2, b1, b2, activation
 
 # Sizes and outer strides that are multiples of 16 whenever H, I and N1 are (every real model); not the ones
 # that scale with TOP_K or E.
-FORWARD_ALIGNED_INTS = frozenset({"N", "KDIM", "H", "stride_am", "stride_we", "stride_wn", "stride_be",
-                                  "stride_cm", "stride_hm", "stride_ym", "stride_ot"})
+FORWARD_ALIGNED_INTS = frozenset({"N", "KDIM", "H", "stride_am", "stride_we", "stride_wn", "stride_w3e", "stride_w3n",
+                                  "stride_w3k", "stride_be", "stride_cm", "stride_hm", "stride_ym", "stride_ot"})
 
 
 @dataclass(frozen=True)
@@ -182,10 +188,11 @@ class KernelSource:
 
 def gemm_signature(ptr: str) -> dict[str, str]:
     """The runtime arguments of `grouped_gemm_kernel` with operands of pointer type `ptr` ("*fp16" …)."""
-    return {"a_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "c_ptr": ptr, "h_ptr": ptr, "counts_ptr": "*i32",
-            "offsets_ptr": "*i32", "sorted_pairs_ptr": "*i32", "pair_token_ptr": "*i32", "N": "i32", "KDIM": "i32",
-            "E": "i32", "TOP_K": "i32", "stride_am": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_be": "i32",
-            "stride_cm": "i32", "stride_hm": "i32"}
+    return {"a_ptr": ptr, "w_ptr": ptr, "w3_ptr": ptr, "bias_ptr": ptr, "c_ptr": ptr, "h_ptr": ptr,
+            "counts_ptr": "*i32", "offsets_ptr": "*i32", "sorted_pairs_ptr": "*i32", "pair_token_ptr": "*i32",
+            "N": "i32", "KDIM": "i32", "E": "i32", "TOP_K": "i32", "stride_am": "i32", "stride_we": "i32",
+            "stride_wn": "i32", "stride_w3e": "i32", "stride_w3n": "i32", "stride_be": "i32", "stride_cm": "i32",
+            "stride_hm": "i32"}
 
 
 def with_constexprs(runtime_args: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
@@ -237,20 +244,26 @@ def kernel_sources(
         hist_consts, warps, 1))
 
     # ---- Grouped GEMMs: up (gather + activation), down (identity) ----
-    unit_strides = {"stride_ak": 1, "stride_wk": 1, "stride_bn": 1, "stride_cn": 1, "stride_hn": 1}
+    # With spec.w3 the up GEMM reads w1 and w3, each [E, I, H] (SPLIT_W); w3_ptr is dead code otherwise.
+    unit_strides = {"stride_ak": 1, "stride_wk": 1, "stride_w3k": 1, "stride_bn": 1, "stride_cn": 1, "stride_hn": 1}
+    up_rows = spec.intermediate if spec.w3 else spec.up_rows  # rows of the tensor w1 (and w3)
     for name, w_shape, kwargs in (
-        ("up_gemm", (E, spec.up_rows, spec.hidden),
+        ("up_gemm", (E, up_rows, spec.hidden),
          dict(slices=spec.activation.slices, activation=activation, has_bias=spec.w1_bias, gather=True,
-              store_h=save_h, flat_pairs=flat_pairs)),
+              store_h=save_h, flat_pairs=flat_pairs, split_w=spec.w3)),
         ("down_gemm", (E, spec.hidden, spec.intermediate),
          dict(slices=((0, 1),), activation=identity, has_bias=spec.w2_bias, gather=False, flat_pairs=flat_pairs)),
     ):
         w_strides = (w_shape[1] * w_shape[2], w_shape[2], 1)  # contiguous
-        w_tma = weight_tma(config, kwargs["slices"], w_shape, w_strides, dtype.itemsize, capability)
+        # as the launch decides: a split tensor is read from row 0, step 1
+        tma_slices = ((0, 1),) if kwargs.get("split_w") else kwargs["slices"]
+        w_tma = weight_tma(config, tma_slices, w_shape, w_strides, dtype.itemsize, capability)
         consts = {**unit_strides, **gemm_constexprs(**kwargs, num_experts=E, config=config, w_tma=w_tma)}
         signature = gemm_signature(ptr)
         if w_tma:  # how Triton types a TensorDescriptor argument
             signature["w_ptr"] = f"tensordesc<{ptr[1:]}[{config.block_n}, {config.block_k}]>"
+            if kwargs.get("split_w"):
+                signature["w3_ptr"] = signature["w_ptr"]
         sources.append(KernelSource(name, grouped_gemm_kernel, with_constexprs(signature, consts), consts,
                                     config.num_warps, config.num_stages))
 

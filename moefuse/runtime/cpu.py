@@ -16,6 +16,11 @@ never exist. Per expert, on its sorted rows with s = topk_w of each row's pair:
   dW2_e = gather(dy)ᵀ·(s·A)          dW1_e = dHᵀ·gather(x)            db2_e = Σ s·dy_t,  db1_e = Σ dH
   dx = Σ_k dH·W1_e over each token's pairs (unweighted: the weight is already in dH).
 
+Gate and up as two tensors (`MoESpec.w3`): the up-projection is the virtual [w1; w3], computed as two grouped
+GEMMs into the two column halves of H (the weights are never concatenated), so H, the activation and every
+formula above keep their layout; the backward splits dH the same way: dW1_e = dH[:, :I]ᵀ·x, dW3_e =
+dH[:, I:]ᵀ·x, dx = Σ_k dH[:, :I]·W1_e + dH[:, I:]·W3_e.
+
 Flat pairs (`moefuse::moe_pairs`, a variable number of experts per token: `moe_pairs_forward_cpu`,
 `moe_pairs_backward_cpu`) run the same plan with the token of pair p read from pair_token instead of p // K;
 each token's rows are then summed with index_add (pairs in order) instead of the [T, K] batched matmul.
@@ -128,14 +133,16 @@ def moe_forward_cpu(
     *,
     save_h: bool = False,
     out_dtype: torch.dtype | None = None,
+    w3: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y[T, H] for the layer `spec`; see `moefuse.spec` for the layouts. Works on any device.
 
     save_h: return (y, h) instead, h [T·K, N1] in x's dtype, in expert-sorted order (see `sort_pairs`),
       column c = up-projection row c before the activation (b1 included); rows of dropped pairs are zero.
     out_dtype: dtype of y (default: spec.out_dtype); float64 for gradcheck.
+    w3: the up weights [E, I, H] when the spec holds gate and up apart (`MoESpec.w3`); w1 is then the gate's.
     """
-    return _forward(spec, x, _Pairs.from_top_k(topk_ids, topk_weights), w1, w2, b1, b2, save_h, out_dtype)
+    return _forward(spec, x, _Pairs.from_top_k(topk_ids, topk_weights), w1, w2, b1, b2, save_h, out_dtype, w3)
 
 
 def moe_pairs_forward_cpu(
@@ -152,13 +159,14 @@ def moe_pairs_forward_cpu(
     *,
     save_h: bool = False,
     out_dtype: torch.dtype | None = None,
+    w3: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`moe_forward_cpu` on flat pairs (`moefuse.runtime.pairs`): y[T, H], y[t] = Σ over t's pairs p of
     pair_weight[p] · expert pair_expert[p] applied to x[t]; h is [S_max, N1]. Unused slots (expert outside
     [0, E)) contribute nothing whatever their token. token_offsets is not read: pair_token says the same."""
     del token_offsets
     return _forward(spec, x, _Pairs.from_flat(pair_token, pair_expert, pair_weight, x.shape[0], spec.num_experts),
-                    w1, w2, b1, b2, save_h, out_dtype)
+                    w1, w2, b1, b2, save_h, out_dtype, w3)
 
 
 class _Pairs(NamedTuple):
@@ -186,7 +194,7 @@ class _Pairs(NamedTuple):
         return cls(pair_expert, pair_weight, token, num_tokens, None)
 
 
-def _forward(spec: MoESpec, x, pairs: _Pairs, w1, w2, b1, b2, save_h: bool, out_dtype):
+def _forward(spec: MoESpec, x, pairs: _Pairs, w1, w2, b1, b2, save_h: bool, out_dtype, w3=None):
     T, S = pairs.num_tokens, pairs.expert.numel()
     out_dtype = out_dtype or getattr(torch, spec.out_dtype)
     math = _math_dtype(x.dtype)
@@ -198,7 +206,13 @@ def _forward(spec: MoESpec, x, pairs: _Pairs, w1, w2, b1, b2, save_h: bool, out_
     order, counts = sort_pairs(pairs.expert, spec.num_experts)
     kept = sum(counts)  # rows of pairs that belong to an expert; the rest (dropped ids) stay zero
     xs = x.index_select(0, pairs.token[order])
-    up = _grouped_linear(xs, w1, b1, counts)
+    if w3 is None:
+        up = _grouped_linear(xs, w1, b1, counts)
+    else:  # the virtual [w1; w3]: two GEMMs into the column halves of H, the weights are never concatenated
+        I = spec.intermediate  # noqa: E741
+        up = xs.new_empty((S, 2 * I))
+        up[:, :I] = _grouped_linear(xs, w1, None, counts)
+        up[:, I:] = _grouped_linear(xs, w3, None, counts)
     if h is not None:
         h[:kept] = up[:kept]
     # One activation over every row at once: it is elementwise, so this is what per-expert calls would give.
@@ -239,16 +253,18 @@ def moe_backward_cpu(
     b1: torch.Tensor | None,
     b2: torch.Tensor | None,
     h: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dtopk_weights, dw1, dw2, db1, db2) of y = moe_forward_cpu(spec, x, …) given dy [T, H] and the
-    forward's h (see the module docstring for the formulas).
+    w3: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+           torch.Tensor | None]:
+    """(dx, dtopk_weights, dw1, dw2, db1, db2, dw3) of y = moe_forward_cpu(spec, x, …, w3=w3) given dy [T, H]
+    and the forward's h (see the module docstring for the formulas).
 
     Each gradient has the dtype of its input and is contiguous in the logical layout of `moefuse.spec`
-    ([E, N1, H] and [E, H, I] for the weights, whatever strides w1/w2 have); db1/db2 are None without
-    biases. Dropped pairs (ids outside [0, E)) contribute nothing and get a zero weight gradient.
-    Deterministic: fixed summation orders, no atomics.
+    ([E, N1, H] and [E, H, I] for the weights, whatever strides w1/w2 have; [E, I, H] for w1 and w3 with
+    `MoESpec.w3`); db1/db2 are None without biases, dw3 None without w3. Dropped pairs (ids outside [0, E))
+    contribute nothing and get a zero weight gradient. Deterministic: fixed summation orders, no atomics.
     """
-    grads = _backward(spec, dy, x, _Pairs.from_top_k(topk_ids, topk_weights), w1, w2, b1, b2, h)
+    grads = _backward(spec, dy, x, _Pairs.from_top_k(topk_ids, topk_weights), w1, w2, b1, b2, h, w3)
     return (grads[0], grads[1].view(topk_ids.shape), *grads[2:])
 
 
@@ -265,15 +281,17 @@ def moe_pairs_backward_cpu(
     b1: torch.Tensor | None,
     b2: torch.Tensor | None,
     h: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """`moe_backward_cpu` on flat pairs: (dx, dpair_weight [S_max], dw1, dw2, db1, db2) given dy and the h
+    w3: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+           torch.Tensor | None]:
+    """`moe_backward_cpu` on flat pairs: (dx, dpair_weight [S_max], dw1, dw2, db1, db2, dw3) given dy and the h
     [S_max, N1] of `moe_pairs_forward_cpu`; unused slots get a zero weight gradient."""
     del token_offsets
     pairs = _Pairs.from_flat(pair_token, pair_expert, pair_weight, x.shape[0], spec.num_experts)
-    return _backward(spec, dy, x, pairs, w1, w2, b1, b2, h)
+    return _backward(spec, dy, x, pairs, w1, w2, b1, b2, h, w3)
 
 
-def _backward(spec: MoESpec, dy, x, pairs: _Pairs, w1, w2, b1, b2, h):
+def _backward(spec: MoESpec, dy, x, pairs: _Pairs, w1, w2, b1, b2, h, w3=None):
     """The gradients of `_forward`, the weights' as [S] in pair order."""
     T, S = pairs.num_tokens, pairs.expert.numel()
     E, H, N1 = spec.num_experts, spec.hidden, spec.up_rows
@@ -291,7 +309,10 @@ def _backward(spec: MoESpec, dy, x, pairs: _Pairs, w1, w2, b1, b2, h):
     # gather-sum.
     dx_pairs = torch.zeros((S, H), dtype=math, device=x.device)
     ds_pairs = torch.zeros(S, dtype=math, device=x.device)
-    dw1 = torch.zeros((E, N1, H), dtype=math, device=x.device)
+    # With w3 the up-projection's gradient is two tensors, one per half of dH's columns (see the docstring).
+    I = spec.intermediate  # noqa: E741
+    dw1 = torch.zeros((E, N1 if w3 is None else I, H), dtype=math, device=x.device)
+    dw3 = torch.zeros((E, I, H), dtype=math, device=x.device) if w3 is not None else None
     dw2 = torch.zeros((E, H, spec.intermediate), dtype=math, device=x.device)
     db1 = torch.zeros((E, N1), dtype=math, device=x.device) if b1 is not None else None
     db2 = torch.zeros((E, H), dtype=math, device=x.device) if b2 is not None else None
@@ -322,12 +343,18 @@ def _backward(spec: MoESpec, dy, x, pairs: _Pairs, w1, w2, b1, b2, h):
 
         # ---- Weight and input gradients ----
         dw2[e] = dy_e.transpose(0, 1) @ (a * s)
-        dw1[e] = dh.transpose(0, 1) @ x[tokens].to(math)
+        x_e = x[tokens].to(math)
+        if w3 is None:
+            dw1[e] = dh.transpose(0, 1) @ x_e
+            dx_pairs[rows] = dh @ w1[e].to(math)
+        else:
+            dw1[e] = dh[:, :I].transpose(0, 1) @ x_e
+            dw3[e] = dh[:, I:].transpose(0, 1) @ x_e
+            dx_pairs[rows] = dh[:, :I] @ w1[e].to(math) + dh[:, I:] @ w3[e].to(math)
         if db1 is not None:
             db1[e] = dh.sum(dim=0)
         if db2 is not None:
             db2[e] = (dy_e * s).sum(dim=0)
-        dx_pairs[rows] = dh @ w1[e].to(math)
 
     dx = _sum_by_token(dx_pairs, None, pairs)
     return (
@@ -337,4 +364,5 @@ def _backward(spec: MoESpec, dy, x, pairs: _Pairs, w1, w2, b1, b2, h):
         dw2.to(w2.dtype),
         db1.to(b1.dtype) if db1 is not None else None,
         db2.to(b2.dtype) if db2 is not None else None,
+        dw3.to(w3.dtype) if dw3 is not None else None,
     )

@@ -6,7 +6,9 @@ AOTAutograd and Inductor treat as opaque, with a fake implementation for tracing
 arguments `shared_w1, shared_w2, shared_gate, shared_w3` carry the layer's shared expert when the spec has
 one (`MoESpec.shared`): y then also holds its output, computed by `runtime.shared` — on CUDA on a side
 stream while the routed experts run, on the CPU after them. `shared_x` [T, H]: the tokens the shared expert
-reads when they are not x (Llama4 scales x by the routing weight for the routed experts only).
+reads when they are not x (Llama4 scales x by the routing weight for the routed experts only). The last
+argument `w3` [E, I, H] is the routed experts' up weights when the spec holds gate and up as two tensors
+(`MoESpec.w3`; w1 [E, I, H] is then the gate's), else None.
 
 Dispatch, decided per call:
   - CUDA tensors → the Triton kernels, generated for the spec and cached;
@@ -57,21 +59,24 @@ def moe(
     shared_gate: torch.Tensor | None = None,
     shared_w3: torch.Tensor | None = None,
     shared_x: torch.Tensor | None = None,
+    w3: torch.Tensor | None = None,
 ) -> torch.Tensor:
     s = spec_from_key(spec)
     routed = s.routed()  # the kernels, their caches and tuning see the routed experts only
-    check_layer_inputs(routed, x, topk_ids, topk_weights, w1, w2, b1, b2)
+    check_layer_inputs(routed, x, topk_ids, topk_weights, w1, w2, b1, b2, w3)
     shared = shared_call(s, x, shared_w1, shared_w2, shared_gate, shared_w3, shared_x)
     if _use_triton(x):
         from moefuse.runtime.triton_path import moe_forward_triton
 
         counters["triton"] += 1
-        y, sy = overlapped(x, shared, lambda: moe_forward_triton(routed, x, topk_ids, topk_weights, w1, w2, b1, b2))
+        y, sy = overlapped(x, shared, lambda: moe_forward_triton(routed, x, topk_ids, topk_weights, w1, w2, b1, b2,
+                                                                      w3=w3))
     else:
         from moefuse.runtime.cpu import moe_forward_cpu
 
         counters["cpu"] += 1
-        y, sy = overlapped(x, shared, lambda: moe_forward_cpu(routed, x, topk_ids, topk_weights, w1, w2, b1, b2))
+        y, sy = overlapped(x, shared, lambda: moe_forward_cpu(routed, x, topk_ids, topk_weights, w1, w2, b1, b2,
+                                                                   w3=w3))
     return y if sy is None else y.add_(sy)
 
 
@@ -94,14 +99,16 @@ def shared_call(s: MoESpec, x, shared_w1, shared_w2, shared_gate, shared_w3, sha
 
 @moe.register_fake
 def _moe_fake(x, topk_ids, topk_weights, w1, w2, b1, b2, spec, shared_w1=None, shared_w2=None, shared_gate=None,
-              shared_w3=None, shared_x=None):
+              shared_w3=None, shared_x=None, w3=None):
     s = spec_from_key(spec)
     return x.new_empty((x.shape[0], s.hidden), dtype=getattr(torch, s.out_dtype))
 
 
-def moe_call(spec: MoESpec, x, topk_ids, topk_weights, w1, w2, b1=None, b2=None) -> torch.Tensor:
-    """Eager convenience: run the op for a spec object."""
-    return torch.ops.moefuse.moe(x, topk_ids, topk_weights, w1, w2, b1, b2, spec.to_key())
+def moe_call(spec: MoESpec, x, topk_ids, topk_weights, w1, w2, b1=None, b2=None, w3=None) -> torch.Tensor:
+    """Eager convenience: run the op for a spec object (w3: the up weights of a spec with `MoESpec.w3`)."""
+    if w3 is None:
+        return torch.ops.moefuse.moe(x, topk_ids, topk_weights, w1, w2, b1, b2, spec.to_key())
+    return torch.ops.moefuse.moe(x, topk_ids, topk_weights, w1, w2, b1, b2, spec.to_key(), w3=w3)
 
 
 def kernels_for(spec: MoESpec, device: torch.device) -> list[str]:
@@ -114,8 +121,9 @@ def kernels_for(spec: MoESpec, device: torch.device) -> list[str]:
     path = load_activation(spec.activation.expr, spec.activation.num_inputs).fn.__code__.co_filename
     return [
         "triton routing metadata: per-block histogram → scan → stable scatter (no host sync)",
-        f"triton grouped GEMM (up): x rows gathered in the load, epilogue act = {spec.activation.expr} "
-        f"generated at {path}",
+        f"triton grouped GEMM (up): x rows gathered in the load, "
+        + ("gate w1 and up w3 read by two weight pointers, " if spec.w3 else "")
+        + f"epilogue act = {spec.activation.expr} generated at {path}",
         "triton grouped GEMM (down): varlen-M over the expert-sorted rows",
         "triton combine: one program per token, fp32, no atomics",
     ]
