@@ -94,9 +94,10 @@ def _bf16_pair(cls, **kw):
     """(bf16 model, fp32 reference with the same weights): the reference computes everything in fp32."""
     torch.manual_seed(0)
     ref = cls(**kw)
+    model = copy.deepcopy(ref).to(torch.bfloat16)
     if isinstance(ref, forms.TitanMoE):
         ref.expert_dtype = torch.float32  # its experts otherwise run in bf16 whatever the parameters' dtype
-    return copy.deepcopy(ref).to(torch.bfloat16), ref
+    return model, ref
 
 
 BF16_FORMS = [

@@ -55,7 +55,7 @@ def rewrite(gm: fx.GraphModule, region: Region, rounding: str = "off", tile_m: i
             # tile_m: so the op's GEMM tiles divide the rounded counts; the flat-pairs op has no shared expert
             rounded = dataclasses.replace(spec.routed(), tile_m=tile_m)
             op_node = new = graph.call_function(_pairs.fused_moe_pairs,
-                                                (rounded.to_key(), x, pairs, w1, w2, region.b1, region.b2))
+                                                (rounded.to_key(), x, pairs, w1, w2, region.b1, region.b2), w3_kwargs)
             if sh is not None:  # so the shared expert's dense MLP is traced through, then added
                 s_x = region.x if region.weight_on_input else x
                 s_out = graph.call_function(_shared.shared_forward_for,
