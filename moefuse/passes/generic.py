@@ -92,13 +92,16 @@ def _forward(node: fx.Node) -> fx.Node:
 
 
 def _descendants(nodes) -> set[fx.Node]:
+    """Every value computed from `nodes`, including through in-place updates (`mask.scatter_(1, ids, 1)` makes
+    every later reader of `mask` depend on ids)."""
     seen, stack = set(), list(nodes)
     while stack:
         n = stack.pop()
         for u in n.users:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
+            for v in (u, u.args[0]) if fu.is_mutation(u) and isinstance(u.args[0], fx.Node) else (u,):
+                if v not in seen:
+                    seen.add(v)
+                    stack.append(v)
     return seen
 
 
@@ -169,16 +172,21 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
     ids, k = _routing(down, e)
     t = (fu.numel(ids) or 0) // k
     from_ids = _descendants([ids])
-    reads = fu.ancestors([u.operand for u in ups]) | {u.operand for u in ups}
+    # what the up products read through float values: the tokens' path, not the routing's (indices are int)
+    reads, stack = set(), [u.operand for u in ups]
+    while stack:
+        n = stack.pop()
+        if n not in reads:
+            reads.add(n)
+            stack.extend(a for a in n.all_input_nodes if fu.is_float(a))
     x = _latest((n for n in reads if fu.is_float(n) and n not in from_ids and (fu.shape(n) or (0,))[-1] == h
                  and fu.numel(n) == t * h and n.op != "get_attr"), order)
     if x is None:
         raise Reject(Reason.NO_TOKENS, ups[0].node, f"no [T={t}, H={h}] token matrix feeds the up projections")
     # ---- output and routing weights ----
     expert_path = _descendants([u.node for u in ups])
-    after_sort = _descendants(n for n in graph.nodes if fu.op_name(n) in _SORT)
-    # `ones_like(weights)` and the like carry a shape, not routing weights
-    shape_only = (lambda s: s | _descendants(s))({n for n in graph.nodes if fu.op_name(n) in d._SHAPE_ONLY})
+    after_sort = _descendants(n for n in from_ids if fu.op_name(n) in _SORT)  # this layer's sort
+    scores = _scores_of(ids)
     pure = _elementwise_image(down.node)
     # The layer's output is the first value after the experts that the routing weights reach (K = 1 can give
     # expert-ordered rows the output's shape: those are skipped). Later values are never tried: one that
@@ -190,7 +198,7 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
         anc = fu.ancestors([out])
         d._capacity(sorted(anc & from_ids, key=order.__getitem__))  # before the weights: a capacity's masks use them
         weights = _latest((n for n in anc if fu.is_float(n) and fu.numel(n) == t * k and n not in expert_path
-                           and n not in after_sort and n not in shape_only and n not in reads - from_ids), order)
+                           and n not in after_sort and n not in reads - from_ids and _carries(n, scores)), order)
         if weights is None:
             first_reject = first_reject or Reject(Reason.NO_ROUTING_WEIGHTS, out, f"no [T={t}, K={k}] routing weights "
                                                                                   "reach the combine")
@@ -200,6 +208,46 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
                                                           f"{k}: the fused op applies them to the expert output")
         return _region(d, ups, down, x, ids, weights, out, activation, e, k, h, i, n1)
     raise first_reject or Reject(Reason.NO_COMBINE, down.node, f"no [T={t}, H={h}] output after the experts")
+
+
+_LOGITS = {"F.linear", "torch.matmul", "operator.matmul", "torch.mm", "torch.addmm", "torch.einsum", "torch.bmm"}
+
+
+def _scores_of(ids: fx.Node) -> set[fx.Node]:
+    """The router as far as values go: the top-k (argmax, max) node that made `ids`, the scores it ranked, and
+    the float values those were computed from back to the router's logits (a correction bias or a group mask
+    may sit between the scores the weights come from and the ones top-k ranked, as in DeepSeek-V3)."""
+    src = ids.args[0] if fu.op_name(ids) == "getitem" else ids
+    found, stack = {src}, [a for a in src.all_input_nodes if fu.is_float(a)]
+    while stack:
+        n = stack.pop()
+        if n in found:
+            continue
+        found.add(n)
+        if fu.op_name(n) not in _LOGITS:
+            stack.extend(a for a in n.all_input_nodes if fu.is_float(a))
+    return found
+
+
+def _carries(node: fx.Node, scores: set[fx.Node]) -> bool:
+    """Whether `node`'s values come from the router's scores, through float data: not through an index (sorted
+    expert ids cast to float for histc) nor through a factory that reads only a shape (`ones_like(weights)`)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in scores:
+            return True
+        if n in seen or fu.op_name(n) in d_shape_only():
+            continue
+        seen.add(n)
+        stack.extend(a for a in n.all_input_nodes if fu.is_float(a) or a in scores)
+    return False
+
+
+def d_shape_only():
+    from moefuse.passes.detect import _SHAPE_ONLY
+
+    return _SHAPE_ONLY
 
 
 def _elementwise_image(node: fx.Node) -> set[fx.Node]:
