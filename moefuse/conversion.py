@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from moefuse.errors import MoefuseError
-from moefuse.passes.detect import capture_activation
+from moefuse.passes.assemble import capture_activation
 from moefuse.passes.region import Reject
 from moefuse.runtime.autograd import fused_moe
 from moefuse.spec import Activation, MoESpec

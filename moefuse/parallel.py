@@ -84,7 +84,7 @@ from torch.distributed.tensor import DTensor, Shard
 from moefuse.conversion import (FusedExperts, activation_fn, expert_weights, is_interface_experts, spec_key,
                                 why_not)
 from moefuse.errors import MoefuseError
-from moefuse.passes.detect import capture_activation
+from moefuse.passes.assemble import capture_activation
 from moefuse.passes.region import Reject
 from moefuse.runtime import pairs as _pairs_ops  # noqa: F401  (registers moefuse::moe_pairs / _fwd / _bwd)
 from moefuse.spec import spec_from_key

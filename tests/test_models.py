@@ -82,15 +82,15 @@ def test_handwritten_dense_moe_lowered(dtype):
 
 def test_verification_rejects_a_wrong_detection(monkeypatch):
     """If detection ever misreads a layer (here: forced to swap gate and up), the probe must reject it."""
-    from moefuse.passes import detect as det
+    from moefuse.passes import assemble as det
 
-    real = det._activation
+    real = det.activation_between
 
-    def swapped(d):
-        act, i = real(d)
+    def swapped(up, down_in):
+        act, i = real(up, down_in)
         return type(act)(act.expr, tuple(reversed(act.slices))), i
 
-    monkeypatch.setattr(det, "_activation", swapped)
+    monkeypatch.setattr(det, "activation_between", swapped)
     model = tiny_model("mixtral")
     ids = torch.randint(0, 128, (1, 7))
     with torch.no_grad():

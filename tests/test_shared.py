@@ -86,7 +86,7 @@ def test_verification_probes_the_shared_expert(monkeypatch):
     the whole region, rejects the layer: it runs unchanged rather than wrong."""
     import dataclasses
 
-    from moefuse.passes import detect as det
+    from moefuse.passes import assemble as det
 
     real = det._shared_expert
 

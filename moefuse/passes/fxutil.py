@@ -83,6 +83,12 @@ _VIEWS = {"method:view", "method:reshape", "method:flatten", "torch.reshape", "t
           "method:squeeze", "torch.unsqueeze", "method:expand"}
 
 
+# Factories that read only the shape/dtype/device of their input: an external input of one is not a value a
+# region computes with, and their output carries no data of it.
+SHAPE_ONLY = {"torch.zeros_like", "torch.empty_like", "torch.ones_like", "torch.full_like", "method:new_zeros",
+              "method:new_empty", "method:new_ones", "method:new_full"}
+
+
 def is_cast(node: fx.Node) -> bool:
     return op_name(node) in _CASTS
 
@@ -126,6 +132,21 @@ def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
         if n not in seen:
             seen.add(n)
             stack.extend(n.all_input_nodes)
+    return seen
+
+
+def descendants(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """Every value computed from `nodes`, including through in-place updates (`mask.scatter_(1, ids, 1)` makes
+    every later reader of `mask` depend on ids)."""
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            for v in (u, u.args[0]) if is_mutation(u) and isinstance(u.args[0], fx.Node) else (u,):
+                if v not in seen:
+                    seen.add(v)
+                    stack.append(v)
     return seen
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from moefuse import expr as _expr
+from moefuse.passes import assemble as asm
 from moefuse.passes import fxutil as fu
 from moefuse.passes.activation import _RULES as _ELEMENTWISE_RULES
 from moefuse.passes.activation import UnsupportedActivation, lift_activation
@@ -41,6 +42,7 @@ _LAYOUT = {"method:view", "method:reshape", "torch.reshape", "method:flatten", "
 _TOPK = {"torch.topk", "method:topk"}
 _MAX = {"torch.max", "method:max"}
 _ARGMAX = {"torch.argmax", "method:argmax"}
+_JOIN = {"torch.cat", "torch.concat", "torch.concatenate", "torch.stack"}
 _SORT = {"torch.sort", "method:sort", "torch.argsort", "method:argsort", "torch.msort"}
 
 
@@ -91,20 +93,6 @@ def _forward(node: fx.Node) -> fx.Node:
     return node
 
 
-def _descendants(nodes) -> set[fx.Node]:
-    """Every value computed from `nodes`, including through in-place updates (`mask.scatter_(1, ids, 1)` makes
-    every later reader of `mask` depend on ids)."""
-    seen, stack = set(), list(nodes)
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            for v in (u, u.args[0]) if fu.is_mutation(u) and isinstance(u.args[0], fx.Node) else (u,):
-                if v not in seen:
-                    seen.add(v)
-                    stack.append(v)
-    return seen
-
-
 def _routing(down: Contraction, e: int) -> tuple[fx.Node, int]:
     """(the expert ids, K): the indices of the last top-k / argmax / max over E experts before `down`."""
     best = None
@@ -125,6 +113,18 @@ def _routing(down: Contraction, e: int) -> tuple[fx.Node, int]:
                 best = (ids, 1)
         elif name in _ARGMAX and fu.arg(n, 1, "dim") in (-1, len(fu.shape(src)) - 1):
             best = (n, 1)
+    if best is not None:  # top-1 picks joined into [T, K] ids (PhiMoE's sparsemixer: two max, then cat)
+        cur = best[0]
+        for _ in range(4):
+            joins = [u for u in cur.users if fu.op_name(u) in _JOIN and fu.is_int(u)]
+            views = [u for u in cur.users if fu.is_view(u) and fu.is_int(u)]
+            if len(joins) == 1:
+                cur = best = joins[0], fu.shape(joins[0])[-1]
+                cur = cur[0]
+            elif len(views) == 1 and not joins:
+                cur = views[0]
+            else:
+                break
     if best is None or not isinstance(best[1], int):
         raise Reject(Reason.NO_ROUTING_IDS, down.node, f"no top-k, argmax or max over the {e} experts before them in "
                                                        "this graph: the routing comes from outside it (a graph break "
@@ -139,8 +139,6 @@ def _latest(nodes, order) -> fx.Node | None:
 
 def match(ups: list[Contraction], down: Contraction) -> Region:
     """The region of one (ups, down) block; raises `Reject`."""
-    from moefuse.passes import detect as d  # its region, bias, shared-expert and router helpers
-
     graph = down.node.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     e = down.num_experts
@@ -154,7 +152,7 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
     up_outs = [_forward(u.node) for u in ups]
     down_in = fu.peel(down.operand, {"method:unsqueeze", "torch.unsqueeze", "method:view", "method:reshape"})
     if len(ups) == 1:
-        activation, i = d.activation_between(d._after_bias(up_outs[0]), down_in)
+        activation, i = asm.activation_between(asm._after_bias(up_outs[0]), down_in)
         n1 = ups[0].out_features
     else:
         i = ups[0].out_features
@@ -171,7 +169,7 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
     # ---- routing ids, tokens ----
     ids, k = _routing(down, e)
     t = (fu.numel(ids) or 0) // k
-    from_ids = _descendants([ids])
+    from_ids = fu.descendants([ids])
     # what the up products read through float values: the tokens' path, not the routing's (indices are int)
     reads, stack = set(), [u.operand for u in ups]
     while stack:
@@ -184,19 +182,19 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
     if x is None:
         raise Reject(Reason.NO_TOKENS, ups[0].node, f"no [T={t}, H={h}] token matrix feeds the up projections")
     # ---- output and routing weights ----
-    expert_path = _descendants([u.node for u in ups])
-    after_sort = _descendants(n for n in from_ids if fu.op_name(n) in _SORT)  # this layer's sort
+    expert_path = fu.descendants([u.node for u in ups])
+    after_sort = fu.descendants(n for n in from_ids if fu.op_name(n) in _SORT)  # this layer's sort
     scores = _scores_of(ids)
     pure = _elementwise_image(down.node)
     # The layer's output is the first value after the experts that the routing weights reach (K = 1 can give
     # expert-ordered rows the output's shape: those are skipped). Later values are never tried: one that
     # closes only because it takes in more of the model (`out + a.mean()`) is not this layer.
     first_reject = None
-    for out in sorted(_descendants([down.node]), key=order.__getitem__)[:64]:
+    for out in sorted(fu.descendants([down.node]), key=order.__getitem__)[:64]:
         if out in pure or not fu.is_float(out) or fu.shape(out) not in ((t, h), fu.shape(x)):
             continue
         anc = fu.ancestors([out])
-        d._capacity(sorted(anc & from_ids, key=order.__getitem__))  # before the weights: a capacity's masks use them
+        asm._capacity(sorted(anc & from_ids, key=order.__getitem__))  # before the weights: a capacity's masks use them
         weights = _latest((n for n in anc if fu.is_float(n) and fu.numel(n) == t * k and n not in expert_path
                            and n not in after_sort and n not in reads - from_ids and _carries(n, scores)), order)
         if weights is None:
@@ -206,7 +204,9 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
         if weights in reads:
             raise Reject(Reason.INPUT_WEIGHTING, weights, f"the routing weights scale the expert input with top-k = "
                                                           f"{k}: the fused op applies them to the expert output")
-        return _region(d, ups, down, x, ids, weights, out, activation, e, k, h, i, n1)
+        while len(out.users) == 1 and fu.is_cast(next(iter(out.users))):  # back to the layer's dtype
+            out = next(iter(out.users))
+        return _region(ups, down, x, ids, weights, out, activation, e, k, h, i, n1)
     raise first_reject or Reject(Reason.NO_COMBINE, down.node, f"no [T={t}, H={h}] output after the experts")
 
 
@@ -217,8 +217,18 @@ def _scores_of(ids: fx.Node) -> set[fx.Node]:
     """The router as far as values go: the top-k (argmax, max) node that made `ids`, the scores it ranked, and
     the float values those were computed from back to the router's logits (a correction bias or a group mask
     may sit between the scores the weights come from and the ones top-k ranked, as in DeepSeek-V3)."""
-    src = ids.args[0] if fu.op_name(ids) == "getitem" else ids
-    found, stack = {src}, [a for a in src.all_input_nodes if fu.is_float(a)]
+    selections, seen, stack = set(), set(), [ids]
+    while stack:  # back through the int ids (joins, views) to every selection that picked them
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if fu.op_name(n) in _TOPK | _MAX | _ARGMAX:
+            selections.add(n)
+        else:
+            stack.extend(a for a in n.all_input_nodes if fu.is_int(a) or fu.op_name(a) in _TOPK | _MAX)
+    found = set(selections)
+    stack = [a for src in selections for a in src.all_input_nodes if fu.is_float(a)]
     while stack:
         n = stack.pop()
         if n in found:
@@ -237,17 +247,11 @@ def _carries(node: fx.Node, scores: set[fx.Node]) -> bool:
         n = stack.pop()
         if n in scores:
             return True
-        if n in seen or fu.op_name(n) in d_shape_only():
+        if n in seen or fu.op_name(n) in fu.SHAPE_ONLY:
             continue
         seen.add(n)
         stack.extend(a for a in n.all_input_nodes if fu.is_float(a) or a in scores)
     return False
-
-
-def d_shape_only():
-    from moefuse.passes.detect import _SHAPE_ONLY
-
-    return _SHAPE_ONLY
 
 
 def _elementwise_image(node: fx.Node) -> set[fx.Node]:
@@ -263,16 +267,19 @@ def _elementwise_image(node: fx.Node) -> set[fx.Node]:
     return image
 
 
-def _region(d, ups, down, x, ids, weights, out, activation, e, k, h, i, n1) -> Region:
+def _region(ups, down, x, ids, weights, out, activation, e, k, h, i, n1) -> Region:
     w1, w3 = ups[0], ups[1] if len(ups) == 2 else None
-    dtypes = {c.dtype for c in ups + [down]}
+    # What the op computes in: the products' dtype where the code casts the weights down for them (torchtitan's
+    # bf16 experts of an fp32 model); the weights' own where it casts up (transformers' fp32 fallback for fp16
+    # grouped mm on the CPU), since the op accumulates in fp32 anyway and a per-call upcast copy buys nothing.
+    dtypes = {min(c.dtype, fu.tensor(c.weight).dtype, key=lambda t: torch.finfo(t).bits) for c in ups + [down]}
     if len(dtypes) != 1:
         raise Reject(Reason.SHAPE, down.node, f"the expert products compute in {sorted(map(str, dtypes))}")
-    dispatch = d._Dispatch("expert roles", x, ids, w1.weight, down.weight, w1.transposed, down.transposed,
-                           up_out=_forward(w1.node), down_in=down.operand, down_out=down.node,
+    dispatch = asm.Dispatch("expert roles", x, ids, w1.weight, down.weight, w1.transposed, down.transposed,
+                           up_out=_forward(w1.node), down_in=down.operand, down_out=_forward(down.node),
                            w3=w3.weight if w3 is not None else None, w3_transposed=bool(w3 and w3.transposed),
                            dtype=dtypes.pop())
-    return d.assemble(dispatch, [w1.node, down.node], ids, weights, out, activation, e, k, h, i, n1,
+    return asm.assemble(dispatch, [w1.node, down.node], ids, weights, out, activation, e, k, h, i, n1,
                       fu.numel(ids) // k)
 
 
