@@ -103,3 +103,60 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.numel() == 0 and b.numel() == 0:
         return 0.0
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 tl.dot under Triton's interpreter
+# ---------------------------------------------------------------------------------------------------------
+
+
+def bf16_bits_to_f32(bits):
+    """bf16 bit patterns (a numpy uint16 array, as Triton's interpreter stores bf16) → the same values as numpy
+    float32, exactly: a bf16 is the upper half of the fp32 with the same value (NaN payloads, infinities and
+    subnormals included), so the conversion is a 16-bit shift, no rounding."""
+    import numpy as np
+
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def install_interpreter_bf16_dot() -> bool:
+    """Make Triton's interpreter compute bf16 `tl.dot` correctly; returns whether a patch was installed (False
+    when already installed). Test-time only: nothing in moefuse calls it.
+
+    The interpreter stores bf16 as uint16 bit patterns and its `create_dot` hands them to `np.matmul`, which
+    multiplies the raw integers (triton issue 11584). The patch converts bf16 operands to fp32 exactly
+    (`bf16_bits_to_f32`) before the interpreter's own dot, which then multiplies in fp32 — exact for bf16
+    operands (8-bit × 8-bit significands fit fp32's 24) — and accumulates in the accumulator's dtype (fp32 in
+    every moefuse kernel), as a GPU's bf16 MMA does. A bf16 accumulator is refused: no moefuse kernel has one,
+    and the interpreter would misread it the same way."""
+    from triton import language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    real = builder.create_dot
+    if getattr(real, "_moefuse_bf16", False):
+        return False
+
+    def as_f32(t):
+        if t.dtype != tl.bfloat16:
+            return t
+        return interpreter.TensorHandle(bf16_bits_to_f32(t.data), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if d.dtype == tl.bfloat16:
+            raise NotImplementedError("interpreter bf16 shim: a bf16 accumulator is not supported (use fp32)")
+        return real(self, as_f32(a), as_f32(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._moefuse_bf16 = True
+    create_dot._moefuse_real = real
+    builder.create_dot = create_dot
+    return True
+
+
+def uninstall_interpreter_bf16_dot() -> None:
+    """Undo `install_interpreter_bf16_dot` (for the test that shows the interpreter's own bf16 dot)."""
+    from triton.runtime import interpreter
+
+    real = getattr(interpreter.InterpreterBuilder.create_dot, "_moefuse_real", None)
+    if real is not None:
+        interpreter.InterpreterBuilder.create_dot = real

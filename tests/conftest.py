@@ -11,6 +11,13 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import triton  # noqa: E402,F401
 
+from moefuse.testing import install_interpreter_bf16_dot  # noqa: E402
+
+# The interpreter multiplies bf16 bit patterns as integers in tl.dot (triton issue 11584): the shim converts
+# them to fp32 exactly first, so bf16 runs through the kernels on the CPU (tests/test_bf16_shim.py tests the
+# shim itself against torch).
+install_interpreter_bf16_dot()
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
