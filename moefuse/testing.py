@@ -98,6 +98,51 @@ def num_moe_layers(model) -> int:
     return sum(1 for m in model.modules() if isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Derived reduced-precision tolerances: moefuse's error bounded by a small multiple of eager's
+# ---------------------------------------------------------------------------------------------------------
+
+# Unit roundoff u = 2^-p of each dtype (p = significand bits with the implicit one): the largest relative error
+# of one round-to-nearest.
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+# How many times eager's error moefuse's may reach. Both round to the dtype after fp32 accumulations over the
+# same reduction lengths, at a comparable number of points: moefuse's forward at A, Y and the output (eager: h,
+# each step of the activation, A, each expert's output, the running sum over K); its backward at H, dH, A',
+# each pair's dX and every gradient (eager: the recomputed forward's steps and each op's gradient). The same
+# number of roundings placed differently gives errors of the same size but not the same value: 3 covers the
+# spread between two such sums of u-sized terms (the worst measured in the kernel tests: 1.7× eager's, bf16
+# dx of K=E). The error of each is measured against one reference of the same computation in float64 (or
+# fp32 for whole models) from the same dtype-valued inputs, so both see the same input rounding, and the
+# reduction length enters through eager's error.
+EAGER_FACTOR = 3.0
+# Plus this many units of the dtype's roundoff at the reference's scale: the rounding of the output itself,
+# which even an exact computation pays and which eager can dodge by chance on a tiny tensor.
+OUTPUT_ROUNDINGS = 2
+
+
+def parity_bound(eager: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """The largest max |moefuse - ref| allowed: EAGER_FACTOR·max |eager - ref| + OUTPUT_ROUNDINGS·u·max |ref|."""
+    ref = ref.double()
+    if ref.numel() == 0:
+        return 0.0
+    err_eager = (eager.double() - ref).abs().max().item()
+    return EAGER_FACTOR * err_eager + OUTPUT_ROUNDINGS * UNIT_ROUNDOFF[dtype] * ref.abs().max().item()
+
+
+def assert_parity(got: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = ""):
+    """moefuse's result `got` is as close to `ref` as eager's `eager` is, up to `parity_bound` (see
+    EAGER_FACTOR); `got` and `eager` computed in `dtype` from the same inputs, `ref` in a wider dtype."""
+    assert got.shape == ref.shape, (what, tuple(got.shape), tuple(ref.shape))
+    if ref.numel() == 0:
+        return
+    err = (got.double() - ref.double()).abs().max().item()
+    bound = parity_bound(eager, ref, dtype)
+    err_eager = (eager.double() - ref.double()).abs().max().item()
+    assert err <= bound, (f"{what}: max |moefuse - ref| {err:.3e} > bound {bound:.3e} (eager's error "
+                          f"{err_eager:.3e}, max |ref| {ref.abs().max().item():.3e}, {dtype})")
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|, in fp32: the error measure of every parity check against eager."""
     if a.numel() == 0 and b.numel() == 0:
@@ -119,22 +164,37 @@ def bf16_bits_to_f32(bits):
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def install_interpreter_bf16_dot() -> bool:
-    """Make Triton's interpreter compute bf16 `tl.dot` correctly; returns whether a patch was installed (False
-    when already installed). Test-time only: nothing in moefuse calls it.
+def f32_to_bf16_bits(values):
+    """numpy float32 → bf16 bit patterns (uint16), rounded to nearest, ties to even — as a GPU's cvt.rn.bf16.f32
+    and torch's conversion round; NaNs stay (quiet) NaNs, overflow goes to ±inf."""
+    import numpy as np
 
-    The interpreter stores bf16 as uint16 bit patterns and its `create_dot` hands them to `np.matmul`, which
-    multiplies the raw integers (triton issue 11584). The patch converts bf16 operands to fp32 exactly
-    (`bf16_bits_to_f32`) before the interpreter's own dot, which then multiplies in fp32 — exact for bf16
-    operands (8-bit × 8-bit significands fit fp32's 24) — and accumulates in the accumulator's dtype (fp32 in
-    every moefuse kernel), as a GPU's bf16 MMA does. A bf16 accumulator is refused: no moefuse kernel has one,
-    and the interpreter would misread it the same way."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    return np.where(nan, ((bits >> 16) | np.uint32(0x40)).astype(np.uint16), rounded)
+
+
+def install_interpreter_bf16_dot() -> bool:
+    """Make Triton's interpreter compute bf16 like a GPU; returns whether the patch was installed (False when
+    already installed). Test-time only: nothing in moefuse calls it. Two interpreter defects are patched:
+
+    - `tl.dot`: the interpreter stores bf16 as uint16 bit patterns and its `create_dot` hands them to
+      `np.matmul`, which multiplies the raw integers (triton issue 11584). bf16 operands are converted to fp32
+      exactly (`bf16_bits_to_f32`) before the interpreter's own dot, which then multiplies in fp32 — exact for
+      bf16 operands (8-bit × 8-bit significands fit fp32's 24) — and accumulates in the accumulator's dtype
+      (fp32 in every moefuse kernel), as a GPU's bf16 MMA does. A bf16 accumulator is refused: no moefuse kernel
+      has one, and the interpreter would misread it the same way.
+    - casts to bf16: the interpreter truncates fp32 → bf16 (an error of up to 2⁻⁷ relative instead of 2⁻⁸, and
+      biased toward zero) and reinterprets fp16 ↔ bf16 as integers; the patch rounds to nearest even
+      (`f32_to_bf16_bits`) from the value, as the GPU does."""
+    import numpy as np
     from triton import language as tl
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
-    real = builder.create_dot
-    if getattr(real, "_moefuse_bf16", False):
+    real_dot, real_cast = builder.create_dot, builder.cast_impl
+    if getattr(real_dot, "_moefuse_bf16", False):
         return False
 
     def as_f32(t):
@@ -145,18 +205,26 @@ def install_interpreter_bf16_dot() -> bool:
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         if d.dtype == tl.bfloat16:
             raise NotImplementedError("interpreter bf16 shim: a bf16 accumulator is not supported (use fp32)")
-        return real(self, as_f32(a), as_f32(b), d, input_precision, max_num_imprecise_acc)
+        return real_dot(self, as_f32(a), as_f32(b), d, input_precision, max_num_imprecise_acc)
+
+    def cast_impl(self, src, dst_type):
+        src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+        if src_ty == tl.bfloat16 and dst_ty.is_floating() and dst_ty != tl.bfloat16:
+            return real_cast(self, as_f32(src), dst_type)
+        if dst_ty == tl.bfloat16 and src_ty.is_floating() and src_ty != tl.bfloat16:
+            return interpreter.TensorHandle(f32_to_bf16_bits(src.data.astype(np.float32)), tl.bfloat16)
+        return real_cast(self, src, dst_type)
 
     create_dot._moefuse_bf16 = True
-    create_dot._moefuse_real = real
-    builder.create_dot = create_dot
+    create_dot._moefuse_real = (real_dot, real_cast)
+    builder.create_dot, builder.cast_impl = create_dot, cast_impl
     return True
 
 
 def uninstall_interpreter_bf16_dot() -> None:
-    """Undo `install_interpreter_bf16_dot` (for the test that shows the interpreter's own bf16 dot)."""
+    """Undo `install_interpreter_bf16_dot` (for the test that shows the interpreter's own bf16 arithmetic)."""
     from triton.runtime import interpreter
 
     real = getattr(interpreter.InterpreterBuilder.create_dot, "_moefuse_real", None)
     if real is not None:
-        interpreter.InterpreterBuilder.create_dot = real
+        interpreter.InterpreterBuilder.create_dot, interpreter.InterpreterBuilder.cast_impl = real
