@@ -4,6 +4,13 @@ Structural matching pins down which values enter and leave the region; what happ
 order, casts, where the weights multiply, how the combine sums) is what this step checks, at the captured
 shapes, once with uniform routing and once with every token on the same K experts (so capacity-style
 effects would show). A disagreement rejects the region: moefuse never guesses.
+
+The fused side is the op the rewritten graph will call — `moefuse::moe`, or `moefuse::moe_fwd` and its
+backward when the region needs gradients — through the op's own dispatch on the captured device: the Triton
+kernels on CUDA (and under TRITON_INTERPRET=1), the torch plan on other CPUs. So a region is reported
+verified only if what will run on that device ran, forward and (for training) backward, and agreed. One probe
+per distinct region signature, dispatch path and training flag (`verify`'s cache): the layers of one model
+share one.
 """
 from __future__ import annotations
 
@@ -12,9 +19,8 @@ import torch.fx as fx
 
 from moefuse.passes import fxutil as fu
 from moefuse.passes.region import Reason, Region, Reject
-from moefuse.runtime.cpu import moe_forward_cpu
-from moefuse.runtime.op import shared_call
-from moefuse.runtime.shared import overlapped
+from moefuse.runtime import op as _op
+from moefuse.runtime.triton_path import triton_refusal
 
 # Relative error (max |a-b| / max |b|) allowed between the captured region and the fused op. The op
 # accumulates in fp32 and applies the activation in fp32, the captured graph rounds each op to the dtype:
@@ -87,18 +93,66 @@ def signature(region: Region) -> tuple:
     return region.spec.to_key(), inputs, body, index[region.output]
 
 
-# Verified signatures → worst relative error, for this process (a signature never changes meaning).
+# Verified (signature, dispatch path, training) → worst relative error, for this process (a signature never
+# changes meaning).
 _VERIFIED: dict[tuple, float] = {}
 
 
+def dispatch_path(region: Region) -> str:
+    """Which implementation of the op will run this region: "triton" (CUDA, or the interpreter) or "cpu"."""
+    return "triton" if _op._use_triton(fu.tensor(region.x)) else "cpu"
+
+
 def verify(gm: fx.GraphModule, region: Region, seed: int = 0) -> float:
-    """Raises `Reject` unless the fused op matches the captured region; returns the worst relative error.
-    A region with the signature of one verified before is not run again."""
-    key = signature(region)
+    """Raises `Reject` unless the fused op, through the dispatch it will run on, matches the captured region
+    (forward; and backward when the region needs gradients); returns the worst relative error. A region with
+    the signature of one verified before on the same path is not run again."""
+    path = dispatch_path(region)
+    if path == "triton":
+        refusal = triton_refusal(region.spec, training=region.needs_grad)
+        if refusal is not None:  # a kernel limitation: say so rather than let the probe raise
+            raise Reject(Reason.UNSUPPORTED_ACTIVATION, region.output, refusal)
+    key = (signature(region), path, region.needs_grad)
     if key in _VERIFIED:
         return _VERIFIED[key]
-    _VERIFIED[key] = worst = _probe(gm, region, seed)
+    counters = dict(_op.counters)  # the probe's calls are not the model's: the counters count those
+    try:
+        worst = _probe(gm, region, seed)
+    finally:
+        _op.counters.update(counters)
+    _VERIFIED[key] = worst
     return worst
+
+
+def _fused(region: Region, value: dict, train: bool):
+    """The op the rewrite emits, called eagerly on the probe's values (the op's own dispatch and composition:
+    the shared expert on a side stream on CUDA, the final add)."""
+    x, ids, wts = region.op_operands(value[region.x], value[region.topk_ids], value[region.topk_weights])
+    x = x.to(getattr(torch, region.spec.dtype))
+    w1, w2 = value[region.w1], value[region.w2]
+    w1 = w1.transpose(-2, -1) if region.w1_transposed else w1
+    w2 = w2.transpose(-2, -1) if region.w2_transposed else w2
+    sh = region.shared
+    shared_w = [value.get(n) for n in (sh.w1, sh.w2, sh.gate, sh.w3)] if sh is not None else []
+    if sh is not None and region.weight_on_input:  # x above is scaled for the routed experts only
+        shared_w.append(value[region.x])
+    args = (x, ids, wts, w1, w2, value.get(region.b1), value.get(region.b2), region.spec.to_key(), *shared_w)
+    return torch.ops.moefuse.moe_fwd(*args)[0] if train else torch.ops.moefuse.moe(*args)
+
+
+def _differentiable(region: Region) -> list[fx.Node]:
+    """The region inputs gradients flow to in training: tokens (and the tensor the shared expert reads them
+    as), routing weights, expert and shared weights."""
+    nodes = [region.x, region.topk_weights, region.w1, region.w2, region.b1, region.b2]
+    if region.shared is not None:
+        sh = region.shared
+        nodes += [sh.x, sh.w1, sh.w2, sh.gate, sh.w3]
+    return list(dict.fromkeys(n for n in nodes if n is not None))
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.float().abs().max().clamp_min(1e-6)
+    return ((expected.float() - got.float()).abs().max() / scale).item()
 
 
 def _probe(gm: fx.GraphModule, region: Region, seed: int) -> float:
@@ -106,44 +160,81 @@ def _probe(gm: fx.GraphModule, region: Region, seed: int) -> float:
     gen = torch.Generator().manual_seed(seed)
     worst = 0.0
     for skewed in (False, True):
+        routing = "skewed" if skewed else "uniform"
         args = _probe_inputs(region, skewed, gen)
         value = dict(zip(region.inputs, args))
-        x, ids, wts = region.op_operands(value[region.x], value[region.topk_ids], value[region.topk_weights])
-        w1, w2 = value[region.w1], value[region.w2]
-        b1, b2 = value.get(region.b1), value.get(region.b2)
         try:
             with torch.no_grad():
                 expected = sub(*args)
-                x = x.to(getattr(torch, region.spec.dtype))
-                sh = region.shared
-                # the op's own composition (runtime.shared.overlapped: sequential on the CPU), so the probe
-                # checks the shared expert's form and the final add as well as the routed experts
-                shared_w = [value.get(n) for n in (sh.w1, sh.w2, sh.gate, sh.w3)] if sh is not None else [None] * 4
-                if sh is not None and region.weight_on_input:  # x above is scaled for the routed experts only
-                    shared_w.append(value[region.x])
-                got, shared_y = overlapped(x, shared_call(region.spec, x, *shared_w), lambda: moe_forward_cpu(
-                        region.spec.routed(), x, ids, wts,
-                        w1.transpose(-2, -1) if region.w1_transposed else w1,
-                        w2.transpose(-2, -1) if region.w2_transposed else w2,
-                        b1, b2,
-                    ))
-                if shared_y is not None:
-                    got = got.add_(shared_y).reshape(expected.shape)
+                got = _fused(region, value, train=False)
+                if region.shared is not None:
+                    got = got.reshape(expected.shape)
         except Exception as exc:  # the region runs arbitrary user ops: any failure means "do not lower"
             raise Reject(Reason.VERIFY_ERROR, region.output, f"{type(exc).__name__}: {exc}") from exc
-        if not isinstance(expected, torch.Tensor) or expected.shape != got.shape or expected.dtype != got.dtype:
-            raise Reject(Reason.VERIFY_MISMATCH, region.output,
-                         f"captured output {getattr(expected, 'shape', None)} {getattr(expected, 'dtype', None)}, "
-                         f"fused {tuple(got.shape)} {got.dtype}")
+        _check(region, expected, got, f"{routing} routing")
         if expected.numel() == 0:
             # An empty batch (T=0) has nothing to compare; dynamo specialises size 0, so this graph only ever
             # runs empty batches, and shape and dtype were checked above.
             continue
-        scale = expected.float().abs().max().clamp_min(1e-6)
-        err = ((expected.float() - got.float()).abs().max() / scale).item()
-        worst = max(worst, err)
-        if not err <= TOLERANCE[expected.dtype]:
-            routing = "skewed" if skewed else "uniform"
-            raise Reject(Reason.VERIFY_MISMATCH, region.output,
-                         f"relative error {err:.3g} > {TOLERANCE[expected.dtype]:g} with {routing} routing")
+        worst = max(worst, _relative_error(got, expected))
+        if region.needs_grad:
+            worst = max(worst, _probe_backward(sub, region, args, gen, routing))
     return worst
+
+
+def _probe_backward(sub: fx.GraphModule, region: Region, args: list, gen: torch.Generator, routing: str) -> float:
+    """The training op's forward and backward against autograd through the captured region, on the same inputs
+    and output gradient: the output and every input gradient must agree."""
+    differentiable = set(_differentiable(region))
+    worst = 0.0
+    results = []
+    for fused in (False, True):
+        leaves = [a.detach().clone().requires_grad_() if n in differentiable and a.is_floating_point() else a
+                  for n, a in zip(region.inputs, args)]
+        try:
+            with torch.enable_grad():
+                y = _fused(region, dict(zip(region.inputs, leaves)), train=True) if fused else sub(*leaves)
+                if not results:
+                    dy = torch.randn(y.shape, generator=gen).to(y.dtype)
+                y.reshape(dy.shape).backward(dy)
+        except Exception as exc:
+            side = "the fused training op" if fused else "the captured region"
+            raise Reject(Reason.VERIFY_ERROR, region.output,
+                         f"backward of {side}: {type(exc).__name__}: {exc}") from exc
+        results.append((y.detach().reshape(dy.shape), [leaf.grad if isinstance(leaf, torch.Tensor) and
+                                                        leaf.requires_grad else None for leaf in leaves]))
+    (expected, want), (got, grads) = results
+    _check(region, expected, got, f"{routing} routing, training op")
+    worst = _relative_error(got, expected)
+    sh = region.shared
+    if sh is not None and sh.x is not region.x:
+        # The captured region reads the tokens twice (x, and the tensor x is a view of for the shared MLP); the
+        # op reads x once and returns the sum of both paths' gradients in x's.
+        i, j = region.inputs.index(region.x), region.inputs.index(sh.x)
+        for gs in (want, grads):
+            if gs[j] is not None:
+                gs[i] = gs[j].reshape(args[i].shape) if gs[i] is None else gs[i] + gs[j].reshape(gs[i].shape)
+                gs[j] = None
+    for node, g, w in zip(region.inputs, grads, want):
+        if node not in differentiable or (g is None and w is None):
+            continue
+        g = torch.zeros_like(w) if g is None else g
+        w = torch.zeros_like(g) if w is None else w
+        what = f"{routing} routing, gradient of {node.name}"
+        _check(region, w, g, what)
+        if w.numel():
+            worst = max(worst, _relative_error(g, w))
+    return worst
+
+
+def _check(region: Region, expected, got, what: str) -> None:
+    if not isinstance(expected, torch.Tensor) or expected.shape != got.shape or expected.dtype != got.dtype:
+        raise Reject(Reason.VERIFY_MISMATCH, region.output,
+                     f"{what}: captured {getattr(expected, 'shape', None)} {getattr(expected, 'dtype', None)}, "
+                     f"fused {tuple(got.shape)} {got.dtype}")
+    if expected.numel() == 0:
+        return
+    err = _relative_error(got, expected)
+    if not err <= TOLERANCE[expected.dtype]:
+        raise Reject(Reason.VERIFY_MISMATCH, region.output,
+                     f"relative error {err:.3g} > {TOLERANCE[expected.dtype]:g} with {what}")
