@@ -143,6 +143,26 @@ def assert_parity(got: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, dty
                           f"{err_eager:.3e}, max |ref| {ref.abs().max().item():.3e}, {dtype})")
 
 
+def fp32_twin(model):
+    """A float32 copy of `model` (its dtype-valued weights widened exactly): the one reference against which both
+    moefuse's and eager's reduced-precision outputs are measured (`assert_parity`)."""
+    import copy
+
+    return copy.deepcopy(model).float()
+
+
+def assert_model_parity(got: torch.Tensor, eager: torch.Tensor, ref32: torch.Tensor, dtype: torch.dtype,
+                        fp32_tol: float = 1e-4, what: str = "") -> None:
+    """A model's compiled output `got` against eager's `eager`: fp32 within `fp32_tol` relative to eager's
+    (sums in another order, a few ulps through a few layers); fp16 / bf16 by `assert_parity` against `ref32`,
+    the output of `fp32_twin(model)` on the same inputs."""
+    if dtype == torch.float32:
+        err = rel_err(got, eager)
+        assert err <= fp32_tol, f"{what}: relative error {err:.3g} > {fp32_tol:g}"
+    else:
+        assert_parity(got, eager, ref32, dtype, what=what)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|, in fp32: the error measure of every parity check against eager."""
     if a.numel() == 0 and b.numel() == 0:
