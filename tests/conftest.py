@@ -7,7 +7,13 @@ import sys
 # collected and before torch may import triton while a test has the variable removed (the CPU-path tests
 # remove it so that moefuse::moe takes its torch path). The compile-only tests build real GPU code in a
 # subprocess that removes it again.
-os.environ["TRITON_INTERPRET"] = "1"
+#
+# The GPU lane (`pytest -m gpu`, run by benchmarks/gpu_check.sh with MOEFUSE_GPU_LANE=1) must define real
+# kernels on a GPU: there the environment decides (the script sets TRITON_INTERPRET=1 only when it rehearses
+# on a CPU), and only the lane's files are collected — test modules such as test_kernels set the variable
+# themselves at import.
+if os.environ.get("MOEFUSE_GPU_LANE") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import triton  # noqa: E402,F401
 
