@@ -16,7 +16,7 @@ the expert GEMMs (forward 6·T·K·H·I, backward twice that) and peak memory ab
 call. Shapes: SonicMoE's (T=24576 H=1536 I=256 E=128 K=8; T=32768 H=4096 I=512 E=128 K=8) and Qwen3-30B-A3B's
 (H=2048 I=768 E=128 K=8) at T=16384, then decode latency at Qwen3-30B-A3B's shape for T = 1 … 64.
 
-    python benchmarks/gpu.py [--json out.json] [--autotune off|on] [--reps 20] [--shapes NAME ...]
+    python benchmarks/gpu.py [--json out.json] [--markdown out.md] [--autotune off|on] [--reps 20] [--shapes NAME ...]
     TRITON_INTERPRET=1 python benchmarks/gpu.py --tiny --compiler eager    # tiny shapes on the CPU, ~15 s
 
 --tiny runs the same code on tiny shapes; on a CPU with TRITON_INTERPRET=1 moefuse runs its Triton kernels on
@@ -344,6 +344,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines + (["", "not run:", *notes_text] if notes else []))
 
 
+def markdown(rows: list[dict], env: dict) -> str:
+    """The table as GitHub markdown, under a line naming the machine and versions, with the not-run notes."""
+    head = [title for title, _, _ in COLUMNS]
+    lines = [f"GPU benchmark — {env['device']}, torch {env['torch']}, triton {env['triton']}, transformers "
+             f"{env['transformers']}, {env['dtype']}, autotune {env['autotune']}, {env['date']}", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|"]
+    notes = []
+    for row in rows:
+        if "error" in row:
+            notes.append(f"- {row['path']} at {row['shape']}: {row['error']}")
+            if "fwd_ms" not in row:
+                continue
+        lines.append("| " + " | ".join(fmt.format(row[key]) if row.get(key) is not None else "-"
+                                       for _, key, fmt in COLUMNS) + " |")
+    return "\n".join(lines + (["", "Not run:", *notes] if notes else [])) + "\n"
+
+
+def write_results(args, env: dict, shapes, rows: list[dict]) -> None:
+    """--json and --markdown, rewritten after every shape: a run cut short by a time limit keeps what it did."""
+    if args.json:
+        args.json.write_text(json.dumps({"environment": env, "shapes": [asdict(s) for s in shapes], "rows": rows},
+                                        indent=1))
+    if args.markdown:
+        args.markdown.write_text(markdown(rows, env))
+
+
 def environment(args, device: torch.device, dtype: torch.dtype) -> dict:
     import triton
 
@@ -371,6 +397,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--shapes", nargs="+", metavar="NAME", help="run only these shapes (by name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the rows and the environment here")
+    p.add_argument("--markdown", type=Path, help="also write the table as markdown here")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -392,10 +419,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         layer = layer_for(shape, layer, dtype, device, args.compiler, args.seed)
         rows += run_shape(shape, layer, dtype, device, args.warmup, args.reps, args.seed)
         print(f"{shape.name} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        write_results(args, env, shapes, rows)
     print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps({"environment": env, "shapes": [asdict(s) for s in shapes], "rows": rows},
-                                        indent=1))
+    write_results(args, env, shapes, rows)
     return rows
 
 
