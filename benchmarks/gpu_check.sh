@@ -11,9 +11,10 @@
 # measured. Exit status: 0 when the lane passed and the benchmark finished, else 1.
 #
 # Needs no network and no install: python (PYTHON, default python3) with CUDA torch, triton, transformers and
-# pytest; moefuse is taken from this checkout (PYTHONPATH). Where pytest is missing and benchmarks/wheels/
-# holds wheels (pytest, pluggy, iniconfig: `pip download pytest -d benchmarks/wheels`), they are installed
-# from there into OUT_DIR/site (pip --no-index --target), never into the system.
+# pytest; moefuse is taken from this checkout (PYTHONPATH). Where pytest is missing, the pure-Python wheels
+# carried in benchmarks/wheels/ (pytest 9.2.0, pluggy, iniconfig, pygments: `pip download --no-deps
+# --only-binary=:all: --python-version 3.12 -d benchmarks/wheels pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1
+# pygments==2.21.0`) are installed into OUT_DIR/site (pip --no-index --target), never into the system.
 #
 # MOEFUSE_GPU_REHEARSAL=1 rehearses the same script on a CPU: the lane's tests that are not CUDA-only run with
 # the Triton kernels on the interpreter at tiny sizes, the benchmark with --tiny --compiler eager
@@ -42,7 +43,8 @@ fi
 # ---- pytest, from carried wheels if the machine lacks it ----
 if ! "$PY" -c "import pytest" 2>/dev/null; then
   if compgen -G "$ROOT/benchmarks/wheels/*.whl" >/dev/null; then
-    "$PY" -m pip install --quiet --no-index --find-links "$ROOT/benchmarks/wheels" --target "$OUT/site" pytest \
+    # --no-deps: packaging, pytest's one other dependency, comes with transformers
+    "$PY" -m pip install --quiet --no-deps --no-index --target "$OUT/site" "$ROOT"/benchmarks/wheels/*.whl \
       && export PYTHONPATH="$PYTHONPATH:$OUT/site"
   fi
 fi
