@@ -105,6 +105,19 @@ def test_double_read_activation_training_on_triton_is_refused_with_the_reason(mo
     assert torch.equal(out, want) and all(torch.equal(a, b) for a, b in zip(grads, want_grads))
 
 
+def test_double_read_refused_with_verification_off(monkeypatch, fresh):
+    """The refusal is a kernel limitation, not a probe result: MOEFUSE_VERIFY=0 does not let the region through
+    to a backward that would raise."""
+    interpreter(monkeypatch, True)
+    model, x = tiny(DoubleRead)
+    backend = Backend({"inner": "eager", "verify": False})
+    model.requires_grad_(True)
+    out = torch.compile(model, backend=backend)(x)
+    out.sum().backward()  # eager's backward: the layer was left alone
+    assert not backend.explanation.lowered
+    assert [r.reason for r in backend.explanation.rejected] == [Reason.UNSUPPORTED_ACTIVATION]
+
+
 @pytest.mark.parametrize("path", ["interpreter_inference", "cpu_training"])
 def test_double_read_activation_lowered_where_it_runs(path, monkeypatch, fresh):
     """The Triton forward runs the double read (inference under the interpreter), and the CPU plan runs its

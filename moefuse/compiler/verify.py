@@ -103,15 +103,22 @@ def dispatch_path(region: Region) -> str:
     return "triton" if _op._use_triton(fu.tensor(region.x)) else "cpu"
 
 
+def check_runnable(region: Region) -> str:
+    """Raises `Reject` when the path that will run the region on its device refuses its spec (a kernel
+    limitation, with the kernel's reason) — checked with verification off too; returns the path."""
+    path = dispatch_path(region)
+    if path == "triton":
+        refusal = triton_refusal(region.spec, training=region.needs_grad)
+        if refusal is not None:  # say so at compile time rather than raise at the first call
+            raise Reject(Reason.UNSUPPORTED_ACTIVATION, region.output, refusal)
+    return path
+
+
 def verify(gm: fx.GraphModule, region: Region, seed: int = 0) -> float:
     """Raises `Reject` unless the fused op, through the dispatch it will run on, matches the captured region
     (forward; and backward when the region needs gradients); returns the worst relative error. A region with
     the signature of one verified before on the same path is not run again."""
-    path = dispatch_path(region)
-    if path == "triton":
-        refusal = triton_refusal(region.spec, training=region.needs_grad)
-        if refusal is not None:  # a kernel limitation: say so rather than let the probe raise
-            raise Reject(Reason.UNSUPPORTED_ACTIVATION, region.output, refusal)
+    path = check_runnable(region)
     key = (signature(region), path, region.needs_grad)
     if key in _VERIFIED:
         return _VERIFIED[key]
