@@ -102,32 +102,8 @@ def num_moe_layers(model) -> int:
 # Derived reduced-precision tolerances: moefuse's error bounded by a small multiple of eager's
 # ---------------------------------------------------------------------------------------------------------
 
-# Unit roundoff u = 2^-p of each dtype (p = significand bits with the implicit one): the largest relative error
-# of one round-to-nearest.
-UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-
-# How many times eager's error moefuse's may reach. Both round to the dtype after fp32 accumulations over the
-# same reduction lengths, at a comparable number of points: moefuse's forward at A, Y and the output (eager: h,
-# each step of the activation, A, each expert's output, the running sum over K); its backward at H, dH, A',
-# each pair's dX and every gradient (eager: the recomputed forward's steps and each op's gradient). The same
-# number of roundings placed differently gives errors of the same size but not the same value: 3 covers the
-# spread between two such sums of u-sized terms (the worst measured in the kernel tests: 1.7× eager's, bf16
-# dx of K=E). The error of each is measured against one reference of the same computation in float64 (or
-# fp32 for whole models) from the same dtype-valued inputs, so both see the same input rounding, and the
-# reduction length enters through eager's error.
-EAGER_FACTOR = 3.0
-# Plus this many units of the dtype's roundoff at the reference's scale: the rounding of the output itself,
-# which even an exact computation pays and which eager can dodge by chance on a tiny tensor.
-OUTPUT_ROUNDINGS = 2
-
-
-def parity_bound(eager: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
-    """The largest max |moefuse - ref| allowed: EAGER_FACTOR·max |eager - ref| + OUTPUT_ROUNDINGS·u·max |ref|."""
-    ref = ref.double()
-    if ref.numel() == 0:
-        return 0.0
-    err_eager = (eager.double() - ref).abs().max().item()
-    return EAGER_FACTOR * err_eager + OUTPUT_ROUNDINGS * UNIT_ROUNDOFF[dtype] * ref.abs().max().item()
+# The rule lives in moefuse.tolerance (verification applies it too); re-exported for the tests.
+from moefuse.tolerance import EAGER_FACTOR, OUTPUT_ROUNDINGS, UNIT_ROUNDOFF, parity_bound  # noqa: E402,F401
 
 
 def assert_parity(got: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = ""):

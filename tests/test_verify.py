@@ -214,3 +214,53 @@ def _scaled(out):
     if isinstance(out, tuple):
         return (out[0] * 1.5, *out[1:])
     return out * 1.5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Half-precision regions: the bound follows the captured region's own error, not a fixed number
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_half_precision_check_is_derived():
+    """fp16: the fused op passes within 3× the captured region's own error against its fp32 run (+ 2 output
+    roundings) and is rejected beyond — whatever that error is, so a fixed 2e-2 can no longer reject a correct
+    layer on one CPU (0.0223) and pass it on another."""
+    from types import SimpleNamespace
+
+    from moefuse.passes.region import Reject
+    from moefuse.tolerance import UNIT_ROUNDOFF
+
+    region = SimpleNamespace(output=SimpleNamespace(name="y"))
+    wide = torch.linspace(-1, 1, 64)
+    u = UNIT_ROUNDOFF[torch.float16]
+    for eager_err in (0.03, 1e-3):  # a captured region with a large error, and one with a small one
+        captured = (wide + eager_err).half()
+        err_captured = (captured.double() - wide.double()).abs().max().item()
+        bound = 3 * err_captured + 2 * u
+        ver._check(region, captured, (wide + 0.8 * bound).half(), "test", wide)  # inside (after fp16 rounding): passes
+        with pytest.raises(Reject, match="3× the captured region's own error"):
+            ver._check(region, captured, (wide + 1.2 * bound).half(), "test", wide)
+    # an fp16 region that cannot run in fp32 falls back to the table
+    ver._check(region, wide.half(), (wide + 0.01).half(), "test", None)
+    with pytest.raises(Reject, match="relative error"):
+        ver._check(region, wide.half(), (wide + 0.05).half(), "test", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_training_region_verified(dtype, monkeypatch, fresh):
+    """A half-precision training region through the interpreter: forward and every gradient checked against the
+    captured region's fp32 run, lowered, and its gradients within eager's bound."""
+    from moefuse.testing import assert_parity, fp32_twin
+
+    interpreter(monkeypatch, True)
+    model, x = tiny()
+    model = model.to(dtype)
+    x = x.to(dtype)
+    out, grads, explanation = compile_step(model, x, train=True)
+    (layer,) = explanation.lowered
+    assert layer.training and layer.verify_error is not None, str(explanation)
+    want, want_grads = eager_step(model, x, train=True)
+    ref, ref_grads = eager_step(fp32_twin(model), x.float(), train=True)
+    assert_parity(out, want, ref, dtype, what="y")
+    for g, w, r in zip(grads, want_grads, ref_grads):
+        assert_parity(g, w, r, dtype)

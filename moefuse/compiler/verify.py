@@ -21,11 +21,17 @@ from moefuse.passes import fxutil as fu
 from moefuse.passes.region import Reason, Region, Reject
 from moefuse.runtime import op as _op
 from moefuse.runtime.triton_path import triton_refusal
+from moefuse.tolerance import parity_bound
 
-# Relative error (max |a-b| / max |b|) allowed between the captured region and the fused op. The op
-# accumulates in fp32 and applies the activation in fp32, the captured graph rounds each op to the dtype:
-# the gap is a few units of the dtype's last place, far below what any wrong layout or order produces (O(1)).
+# fp32 regions: the relative error (max |a-b| / max |b|) allowed between the captured region and the fused op —
+# sums in another order, a few ulps, far below what any wrong layout or order produces (O(1)). fp16 / bf16
+# regions: derived (`moefuse.tolerance.parity_bound`) — the captured region runs once more in fp32 as the
+# reference, and the fused op's error must be within 3× the captured region's own (it rounds every op to the
+# dtype) plus two output roundings. A fixed number here (2e-2 for fp16) once rejected a correct layer on one
+# CPU and not another (0.0223); the table's half entries are only the fallback for a region that cannot run in
+# fp32.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def extract(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
@@ -178,7 +184,7 @@ def _probe(gm: fx.GraphModule, region: Region, seed: int) -> float:
                     got = got.reshape(expected.shape)
         except Exception as exc:  # the region runs arbitrary user ops: any failure means "do not lower"
             raise Reject(Reason.VERIFY_ERROR, region.output, f"{type(exc).__name__}: {exc}") from exc
-        _check(region, expected, got, f"{routing} routing")
+        _check(region, expected, got, f"{routing} routing", _wide_run(sub, args, expected))
         if expected.numel() == 0:
             # An empty batch (T=0) has nothing to compare; dynamo specialises size 0, so this graph only ever
             # runs empty batches, and shape and dtype were checked above.
@@ -191,55 +197,89 @@ def _probe(gm: fx.GraphModule, region: Region, seed: int) -> float:
 
 def _probe_backward(sub: fx.GraphModule, region: Region, args: list, gen: torch.Generator, routing: str) -> float:
     """The training op's forward and backward against autograd through the captured region, on the same inputs
-    and output gradient: the output and every input gradient must agree."""
+    and output gradient: the output and every input gradient must agree (fp16 / bf16: each against the captured
+    region's fp32 run as well, see `_check`)."""
     differentiable = set(_differentiable(region))
-    worst = 0.0
-    results = []
-    for fused in (False, True):
+    half = any(isinstance(a, torch.Tensor) and a.dtype in _HALF for a in args)
+    results = {}
+    dy = None
+    for run in ("captured", "fused", "wide") if half else ("captured", "fused"):
+        inputs = _widen(args) if run == "wide" else args
         leaves = [a.detach().clone().requires_grad_() if n in differentiable and a.is_floating_point() else a
-                  for n, a in zip(region.inputs, args)]
+                  for n, a in zip(region.inputs, inputs)]
         try:
             with torch.enable_grad():
-                y = _fused(region, dict(zip(region.inputs, leaves)), train=True) if fused else sub(*leaves)
-                if not results:
+                y = _fused(region, dict(zip(region.inputs, leaves)), train=True) if run == "fused" else sub(*leaves)
+                if dy is None:
                     dy = torch.randn(y.shape, generator=gen).to(y.dtype)
-                y.reshape(dy.shape).backward(dy)
+                y.reshape(dy.shape).backward(dy.to(y.dtype))
         except Exception as exc:
-            side = "the fused training op" if fused else "the captured region"
+            if run == "wide":  # a region that needs its dtype: the fixed tolerance applies
+                break
+            side = "the fused training op" if run == "fused" else "the captured region"
             raise Reject(Reason.VERIFY_ERROR, region.output,
                          f"backward of {side}: {type(exc).__name__}: {exc}") from exc
-        results.append((y.detach().reshape(dy.shape), [leaf.grad if isinstance(leaf, torch.Tensor) and
-                                                        leaf.requires_grad else None for leaf in leaves]))
-    (expected, want), (got, grads) = results
-    _check(region, expected, got, f"{routing} routing, training op")
+        results[run] = (y.detach().reshape(dy.shape), [leaf.grad if isinstance(leaf, torch.Tensor) and
+                                                       leaf.requires_grad else None for leaf in leaves])
+    (expected, want), (got, grads) = results["captured"], results["fused"]
+    wide_y, wide_grads = results.get("wide", (None, [None] * len(region.inputs)))
+    _check(region, expected, got, f"{routing} routing, training op", wide_y)
     worst = _relative_error(got, expected)
     sh = region.shared
     if sh is not None and sh.x is not region.x:
         # The captured region reads the tokens twice (x, and the tensor x is a view of for the shared MLP); the
         # op reads x once and returns the sum of both paths' gradients in x's.
         i, j = region.inputs.index(region.x), region.inputs.index(sh.x)
-        for gs in (want, grads):
+        for gs in (want, grads, wide_grads):
             if gs[j] is not None:
                 gs[i] = gs[j].reshape(args[i].shape) if gs[i] is None else gs[i] + gs[j].reshape(gs[i].shape)
                 gs[j] = None
-    for node, g, w in zip(region.inputs, grads, want):
+    for node, g, w, wg in zip(region.inputs, grads, want, wide_grads):
         if node not in differentiable or (g is None and w is None):
             continue
         g = torch.zeros_like(w) if g is None else g
         w = torch.zeros_like(g) if w is None else w
-        what = f"{routing} routing, gradient of {node.name}"
-        _check(region, w, g, what)
+        _check(region, w, g, f"{routing} routing, gradient of {node.name}", wg)
         if w.numel():
             worst = max(worst, _relative_error(g, w))
     return worst
 
 
-def _check(region: Region, expected, got, what: str) -> None:
+def _widen(args: list) -> list:
+    """fp16 / bf16 tensors in fp32 (exact), everything else as it is."""
+    return [a.float() if isinstance(a, torch.Tensor) and a.dtype in _HALF else a for a in args]
+
+
+def _wide_run(sub: fx.GraphModule, args: list, expected) -> torch.Tensor | None:
+    """The captured region in fp32 — the reference of a half-precision region's check — or None for an fp32
+    region, or where the region cannot run in fp32 (then `TOLERANCE` applies)."""
+    if not isinstance(expected, torch.Tensor) or expected.dtype not in _HALF or expected.numel() == 0:
+        return None
+    try:
+        with torch.no_grad():
+            wide = sub(*_widen(args))
+    except Exception:  # noqa: BLE001 — a region that needs its dtype: the table's fallback
+        return None
+    return wide if isinstance(wide, torch.Tensor) and wide.shape == expected.shape else None
+
+
+def _check(region: Region, expected, got, what: str, wide: torch.Tensor | None = None) -> None:
+    """The fused op's `got` against the captured region's `expected`: within TOLERANCE (fp32), or within
+    `parity_bound` of the captured region's own error against its fp32 run `wide` (fp16 / bf16)."""
     if not isinstance(expected, torch.Tensor) or expected.shape != got.shape or expected.dtype != got.dtype:
         raise Reject(Reason.VERIFY_MISMATCH, region.output,
                      f"{what}: captured {getattr(expected, 'shape', None)} {getattr(expected, 'dtype', None)}, "
                      f"fused {tuple(got.shape)} {got.dtype}")
     if expected.numel() == 0:
+        return
+    if wide is not None:
+        scale = wide.double().abs().max().clamp_min(1e-30).item()
+        err = (got.double() - wide.double()).abs().max().item()
+        bound = parity_bound(expected, wide, expected.dtype)
+        if not err <= bound:
+            raise Reject(Reason.VERIFY_MISMATCH, region.output,
+                         f"error {err / scale:.3g} of the fp32 run's scale > {bound / scale:.3g} (3× the captured "
+                         f"region's own error + 2 roundings) with {what}")
         return
     err = _relative_error(got, expected)
     if not err <= TOLERANCE[expected.dtype]:
