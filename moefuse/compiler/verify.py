@@ -211,7 +211,7 @@ def _probe_backward(sub: fx.GraphModule, region: Region, args: list, gen: torch.
             with torch.enable_grad():
                 y = _fused(region, dict(zip(region.inputs, leaves)), train=True) if run == "fused" else sub(*leaves)
                 if dy is None:
-                    dy = torch.randn(y.shape, generator=gen).to(y.dtype)
+                    dy = torch.randn(y.shape, generator=gen).to(device=y.device, dtype=y.dtype)  # CUDA: y is there
                 y.reshape(dy.shape).backward(dy.to(y.dtype))
         except Exception as exc:
             if run == "wide":  # a region that needs its dtype: the fixed tolerance applies
