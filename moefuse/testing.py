@@ -151,6 +151,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
 def bf16_bits_to_f32(bits):
     """bf16 bit patterns (a numpy uint16 array, as Triton's interpreter stores bf16) → the same values as numpy
     float32, exactly: a bf16 is the upper half of the fp32 with the same value (NaN payloads, infinities and
@@ -189,7 +195,9 @@ def install_interpreter_bf16_dot() -> bool:
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
-    real_dot, real_cast = builder.create_dot, builder.cast_impl
+    real_dot, real_cast = getattr(builder, "create_dot", None), getattr(builder, "cast_impl", None)
+    if real_dot is None or real_cast is None:  # another Triton's interpreter: tests/test_bf16_shim.py says so
+        raise RuntimeError(f"triton {triton_version()}: the interpreter has no create_dot / cast_impl to patch")
     if getattr(real_dot, "_moefuse_bf16", False):
         return False
 
