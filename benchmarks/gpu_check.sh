@@ -63,7 +63,7 @@ EOF
 
 # ---- 1. The GPU lane ----
 start=$(date +%s)
-timeout -k 10 "$LANE_LIMIT" "$PY" -m pytest -m gpu tests/test_gpu.py tests/test_shared.py -q -rs -p no:cacheprovider \
+timeout -k 10 "$LANE_LIMIT" "$PY" -m pytest -m gpu tests/test_gpu.py tests/test_shared.py -q -rs --durations=15 -p no:cacheprovider \
   --junitxml "$OUT/lane.xml" >"$OUT/lane.log" 2>&1
 lane_rc=$?
 lane_s=$(( $(date +%s) - start ))
@@ -85,7 +85,7 @@ verdict() {  # rc, limit
   cat "$OUT/environment.txt"
   echo '```'
   echo
-  echo "- lane (\`pytest -m gpu\`): $(verdict $lane_rc "$LANE_LIMIT") in ${lane_s} s — $(tail -n 1 "$OUT/lane.log")"
+  echo "- lane (\`pytest -m gpu\`): $(verdict $lane_rc "$LANE_LIMIT") in ${lane_s} s — $(grep -E "(passed|failed|error)" "$OUT/lane.log" | tail -n 1)"
   echo "- benchmark (benchmarks/gpu.py ${BENCH_ARGS[*]}): $(verdict $bench_rc "$BENCH_LIMIT") in ${bench_s} s"
   echo
   [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
