@@ -9,7 +9,8 @@ from moefuse import Backend
 from moefuse.conversion import convert
 from moefuse.runtime import op as moe_op
 from moefuse.errors import MoefuseError
-from moefuse.testing import CONVERT_FAMILIES, assert_model_parity, fp32_twin, rel_err, tiny_config, tiny_model, tiny_switch
+from moefuse.testing import (CONVERT_FAMILIES, assert_model_parity, fp32_twin, rel_err, tiny_config, tiny_model,
+                             tiny_switch)
 
 
 # The op's CPU path unless a test sets TRITON_INTERPRET=1 itself; fresh dynamo caches (tests/conftest.py).

@@ -50,8 +50,8 @@ TOL = {torch.float32: 2e-5}
 INTERPRETER_EVERY = 10
 # The least fraction of the drawn layers of each expert form that must be lowered over a run (and of the
 # interpreter's share): measured over CI's 500 layers dense 0.78, gathered 0.64, grouped_mm 0.58, the
-# interpreter's share (52 layers) 0.54 — the twists (cumsum, capacity, escape: each must be left alone, ~30% of the layers)
-# and legitimate rejections take the rest. About half the lowest: a detection that silently stopped lowering
+# interpreter's share (52 layers) 0.54 — the twists (cumsum, capacity, escape: each must be left alone, ~30% of
+# the layers) and legitimate rejections take the rest. About half the lowest: a detection that silently stopped lowering
 # a form fails here instead of passing vacuously.
 MIN_LOWERED = {"dense": 0.25, "gathered": 0.25, "grouped_mm": 0.25, "interpreter": 0.2}
 # Gradients, fp32 only: eager's fp16 backward rounds every intermediate to fp16 where the fused op accumulates in

@@ -82,7 +82,8 @@ def token_ids(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def problem(T: int, E: int, K: int, H: int, I: int, dtype: torch.dtype, ids: str = "random", seed: int = 0):  # noqa: E741
+def problem(T: int, E: int, K: int, H: int, I: int, dtype: torch.dtype,  # noqa: E741
+            ids: str = "random", seed: int = 0):
     """(spec, x, topk_ids, topk_weights, w1, w2) of a SwiGLU layer on DEVICE; ids: random | one_expert."""
     g = torch.Generator().manual_seed(seed)
     spec = MoESpec(E, K, H, I, 2 * I, Activation("silu(x0)*x1", ((0, 1), (I, 1))), str(dtype)[6:], str(dtype)[6:])
@@ -201,7 +202,8 @@ def test_tf32_flags_do_not_reach_the_kernels():
     summation order of float64 — TF32 would be ~1e-3 off."""
     spec, x, ids, w, w1, w2 = problem(T=64 if ON_CUDA else 9, E=8 if ON_CUDA else 4, K=2, H=256 if ON_CUDA else 32,
                                       I=128 if ON_CUDA else 16, dtype=torch.float32)
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         torch.set_float32_matmul_precision("highest")
@@ -370,7 +372,8 @@ def test_token_count_edges(case):
     T = {"T=0": 0, "T=1": 1, "one_expert": 300 if ON_CUDA else 20}[case]
     dtype = torch.bfloat16
     spec, x, ids, w, w1, w2 = problem(T=T, E=8 if ON_CUDA else 4, K=2, H=128 if ON_CUDA else 32,
-                                      I=64 if ON_CUDA else 16, dtype=dtype, ids="one_expert" if case == "one_expert" else "random")
+                                      I=64 if ON_CUDA else 16, dtype=dtype,
+                                      ids="one_expert" if case == "one_expert" else "random")
     y = moe_op.moe_call(spec, x, ids, w, w1, w2)
     assert y.shape == (T, spec.hidden) and y.dtype == dtype
     assert_y(y, spec, x, ids, w, w1, w2)
