@@ -7,9 +7,23 @@ import sys
 # collected and before torch may import triton while a test has the variable removed (the CPU-path tests
 # remove it so that moefuse::moe takes its torch path). The compile-only tests build real GPU code in a
 # subprocess that removes it again.
-os.environ["TRITON_INTERPRET"] = "1"
+#
+# The GPU lane (`pytest -m gpu`, run by benchmarks/gpu_check.sh with MOEFUSE_GPU_LANE=1) must define real
+# kernels on a GPU: there the environment decides (the script sets TRITON_INTERPRET=1 only when it rehearses
+# on a CPU), and only the lane's files are collected — test modules such as test_kernels set the variable
+# themselves at import.
+if os.environ.get("MOEFUSE_GPU_LANE") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import triton  # noqa: E402,F401
+
+from moefuse.testing import install_interpreter_bf16_dot  # noqa: E402
+
+# The interpreter multiplies bf16 bit patterns as integers in tl.dot (triton issue 11584): the shim converts
+# them to fp32 exactly first, so bf16 runs through the kernels on the CPU (tests/test_bf16_shim.py tests the
+# shim itself against torch).
+if os.environ.get("TRITON_INTERPRET") == "1":  # not in the GPU lane on a GPU: real kernels, nothing to patch
+    install_interpreter_bf16_dot()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

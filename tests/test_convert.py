@@ -9,7 +9,8 @@ from moefuse import Backend
 from moefuse.conversion import convert
 from moefuse.runtime import op as moe_op
 from moefuse.errors import MoefuseError
-from moefuse.testing import CONVERT_FAMILIES, rel_err, tiny_config, tiny_model, tiny_switch
+from moefuse.testing import (CONVERT_FAMILIES, assert_model_parity, fp32_twin, rel_err, tiny_config, tiny_model,
+                             tiny_switch)
 
 
 # The op's CPU path unless a test sets TRITON_INTERPRET=1 itself; fresh dynamo caches (tests/conftest.py).
@@ -92,7 +93,7 @@ def test_converted_model_trains():
 # Module-level forms: FusedExperts swapped in for experts transformers does not offer through its interface
 # --------------------------------------------------------------------------------------------------------
 
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2}  # as tests/test_models.py: fp16 rounds each eager step
+TOL = {torch.float32: 1e-4}  # fp32 relative error; fp16 by moefuse.testing.assert_model_parity (derived)
 
 
 def convert_and_compile(model, *args, **kwargs):
@@ -114,6 +115,7 @@ def test_module_forms_convert_then_compile(family, dtype):
     """JetMoE (stacked per-expert linears split with tolist) and DBRX (2-D w1/v1/w2, eager loop): after convert
     each MoE layer is one fused op, eager or compiled, with eager's logits."""
     model = tiny_model(family, dtype)
+    twin = fp32_twin(model) if dtype != torch.float32 else None  # before convert: the unconverted fp32 model
     # (with seed 0, fp16 DBRX's second router sees a near-tie that the first layer's rounding flips: a different
     # expert, not a different op; seed 2 has no such tie)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -127,7 +129,10 @@ def test_module_forms_convert_then_compile(family, dtype):
     spec = lowered[0].spec
     assert (spec.num_experts, spec.top_k, spec.hidden, spec.intermediate) == (8, 2, 64, 32)
     assert (spec.activation.expr, spec.activation.slices) == ("x0*x1*sigmoid(x0)", ((0, 1), (32, 1)))
-    assert rel_err(converted, ref) <= TOL[dtype] and rel_err(out, ref) <= TOL[dtype]
+    with torch.no_grad():
+        ref32 = twin(ids).logits if twin is not None else None
+    assert_model_parity(converted, ref, ref32, dtype, TOL[torch.float32], what="converted")
+    assert_model_parity(out, ref, ref32, dtype, TOL[torch.float32], what="compiled")
 
 
 @pytest.mark.parametrize("family", sorted(CONVERT_FAMILIES))

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from moefuse.compiler.options import Options, parse_options
 from moefuse.compiler.report import CompileReport, Explanation, Lowered
-from moefuse.compiler.verify import verify
+from moefuse.compiler.verify import check_runnable, verify
 from moefuse.passes.canonicalize import canonicalize
 from moefuse.passes.detect import detect
 from moefuse.passes.region import Rejection, Reject
@@ -60,12 +60,12 @@ def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) ->
     report.rejected.extend(rejected)
     for region in regions:
         error = None
-        if options.verify:
-            try:
-                error = verify(gm, region)
-            except Reject as r:
-                report.rejected.append(Rejection(r.reason, r.node, region.module, r.detail))
-                continue
+        try:
+            check_runnable(region)  # a spec the device's kernels refuse: rejected with verification off too
+            error = verify(gm, region) if options.verify else None
+        except Reject as r:
+            report.rejected.append(Rejection(r.reason, r.node, region.module, r.detail))
+            continue
         if not options.lower:
             report.lowered.append(Lowered(region.module, "(not rewritten: lower=False)", region.spec, error))
             continue

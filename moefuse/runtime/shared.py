@@ -31,6 +31,7 @@ from moefuse.spec import SharedExpert, spec_from_key
 
 Tensor = torch.Tensor
 R = TypeVar("R")
+S = TypeVar("S")
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -128,13 +129,27 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device)
 
 
-def overlapped(x: Tensor, shared: Callable[[], Tensor] | None, routed: Callable[[], R]) -> tuple[R, Tensor | None]:
+def _on_cuda(x: Tensor) -> bool:
+    """Whether `overlapped` takes the stream path (a seam: the CPU tests mock the CUDA stream API behind it)."""
+    return x.is_cuda
+
+
+def _tensors(out) -> list[Tensor]:
+    """The tensors of a thunk's result: one tensor, or a tuple / list of tensors and Nones (`shared_backward`'s
+    gradients)."""
+    if isinstance(out, Tensor):
+        return [out]
+    return [t for t in out if isinstance(t, Tensor)]
+
+
+def overlapped(x: Tensor, shared: Callable[[], S] | None, routed: Callable[[], R]) -> tuple[R, S | None]:
     """(routed(), shared()) — on CUDA with `shared` on a side stream, concurrently with `routed` on the current
     stream; on the CPU one after the other. `shared` reads only tensors that are ready on the current stream
-    when this is called (x and the weights)."""
+    when this is called (x, the weights, and the output gradient in backward) and returns a tensor or a tuple
+    of tensors and Nones (`shared_forward`'s output, `shared_backward`'s gradients)."""
     if shared is None:
         return routed(), None
-    if not x.is_cuda:
+    if not _on_cuda(x):
         return routed(), shared()
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(x.device)
@@ -147,8 +162,10 @@ def overlapped(x: Tensor, shared: Callable[[], Tensor] | None, routed: Callable[
         done.record(side)
     r = routed()
     main.wait_event(done)  # the final add (and anything after the op) sees the shared output
-    # s was allocated on the side stream and is used (and freed) on the main one: tell the caching allocator,
-    # or it could hand s's memory to a side-stream allocation before the main stream is done with it. x and
-    # the weights need no record: the main stream waits for the side one before anything later can free them.
-    s.record_stream(main)
+    # Every tensor of s was allocated on the side stream and is used (and freed) on the main one: tell the
+    # caching allocator, or it could hand that memory to a side-stream allocation before the main stream is
+    # done with it. x and the weights need no record: the main stream waits for the side one before anything
+    # later can free them.
+    for t in _tensors(s):
+        t.record_stream(main)
     return r, s
