@@ -3,21 +3,30 @@
     import torch
     model = torch.compile(model, backend="moefuse")                    # registered as an entry point
     model = torch.compile(model, backend="moefuse", options={"inner": "eager"})
+    model = torch.compile(model, backend="moefuse", mode="max-autotune")      # mode → Inductor
+    model = torch.compile(model, backend="moefuse", options={"token_rounding": "up", "epilogue_fusion": False})
     print(moefuse.last_report())                                       # what the last compile did
 
 Every MoE layer dynamo captured is replaced by one `moefuse::moe` call; the rest of the graph goes to the
 inner compiler (Inductor by default). A layer that cannot be lowered exactly runs as it was, and the report
-says why.
+says why; so does a layer that a graph break splits in two (`compiler/capture.py`).
+
+`options` holds moefuse's own keys (`compiler/options.py`) and Inductor's (`torch._inductor.list_options()`);
+the two sets do not overlap. Inductor's keys and `mode` go to Inductor exactly as `backend="inductor"` would
+take them; with `inner="eager"` they have nothing to configure and are ignored with a warning.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 
 import torch
 import torch.fx as fx
 
+from moefuse.compiler.capture import enable_data_dependent_capture, split_rejections
 from moefuse.compiler.options import Options, parse_options
+from moefuse.errors import OptionsError
 from moefuse.compiler.report import CompileReport, Explanation, Lowered
 from moefuse.compiler.verify import verify
 from moefuse.passes.canonicalize import canonicalize
@@ -57,7 +66,8 @@ def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) ->
         elif node.op == "call_function" and str(node.target).startswith("moefuse.ep_moe"):
             report.lowered.append(_expert_parallel(node))
     regions, rejected = detect(gm)
-    report.rejected.extend(rejected)
+    # A block split by a graph break is reported with the op and line that split it, not as an eager loop.
+    report.rejected.extend(split_rejections(gm, rejected))
     for region in regions:
         error = None
         if options.verify:
@@ -94,36 +104,100 @@ def _expert_parallel(node: fx.Node) -> Lowered:
                    expert_parallel=(dist.get_world_size(group), first, first + local))
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
-    if inner == "eager":
-        return gm.forward
-    from torch._inductor.compile_fx import compile_fx
+_MOEFUSE_KEYS = frozenset(f.name for f in dataclasses.fields(Options))
 
-    return compile_fx(gm, example_inputs)
+
+def split_options(options: dict | Options | None) -> tuple[Options, dict]:
+    """`options=` of torch.compile → (moefuse's Options, Inductor's keys). A key that is neither is an error
+    naming both sets."""
+    if options is None or isinstance(options, Options):
+        return parse_options(options), {}
+    if not isinstance(options, dict):
+        raise OptionsError(f"options must be a dict or moefuse Options, got {type(options).__name__}")
+    ours = {k: v for k, v in options.items() if k in _MOEFUSE_KEYS}
+    theirs = {k: v for k, v in options.items() if k not in _MOEFUSE_KEYS}
+    if theirs:
+        import torch._inductor
+
+        known = set(torch._inductor.list_options())
+        unknown = sorted(k for k in theirs if k.replace("-", "_") not in known)
+        if unknown:
+            raise OptionsError(f"unknown moefuse option(s) {unknown}; valid options are "
+                               f"{[f.name for f in dataclasses.fields(Options)]}, or any Inductor option "
+                               "(torch._inductor.list_options())")
+    return parse_options(ours), theirs
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode: str | None = None,
+                   inductor_options: dict | None = None):
+    if inner == "eager":
+        if mode not in (None, "default") or inductor_options:
+            log.warning("moefuse: inner='eager' runs the rest of the graph as it is, so mode=%r and Inductor "
+                        "option(s) %s do nothing (set options={'inner': 'inductor'} to use them)",
+                        mode, sorted(inductor_options or {}))
+        return gm.forward
+    # torch's own Inductor entry: the same mode table, option validation and CUDA-graph set-up as
+    # torch.compile(backend="inductor", mode=..., options=...).
+    return torch._TorchCompileInductorWrapper(mode, inductor_options or None, None)(gm, example_inputs)
 
 
 class Backend:
-    """A moefuse backend instance: `torch.compile(model, backend=Backend(options))`. Keeps its reports."""
+    """A moefuse backend instance: `torch.compile(model, backend=Backend(options))`. Keeps its reports.
+
+        backend = moefuse.Backend({"inner": "eager"})
+        torch.compile(model, backend=backend)(x)
+        print(backend.explanation)
+
+    It survives the ways programs pass backends around: `copy.copy` / `copy.deepcopy` give the backend itself
+    (a compiler, like a function; Lightning Fabric deep-copies torch.compile's arguments and compiles again with
+    the copy, and its reports must land where the caller reads them); pickling gives an independent backend with
+    the same options and the reports so far (the registered `moefuse_backend` unpickles as the registered one
+    of the receiving process); `functools.partial(backend, options={...})` sets options per call.
+    """
 
     def __init__(self, options: dict | Options | None = None):
-        self.options = None if options is None else parse_options(options)
+        # None: read the environment at each compile (the registered instance)
+        self.options, self.inductor_options = (None, {}) if options is None else split_options(options)
         self.explanation = Explanation()
-        self._lock = threading.Lock()
+        # Dynamo must capture data-dependent ops before this backend sees any graph (compiler/capture.py).
+        enable_data_dependent_capture()
 
     def __call__(self, gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
-        opts = parse_options(options) if options is not None else (self.options or parse_options(None))
-        if mode not in (None, "default"):
-            log.warning("moefuse: mode=%r is passed on to nothing; the inner compiler runs its defaults "
-                        "(set options={'inner': ...} to choose it)", mode)
+        if options is not None:
+            opts, inductor = split_options(options)
+        else:
+            opts, inductor = self.options or parse_options(None), self.inductor_options
         report = CompileReport(graph=f"{len(self.explanation.reports)}", inner=opts.inner)
         gm = run_pipeline(gm, opts, report)
-        with self._lock:
+        with _REPORTS_LOCK:
             self.explanation.reports.append(report)
         log.info("%s", report)
-        return _inner_compile(gm, example_inputs, opts.inner)
+        return _inner_compile(gm, example_inputs, opts.inner, mode, inductor)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        if self is globals().get("moefuse_backend"):
+            return "moefuse_backend"  # pickle by name: the registered instance of the unpickling process
+        return (_restore, (self.options, self.inductor_options, self.explanation))
 
     # No `reset` method on purpose: torch._dynamo.reset() calls `backend.reset()`, and the reports must
     # outlive a reset (moefuse.explain resets dynamo after compiling).
+
+
+# One lock for every backend's report list: a backend holds no lock, so it pickles and deep-copies.
+_REPORTS_LOCK = threading.Lock()
+
+
+def _restore(options, inductor_options, explanation) -> Backend:
+    backend = Backend.__new__(Backend)
+    backend.options, backend.inductor_options, backend.explanation = options, inductor_options, explanation
+    enable_data_dependent_capture()
+    return backend
 
 
 # The instance behind `backend="moefuse"` (the torch_dynamo_backends entry point).

@@ -1,10 +1,73 @@
 """What the backend did to each graph: regions lowered (with their spec), regions rejected (with a reason)."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from moefuse.passes.region import Rejection
 from moefuse.spec import MoESpec
+
+
+class BreakKind(enum.Enum):
+    """Why dynamo ended a graph inside an MoE block (a graph break). Each value carries the hint shown to the user.
+
+    Kept here, not in `passes.region.Reason`: a break is found by the backend from what dynamo records about the
+    graph it hands over, not by detection."""
+
+    DATA_DEPENDENT_SHAPE = "an op whose output shape depends on tensor data (bincount, nonzero, unique, …)"
+    SCALAR_OUTPUT = "a tensor value read on the host (.item(), .tolist())"
+    DATA_DEPENDENT_BRANCH = "Python control flow on a tensor's value"
+    UNSUPPORTED_CALL = "a call dynamo cannot trace (print, logging, an unsupported builtin or library function)"
+    EXPLICIT = "an explicit torch._dynamo.graph_break()"
+    OTHER = "something dynamo cannot trace"
+
+    @property
+    def hint(self) -> str:
+        return _BREAK_HINTS[self]
+
+
+_CAPTURE_OFF = ("moefuse turns it on unless MOEFUSE_CAPTURE_DATA_DEPENDENT=0 or the program set it to False before "
+                "moefuse was loaded: leave it on")
+_BREAK_HINTS = {
+    BreakKind.DATA_DEPENDENT_SHAPE: "dynamo's capture_dynamic_output_shape_ops was off here; " + _CAPTURE_OFF,
+    BreakKind.SCALAR_OUTPUT: "dynamo's capture_scalar_outputs was off here; " + _CAPTURE_OFF,
+    BreakKind.DATA_DEPENDENT_BRANCH: "keep the decision on the device: torch.where or torch.cond instead of a Python "
+                                     "if on a tensor; offsets from torch.cumsum instead of a loop over .tolist()",
+    BreakKind.UNSUPPORTED_CALL: "move the call out of the MoE block's forward, or skip it while compiling: "
+                                "`if not torch.compiler.is_compiling(): ...`",
+    BreakKind.EXPLICIT: "remove the torch._dynamo.graph_break() from the MoE block",
+    BreakKind.OTHER: "rewrite the line so dynamo can trace it (dynamo's reason is quoted); moefuse.convert(model) "
+                     "replaces, before compiling, the MoE blocks it recognises by their structure",
+}
+
+
+@dataclass(frozen=True)
+class GraphBreak:
+    """Where and why dynamo ended the graph it handed to the backend (from `gm.compile_subgraph_reason`)."""
+
+    kind: BreakKind
+    op: str  # what broke it: the ATen op or builtin dynamo names, else the source line's code
+    source: str  # file:line of the user code at the break
+    code: str  # that line's text
+    dynamo_reason: str  # dynamo's own first line ("Dynamic shape operator", "Failed to trace builtin operator", …)
+
+    def __str__(self) -> str:
+        return f"{self.op!r} at {self.source} `{self.code}` ({self.kind.value}; dynamo: {self.dynamo_reason})"
+
+
+@dataclass
+class SplitByGraphBreak(Rejection):
+    """A MoE block that spans two graphs: its top-k routing is live at a graph break inside the block, so the
+    experts run in the next graph and neither graph holds the whole layer. `reason` stays
+    EXPERTS_OUTSIDE_GRAPH (what detection sees); the hint is the break's, which names what to change."""
+
+    graph_break: GraphBreak | None = None
+
+    def __str__(self) -> str:
+        b = self.graph_break
+        return (f"[{self.reason.name}] {self.module} at node {self.node!r}: the MoE block spans two graphs, split by "
+                f"a graph break at {b.source} on {b.op!r} `{b.code}`: {b.kind.value} (dynamo: {b.dynamo_reason}) "
+                f"(hint: {b.kind.hint})")
 
 
 @dataclass

@@ -1,0 +1,142 @@
+"""How dynamo captures MoE code for moefuse, and what the backend learns about the graph breaks that remain.
+
+Data-dependent ops. Sort-based MoE dispatch counts tokens per expert (`bincount`, `nonzero`, `unique`, a
+`.tolist()` of the counts). By default dynamo ends the graph at such an op, so the block spans two graphs and
+cannot be fused. `enable_data_dependent_capture` turns on dynamo's `capture_dynamic_output_shape_ops` and
+`capture_scalar_outputs`: the op's result becomes a tensor with an unbacked symbolic size (or an unbacked
+symbolic int) inside the graph, and the whole block is one graph. This is what `fullgraph=True` already does
+for the frame it compiles.
+
+Why process-wide, from the moment a moefuse `Backend` is created (the registered one: when `torch.compile`
+first looks up "moefuse"): dynamo would enter a backend's `backend_ctx_ctor` around every frame it traces,
+which would scope the change to moefuse's frames, but `torch.compile` wraps every non-Inductor backend in
+`torch._TorchCompileWrapper`, which does not forward that attribute (torch 2.11–2.13; only
+`torch._dynamo.optimize(backend)` sees it). Nothing else of a backend runs before dynamo traces. So the
+setting holds for every `torch.compile` in the process after moefuse is loaded, whatever its backend.
+`MOEFUSE_CAPTURE_DATA_DEPENDENT=0` leaves dynamo's settings alone; a value the program set itself (either
+setting set to False before moefuse was loaded) is respected.
+
+Graph breaks that remain. Dynamo records on each graph it hands over why it ended
+(`gm.compile_subgraph_reason`: the reason and the user stack at the break). When that graph's top-k routing is
+live at the break (a top-k result, or an integer tensor computed from the expert ids, is a graph output), the
+MoE block spans the break: `split_rejections` reports it with the op, the source line and a hint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import torch
+import torch.fx as fx
+
+from moefuse.compiler.report import BreakKind, GraphBreak, SplitByGraphBreak
+from moefuse.passes import fxutil as fu
+from moefuse.passes.region import Reason, Rejection
+
+log = logging.getLogger("moefuse")
+
+ENV = "MOEFUSE_CAPTURE_DATA_DEPENDENT"
+_SETTINGS = ("capture_dynamic_output_shape_ops", "capture_scalar_outputs")
+
+
+def enable_data_dependent_capture() -> bool:
+    """Turn on dynamo's capture of data-dependent ops (see the module docstring); True if they are on after.
+    Reads MOEFUSE_CAPTURE_DATA_DEPENDENT when called ("0", "false", "no", "off": leave dynamo alone)."""
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    config = torch._dynamo.config
+    for name in _SETTINGS:
+        # A program that set a value itself (or through TORCHDYNAMO_* variables) keeps it.
+        if config._is_default(name):
+            setattr(config, name, True)
+    return all(getattr(config, name) for name in _SETTINGS)
+
+
+# --- graph breaks -------------------------------------------------------------------------------------------
+
+_KINDS = (  # matched against dynamo's reason text, first match wins
+    (BreakKind.DATA_DEPENDENT_SHAPE, r"capture_dynamic_output_shape_ops|[Dd]ynamic shape operator"),
+    (BreakKind.SCALAR_OUTPUT, r"capture_scalar_outputs"),
+    (BreakKind.EXPLICIT, r"graph_break\(\)"),
+    (BreakKind.DATA_DEPENDENT_BRANCH, r"[Dd]ata[- ]dependent"),
+    (BreakKind.UNSUPPORTED_CALL, r"builtin|[Uu]nsupported (function|method|call)|skip|[Aa]ttempted to call function"),
+)
+
+
+def graph_break_of(gm: fx.GraphModule) -> GraphBreak | None:
+    """Why dynamo ended this graph, if it ended at a graph break (not at the frame's return)."""
+    why = getattr(gm, "compile_subgraph_reason", None)
+    if why is None or not getattr(why, "graph_break", False) or not getattr(why, "user_stack", None):
+        return None
+    text = str(why.reason)
+    frame = why.user_stack[-1]
+    kind = next((k for k, pattern in _KINDS if re.search(pattern, text)), BreakKind.OTHER)
+    context = re.search(r"Developer debug context:\s*(\S[^\n]*)", text)
+    builtin = re.search(r"builtin (?:operator |function )?`(\w+)`", text)
+    code = (frame.line or "").strip()
+    op = context.group(1).strip() if context and kind is BreakKind.DATA_DEPENDENT_SHAPE else (
+        builtin.group(1) if builtin else code)
+    return GraphBreak(kind, op, f"{os.path.basename(frame.filename)}:{frame.lineno}", code,
+                      text.strip().splitlines()[0] if text.strip() else "graph break")
+
+
+def _routing_live_at_end(gm: fx.GraphModule) -> list[fx.Node]:
+    """The top-k nodes whose routing is a graph output: a top-k result itself (through views and casts), or an
+    integer tensor computed from the expert ids (sorted order, counts, offsets). Hidden states computed by a
+    finished MoE block depend on its top-k too, but are floating point: they do not count."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = {a for a in _flat(output.args) if isinstance(a, fx.Node)}
+    live = []
+    for n in gm.graph.nodes:
+        if fu.op_name(n) not in ("torch.topk", "method:topk", "aten.topk"):
+            continue
+        results = {u for u in n.users if fu.op_name(u) == "getitem"}
+        near = set(results)
+        for _ in range(4):
+            near |= {u for r in near for u in r.users if fu.is_view(u) or fu.is_cast(u)}
+        if near & outs:
+            live.append(n)
+            continue
+        ids = [u for u in results if u.args[1] == 1]
+        seen, todo = set(ids), list(ids)
+        while todo:
+            for u in todo.pop().users:
+                if u not in seen and fu.is_int(u):
+                    seen.add(u)
+                    todo.append(u)
+        if seen & outs:
+            live.append(n)
+    return live
+
+
+def _flat(args) -> list:
+    out = []
+    for a in args if isinstance(args, (list, tuple)) else [args]:
+        out.extend(_flat(a) if isinstance(a, (list, tuple)) else [a])
+    return out
+
+
+def split_rejections(gm: fx.GraphModule, rejected: list[Rejection]) -> list[Rejection]:
+    """`rejected` with every MoE block that this graph's break splits reported as `SplitByGraphBreak`: detection's
+    EXPERTS_OUTSIDE_GRAPH rejection of it is replaced (its hint is about eager expert loops, not about this break),
+    and a block detection did not flag is added. Unchanged when the graph did not end at a break, or when no
+    routing is live at the break (a break elsewhere in the model is not moefuse's to report)."""
+    brk = graph_break_of(gm)
+    if brk is None:
+        return rejected
+    live = _routing_live_at_end(gm)
+    if not live:
+        return rejected
+    names = {n.name: n for n in live}
+    out = []
+    for r in rejected:
+        if r.reason is Reason.EXPERTS_OUTSIDE_GRAPH and r.node in names:
+            out.append(SplitByGraphBreak(r.reason, r.node, r.module, r.detail, graph_break=brk))
+            names.pop(r.node)
+        else:
+            out.append(r)
+    for name, n in names.items():
+        out.append(SplitByGraphBreak(Reason.EXPERTS_OUTSIDE_GRAPH, name, fu.module_path(n), graph_break=brk))
+    log.info("graph break inside an MoE block: %s", brk)
+    return out
