@@ -1,0 +1,160 @@
+"""Graph breaks are the backend's problem: a MoE whose only obstacle is a data-dependent op (bincount) is captured
+in one graph with `backend="moefuse"` alone, and a MoE that a graph break still splits is reported with the op,
+the source line and a hint that is true."""
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import moefuse
+from moefuse import Backend
+from moefuse.compiler.report import BreakKind, SplitByGraphBreak
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moe_zoo import GroupedMMModel, GroupedMMMoE, PrintingMoE  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("cpu_path")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _line_of(cls, text: str) -> int:
+    """The line number in moe_zoo.py of the first line of `cls.forward` containing `text`."""
+    lines, first = inspect.getsourcelines(cls.forward)
+    return first + next(i for i, line in enumerate(lines) if text in line)
+
+
+def test_bincount_moe_is_one_graph_with_the_one_line_compile():
+    """A fresh process (dynamo's settings at their defaults, nothing imported but torch and the test MoE):
+    `torch.compile(model, backend="moefuse")` and nothing else gives ONE graph for two argsort + bincount
+    `F.grouped_mm` blocks, with eager's outputs. MOEFUSE_INNER=eager only skips Inductor's C++ build: the capture
+    is dynamo's, before any inner compiler runs."""
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, "tests")
+        from moe_zoo import GroupedMMModel
+        assert not torch._dynamo.config.capture_dynamic_output_shape_ops  # dynamo's default: a break at bincount
+        torch.manual_seed(0)
+        model = GroupedMMModel().to(torch.bfloat16)
+        x = torch.randn(7, 32, dtype=torch.bfloat16)
+        with torch.no_grad():
+            ref = model(x)
+            out = torch.compile(model, backend="moefuse")(x)
+        import moefuse
+        from torch._dynamo.utils import counters
+        print("graphs", len(moefuse.reports().reports), counters["stats"]["unique_graphs"],
+              sum(counters["graph_break"].values()), torch.equal(out, ref))
+    """)
+    env = {**os.environ, "MOEFUSE_INNER": "eager", "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("MOEFUSE_CAPTURE_DATA_DEPENDENT", None)
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-4:] == ["1", "1", "0", "True"], run.stdout + run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_bincount_moe_one_graph_in_process(fullgraph):
+    torch.manual_seed(0)
+    model = GroupedMMModel().to(torch.bfloat16)
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    backend = Backend({"inner": "eager"})
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend=backend, fullgraph=fullgraph)(x)
+    assert len(backend.explanation.reports) == 1, str(backend.explanation)
+    assert not any(isinstance(r, SplitByGraphBreak) for r in backend.explanation.rejected)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_without_capture_the_split_names_bincount_and_its_line():
+    """With dynamo's capture turned off (as a program may do), the block breaks at bincount: the report says so,
+    at the right line, with a hint that names the setting."""
+    torch.manual_seed(0)
+    model = GroupedMMMoE().to(torch.bfloat16)
+    x = torch.randn(6, 32, dtype=torch.bfloat16)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False, capture_scalar_outputs=False):
+        with torch.no_grad():
+            explanation = moefuse.explain(model, x)
+    splits = [r for r in explanation.rejected if isinstance(r, SplitByGraphBreak)]
+    assert len(splits) == 1, str(explanation)
+    brk = splits[0].graph_break
+    assert brk.kind is BreakKind.DATA_DEPENDENT_SHAPE and "bincount" in brk.op
+    assert brk.source == f"moe_zoo.py:{_line_of(GroupedMMMoE, 'torch.bincount')}"
+    assert splits[0].reason.name == "EXPERTS_OUTSIDE_GRAPH"
+    text = str(explanation)
+    assert "spans two graphs" in text and "capture_dynamic_output_shape_ops" in text and "MOEFUSE_CAPTURE" in text
+
+
+def test_print_inside_the_moe_is_reported_with_a_true_hint(capsys):
+    torch.manual_seed(0)
+    model = PrintingMoE().to(torch.bfloat16)
+    x = torch.randn(6, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        explanation = moefuse.explain(model, x)
+        backend = Backend({"inner": "eager"})
+        out = torch.compile(model, backend=backend)(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    splits = [r for r in explanation.rejected if isinstance(r, SplitByGraphBreak)]
+    assert len(splits) == 1, str(explanation)
+    brk = splits[0].graph_break
+    assert brk.kind is BreakKind.UNSUPPORTED_CALL and brk.op == "print"
+    assert brk.source == f"moe_zoo.py:{_line_of(PrintingMoE, 'print(')}" and brk.code.startswith("print(")
+    assert "torch.compiler.is_compiling()" in str(explanation)
+
+    # The hint is true: skipping the print while compiling makes the block one graph.
+    class Fixed(PrintingMoE):
+        pass
+
+    src = textwrap.dedent(inspect.getsource(PrintingMoE.forward)).replace(
+        'print("tokens per expert", counts)',
+        'if not torch.compiler.is_compiling():\n        print("tokens per expert", counts)')
+    namespace = {}
+    exec(compile(src, "fixed", "exec"), sys.modules[PrintingMoE.__module__].__dict__, namespace)
+    Fixed.forward = namespace["forward"]
+    fixed = Fixed().to(torch.bfloat16)
+    fixed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        explanation = moefuse.explain(fixed, x)
+    assert len(explanation.reports) == 1 and not any(isinstance(r, SplitByGraphBreak) for r in explanation.rejected)
+
+
+class BreakAfterMoE(nn.Module):
+    """A graph break after the MoE block has finished (a print of the hidden states): not moefuse's to report."""
+
+    def __init__(self):
+        super().__init__()
+        self.moe = GroupedMMMoE()
+        self.out = nn.Linear(32, 32, bias=False)
+
+    def forward(self, x):
+        h = x + self.moe(x)
+        print("hidden", h.shape, h.float().norm())
+        return self.out(h)
+
+
+def test_break_outside_the_moe_is_not_reported():
+    torch.manual_seed(0)
+    model = BreakAfterMoE().to(torch.bfloat16)
+    x = torch.randn(6, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        explanation = moefuse.explain(model, x)
+    assert len(explanation.reports) == 2, str(explanation)  # the break happened
+    assert not any(isinstance(r, SplitByGraphBreak) for r in explanation.rejected), str(explanation)
+
+
+def test_capture_can_be_left_off(monkeypatch):
+    from moefuse.compiler.capture import enable_data_dependent_capture
+
+    monkeypatch.setenv("MOEFUSE_CAPTURE_DATA_DEPENDENT", "0")
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False, capture_scalar_outputs=False):
+        assert enable_data_dependent_capture() is False
+        assert not torch._dynamo.config.capture_dynamic_output_shape_ops
