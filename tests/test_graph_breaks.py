@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import moefuse
 from moefuse import Backend
-from moefuse.compiler.report import BreakKind, SplitByGraphBreak
+from moefuse.compiler.report import AfterGraphBreak, BreakKind, SplitByGraphBreak
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_zoo import GroupedMMModel, GroupedMMMoE, PrintingMoE  # noqa: E402
@@ -109,6 +109,10 @@ def test_print_inside_the_moe_is_reported_with_a_true_hint(capsys):
     assert brk.kind is BreakKind.UNSUPPORTED_CALL and brk.op == "print"
     assert brk.source == f"moe_zoo.py:{_line_of(PrintingMoE, 'print(')}" and brk.code.startswith("print(")
     assert "torch.compiler.is_compiling()" in str(explanation)
+    # The graph that resumes after the break holds the block's second half: reported with the same break, not
+    # with detection's "file an issue" hints.
+    assert all(r.graph_break == brk for r in explanation.rejected if isinstance(r, AfterGraphBreak))
+    assert "file an issue" not in str(explanation), str(explanation)
 
     # The hint is true: skipping the print while compiling makes the block one graph.
     class Fixed(PrintingMoE):

@@ -24,10 +24,10 @@ import threading
 import torch
 import torch.fx as fx
 
-from moefuse.compiler.capture import enable_data_dependent_capture, split_rejections
+from moefuse.compiler.capture import after_split, enable_data_dependent_capture, split_rejections
 from moefuse.compiler.options import Options, parse_options
 from moefuse.errors import OptionsError
-from moefuse.compiler.report import CompileReport, Explanation, Lowered
+from moefuse.compiler.report import CompileReport, Explanation, Lowered, SplitByGraphBreak
 from moefuse.compiler.verify import verify
 from moefuse.passes.canonicalize import canonicalize
 from moefuse.passes.detect import detect
@@ -170,6 +170,11 @@ class Backend:
         report = CompileReport(graph=f"{len(self.explanation.reports)}", inner=opts.inner)
         gm = run_pipeline(gm, opts, report)
         with _REPORTS_LOCK:
+            # The graph after a break that split an MoE block holds its second half: say so (dynamo compiles
+            # the resumed function after the graph before it, so the split is known by then).
+            splits = {r.graph_break.source: r.graph_break for rep in self.explanation.reports for r in rep.rejected
+                      if isinstance(r, SplitByGraphBreak)}
+            report.rejected = after_split(gm, report.rejected, splits)
             self.explanation.reports.append(report)
         log.info("%s", report)
         return _inner_compile(gm, example_inputs, opts.inner, mode, inductor)

@@ -30,7 +30,7 @@ import re
 import torch
 import torch.fx as fx
 
-from moefuse.compiler.report import BreakKind, GraphBreak, SplitByGraphBreak
+from moefuse.compiler.report import AfterGraphBreak, BreakKind, GraphBreak, SplitByGraphBreak
 from moefuse.passes import fxutil as fu
 from moefuse.passes.region import Reason, Rejection
 
@@ -140,3 +140,28 @@ def split_rejections(gm: fx.GraphModule, rejected: list[Rejection]) -> list[Reje
         out.append(SplitByGraphBreak(Reason.EXPERTS_OUTSIDE_GRAPH, name, fu.module_path(n), graph_break=brk))
     log.info("graph break inside an MoE block: %s", brk)
     return out
+
+
+_RESUME = re.compile(r"torch_dynamo_resume_in_\w+_at_(\d+)$")
+
+
+def resumed_from(gm: fx.GraphModule) -> str | None:
+    """For a graph of the function dynamo resumes after a graph break: the break's "file:line"."""
+    why = getattr(gm, "compile_subgraph_reason", None)
+    for frame in getattr(why, "user_stack", None) or []:
+        m = _RESUME.match(frame.name or "")
+        if m:
+            return f"{os.path.basename(frame.filename)}:{m.group(1)}"
+    return None
+
+
+def after_split(gm: fx.GraphModule, rejected: list[Rejection], splits: dict[str, GraphBreak]) -> list[Rejection]:
+    """`rejected` with the candidates of a graph that resumes after a split MoE block (`splits`: the breaks that
+    split one, by "file:line") reported as `AfterGraphBreak`: what is left of the block is not a layer detection
+    can take, and the fix is the break's."""
+    where = resumed_from(gm)
+    brk = splits.get(where) if where else None
+    if brk is None:
+        return rejected
+    return [r if isinstance(r, (SplitByGraphBreak, AfterGraphBreak))
+            else AfterGraphBreak(r.reason, r.node, r.module, r.detail, graph_break=brk) for r in rejected]

@@ -120,6 +120,21 @@ class Lowered:
 
 
 @dataclass
+class AfterGraphBreak(Rejection):
+    """A candidate in the graph that resumes after a `SplitByGraphBreak`: the second half of the split block
+    (its routing arrives as graph inputs, so detection cannot see a whole layer). Reported with the split's
+    break, which is what to fix; `reason` is detection's own."""
+
+    graph_break: GraphBreak | None = None
+
+    def __str__(self) -> str:
+        b = self.graph_break
+        detail = f": {self.detail}" if self.detail else ""
+        return (f"[{self.reason.name}] {self.module} at node {self.node!r}: {self.reason.value}{detail}; this graph "
+                f"resumes after the graph break at {b.source} that split an MoE block (hint: {b.kind.hint})")
+
+
+@dataclass
 class CompileReport:
     """One graph compiled by the backend."""
 
