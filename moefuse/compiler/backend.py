@@ -128,17 +128,26 @@ def split_options(options: dict | Options | None) -> tuple[Options, dict]:
     return parse_options(ours), theirs
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode: str | None = None,
-                   inductor_options: dict | None = None):
-    if inner == "eager":
-        if mode not in (None, "default") or inductor_options:
+@dataclasses.dataclass(frozen=True)
+class InnerCompiler:
+    """What compiles the rest of the graph: `name` ("inductor" / "eager"), and for Inductor the `mode` and
+    Inductor options given to torch.compile."""
+
+    name: str
+    mode: str | None = None
+    options: tuple[tuple[str, object], ...] = ()
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs, inner: InnerCompiler):
+    if inner.name == "eager":
+        if inner.mode not in (None, "default") or inner.options:
             log.warning("moefuse: inner='eager' runs the rest of the graph as it is, so mode=%r and Inductor "
                         "option(s) %s do nothing (set options={'inner': 'inductor'} to use them)",
-                        mode, sorted(inductor_options or {}))
+                        inner.mode, sorted(k for k, _ in inner.options))
         return gm.forward
     # torch's own Inductor entry: the same mode table, option validation and CUDA-graph set-up as
     # torch.compile(backend="inductor", mode=..., options=...).
-    return torch._TorchCompileInductorWrapper(mode, inductor_options or None, None)(gm, example_inputs)
+    return torch._TorchCompileInductorWrapper(inner.mode, dict(inner.options) or None, None)(gm, example_inputs)
 
 
 class Backend:
@@ -177,7 +186,7 @@ class Backend:
             report.rejected = after_split(gm, report.rejected, splits)
             self.explanation.reports.append(report)
         log.info("%s", report)
-        return _inner_compile(gm, example_inputs, opts.inner, mode, inductor)
+        return _inner_compile(gm, example_inputs, InnerCompiler(opts.inner, mode, tuple(inductor.items())))
 
     def __copy__(self):
         return self
