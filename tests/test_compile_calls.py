@@ -193,6 +193,24 @@ def test_mode_and_inductor_options_reach_inductor(monkeypatch, model_and_input, 
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_inductor_options_reach_compile_fx(monkeypatch, model_and_input):
+    """The real hand-off (C++ on the CPU): Inductor's keys arrive in compile_fx's config patches, moefuse's do not."""
+    from torch._inductor import compile_fx as fx_module
+
+    model, x, ref = model_and_input
+    monkeypatch.delenv("MOEFUSE_INNER", raising=False)
+    patches, real = [], fx_module.compile_fx
+    monkeypatch.setattr(fx_module, "compile_fx", lambda gm, ex, **kw: patches.append(kw.get("config_patches"))
+                        or real(gm, ex, **kw))
+    calls = _fused_calls()
+    with torch.no_grad():
+        out = torch.compile(model, backend="moefuse", options={"epilogue_fusion": False, "verify": True})(x)
+    assert patches and patches[0]["epilogue_fusion"] is False and "verify" not in patches[0]
+    assert _fused_calls() - calls == 2
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_real_inductor_takes_options_it_knows():
     """torch's own Inductor wrapper validates the keys moefuse passes on (no compile: construction only)."""
     opts, inductor = split_options({"inner": "inductor", "max_autotune": True, "triton.cudagraphs": False})

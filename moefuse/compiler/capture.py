@@ -48,7 +48,8 @@ def enable_data_dependent_capture() -> bool:
     config = torch._dynamo.config
     for name in _SETTINGS:
         # A program that set a value itself (or through TORCHDYNAMO_* variables) keeps it.
-        if config._is_default(name):
+        is_default = getattr(config, "_is_default", None)
+        if is_default is None or is_default(name):
             setattr(config, name, True)
     return all(getattr(config, name) for name in _SETTINGS)
 
