@@ -31,12 +31,12 @@ _CAPTURE_OFF = ("moefuse turns it on unless MOEFUSE_CAPTURE_DATA_DEPENDENT=0 or 
 _BREAK_HINTS = {
     BreakKind.DATA_DEPENDENT_SHAPE: "dynamo's capture_dynamic_output_shape_ops was off here; " + _CAPTURE_OFF,
     BreakKind.SCALAR_OUTPUT: "dynamo's capture_scalar_outputs was off here; " + _CAPTURE_OFF,
-    BreakKind.DATA_DEPENDENT_BRANCH: "a Python loop or if over tensor data (e.g. `for e in experts_hit`, a loop over "
-                                     ".tolist()) cannot be one graph: loop over range(num_experts), keep decisions on the "
-                                     "device (torch.where, torch.cond, offsets from torch.cumsum), or use grouped_mm; "
-                                     "for transformers models load with experts_implementation='grouped_mm', or call "
-                                     "moefuse.convert(model) before compiling (it replaces the MoE blocks it recognises "
-                                     "by their structure, transformers' eager expert loops among them)",
+    BreakKind.DATA_DEPENDENT_BRANCH: (
+        "a Python loop or if over tensor data (e.g. `for e in experts_hit`, a loop over .tolist()) cannot be one "
+        "graph: loop over range(num_experts), keep decisions on the device (torch.where, torch.cond, offsets from "
+        "torch.cumsum), or use grouped_mm; for transformers models load with experts_implementation='grouped_mm', "
+        "or call moefuse.convert(model) before compiling (it replaces the MoE blocks it recognises by their "
+        "structure, transformers' eager expert loops among them)"),
     BreakKind.UNSUPPORTED_CALL: "move the call out of the MoE block's forward, or skip it while compiling: "
                                 "`if not torch.compiler.is_compiling(): ...`",
     BreakKind.EXPLICIT: "remove the torch._dynamo.graph_break() from the MoE block",
