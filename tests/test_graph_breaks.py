@@ -145,9 +145,23 @@ class BreakAfterMoE(nn.Module):
         return self.out(h)
 
 
-def test_break_outside_the_moe_is_not_reported():
+class SamplingBreak(nn.Module):
+    """Top-k sampling over a vocabulary, then a host-side pick: a top-k that is live at a break, but not routing."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(32, 5000, bias=False)
+
+    def forward(self, x):
+        values, ids = self.head(x).softmax(-1).topk(50, dim=-1)
+        print("candidates", ids.shape)
+        return values.sum(-1)
+
+
+@pytest.mark.parametrize("cls", [BreakAfterMoE, SamplingBreak])
+def test_break_outside_the_moe_is_not_reported(cls):
     torch.manual_seed(0)
-    model = BreakAfterMoE().to(torch.bfloat16)
+    model = cls().to(torch.bfloat16)
     x = torch.randn(6, 32, dtype=torch.bfloat16)
     with torch.no_grad():
         explanation = moefuse.explain(model, x)

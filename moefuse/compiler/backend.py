@@ -26,9 +26,9 @@ import torch.fx as fx
 
 from moefuse.compiler.capture import after_split, enable_data_dependent_capture, split_rejections
 from moefuse.compiler.options import Options, parse_options
-from moefuse.errors import OptionsError
 from moefuse.compiler.report import CompileReport, Explanation, Lowered, SplitByGraphBreak
 from moefuse.compiler.verify import verify
+from moefuse.errors import OptionsError
 from moefuse.passes.canonicalize import canonicalize
 from moefuse.passes.detect import detect
 from moefuse.passes.region import Rejection, Reject

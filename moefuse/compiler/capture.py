@@ -90,7 +90,7 @@ def _routing_live_at_end(gm: fx.GraphModule) -> list[fx.Node]:
     outs = {a for a in _flat(output.args) if isinstance(a, fx.Node)}
     live = []
     for n in gm.graph.nodes:
-        if fu.op_name(n) not in ("torch.topk", "method:topk", "aten.topk"):
+        if fu.op_name(n) not in ("torch.topk", "method:topk", "aten.topk") or not _scores_a_router(n):
             continue
         results = {u for u in n.users if fu.op_name(u) == "getitem"}
         near = set(results)
@@ -109,6 +109,33 @@ def _routing_live_at_end(gm: fx.GraphModule) -> list[fx.Node]:
         if seen & outs:
             live.append(n)
     return live
+
+
+_MAX_EXPERTS = 4096  # a top-k over more candidates is not expert routing (sampling over a vocabulary)
+_SCORE_OPS = {"F.softmax", "torch.softmax", "method:softmax", "torch.sigmoid", "method:sigmoid", "F.sigmoid",
+              "F.log_softmax", "method:log_softmax", "operator.add", "method:add", "operator.mul", "method:mul"}
+_PROJECTIONS = {"F.linear", "torch.matmul", "method:matmul", "operator.matmul", "torch.mm", "method:mm",
+                "torch.einsum", "torch.bmm"}
+
+
+def _scores_a_router(topk: fx.Node) -> bool:
+    """The top-k is expert routing: over at most a few thousand candidates, scoring a projection of the tokens
+    (linear → softmax / sigmoid (+ bias) → topk), so a top-k elsewhere (sampling from logits) is not reported."""
+    scores = topk.args[0] if topk.args else None
+    shape = fu.shape(scores)
+    if not shape or shape[-1] > _MAX_EXPERTS:
+        return False
+    node = scores
+    for _ in range(8):
+        if not isinstance(node, fx.Node):
+            return False
+        name = fu.op_name(node)
+        if name in _PROJECTIONS:
+            return True
+        if not (name in _SCORE_OPS or fu.is_cast(node) or fu.is_view(node)) or not node.args:
+            return False
+        node = node.args[0]
+    return False
 
 
 def _flat(args) -> list:
