@@ -176,3 +176,19 @@ def test_capture_can_be_left_off(monkeypatch):
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False, capture_scalar_outputs=False):
         assert enable_data_dependent_capture() is False
         assert not torch._dynamo.config.capture_dynamic_output_shape_ops
+
+
+@pytest.mark.parametrize("router,candidate,same", [
+    ("<top>", "experts", True),  # the frame is the block itself
+    ("layers.0", "layers.0", True),
+    ("layers.0", "layers.0.experts", True),
+    ("layers.0.mlp.gate", "layers.0.mlp.experts", True),  # top-k in a router submodule: its parent is the block
+    ("gate", "experts", True),
+    ("layers.0", "layers.1", False),  # the next layer in the resumed code keeps its own rejection
+    ("layers.0.mlp.gate", "layers.1.mlp.experts", False),
+    ("layers.0", "<top>", False),
+])
+def test_after_split_marks_only_the_split_block(router, candidate, same):
+    from moefuse.compiler.capture import _same_block
+
+    assert _same_block(router, candidate) is same

@@ -181,8 +181,7 @@ class Backend:
         with _REPORTS_LOCK:
             # The graph after a break that split an MoE block holds its second half: say so (dynamo compiles
             # the resumed function after the graph before it, so the split is known by then).
-            splits = {r.graph_break.source: r.graph_break for rep in self.explanation.reports for r in rep.rejected
-                      if isinstance(r, SplitByGraphBreak)}
+            splits = [r for rep in self.explanation.reports for r in rep.rejected if isinstance(r, SplitByGraphBreak)]
             report.rejected = after_split(gm, report.rejected, splits)
             self.explanation.reports.append(report)
         log.info("%s", report)

@@ -183,13 +183,29 @@ def resumed_from(gm: fx.GraphModule) -> str | None:
     return None
 
 
-def after_split(gm: fx.GraphModule, rejected: list[Rejection], splits: dict[str, GraphBreak]) -> list[Rejection]:
-    """`rejected` with the candidates of a graph that resumes after a split MoE block (`splits`: the breaks that
-    split one, by "file:line") reported as `AfterGraphBreak`: what is left of the block is not a layer detection
-    can take, and the fix is the break's."""
+def after_split(gm: fx.GraphModule, rejected: list[Rejection], splits: list[SplitByGraphBreak]) -> list[Rejection]:
+    """`rejected` with the candidates of a graph that resumes after a split MoE block (`splits`: the blocks split
+    so far) reported as `AfterGraphBreak`: what is left of the block is not a layer detection can take, and the
+    fix is the break's. Only candidates of the same block: another layer in the resumed code keeps its own."""
     where = resumed_from(gm)
-    brk = splits.get(where) if where else None
-    if brk is None:
+    split = [r for r in splits if where and r.graph_break.source == where]
+    if not split:
         return rejected
-    return [r if isinstance(r, (SplitByGraphBreak, AfterGraphBreak))
-            else AfterGraphBreak(r.reason, r.node, r.module, r.detail, graph_break=brk) for r in rejected]
+    return [r if isinstance(r, (SplitByGraphBreak, AfterGraphBreak)) or not any(_same_block(s.module, r.module)
+                                                                               for s in split)
+            else AfterGraphBreak(r.reason, r.node, r.module, r.detail, graph_break=split[0].graph_break)
+            for r in rejected]
+
+
+def _same_block(router: str, candidate: str) -> bool:
+    """Module paths (relative to one frame) of a split block's top-k and of a candidate in the resumed graph name
+    the same block: they agree up to the top-k's parent (its block, when the top-k sits in a router submodule
+    such as `mlp.gate`), and where they differ first it is not a layer index (`layers.0` vs `layers.1`)."""
+    a = [] if router == "<top>" else router.split(".")
+    b = [] if candidate == "<top>" else candidate.split(".")
+    common = 0
+    while common < min(len(a), len(b)) and a[common] == b[common]:
+        common += 1
+    if common == len(a):
+        return True
+    return common >= len(a) - 1 and not (common < len(b) and a[common].isdigit() and b[common].isdigit())
