@@ -75,3 +75,39 @@ class PrintingMoE(GroupedMMMoE):
         unsorted = torch.empty_like(out)
         unsorted[order] = out
         return (unsorted.view(T, K, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+
+class SplitByCountsMoE(GroupedMMMoE):
+    """Sort-based dispatch whose experts run in a Python loop over `rows.split(counts.tolist())`, the counts from
+    `torch.histc` as torchtitan computes them: `.tolist()` is a host read (a graph break unless dynamo's
+    `capture_scalar_outputs` is on). Any dtype.
+
+    `counts_by="bincount"` counts with `torch.bincount(ids, minlength=E)` instead, whose *length* is
+    data-dependent when dynamo captures it: `.tolist()` of it cannot be traced (dynamo raises
+    GuardOnDataDependentSymNode); `counts_by="bincount[:E]"` gives it a static length, which can."""
+
+    def __init__(self, *args, counts_by: str = "histc", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.counts_by = counts_by
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, K, E = x.shape[0], self.top_k, self.num_experts
+        probs = self.router(x).float().softmax(dim=-1)
+        weights, ids = torch.topk(probs, K, dim=-1)
+        flat_ids = ids.flatten()
+        order = torch.argsort(flat_ids, stable=True)
+        if self.counts_by == "histc":
+            counts = torch.histc(flat_ids.float(), bins=E, min=0, max=E - 1).long()
+        elif self.counts_by == "bincount":
+            counts = torch.bincount(flat_ids, minlength=E)
+        else:
+            counts = torch.bincount(flat_ids, minlength=E)[:E]
+        rows = x[order // K]
+        outs = []
+        for e, chunk in enumerate(rows.split(counts.tolist())):
+            gate, up = (chunk @ self.w_up[e]).chunk(2, dim=-1)
+            outs.append((F.silu(gate) * up) @ self.w_down[e])
+        out = torch.cat(outs)
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        return (unsorted.view(T, K, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)

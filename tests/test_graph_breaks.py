@@ -19,7 +19,7 @@ from moefuse import Backend
 from moefuse.compiler.report import AfterGraphBreak, BreakKind, SplitByGraphBreak
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_zoo import GroupedMMModel, GroupedMMMoE, PrintingMoE  # noqa: E402
+from moe_zoo import GroupedMMModel, GroupedMMMoE, PrintingMoE, SplitByCountsMoE  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("cpu_path")
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +72,31 @@ def test_bincount_moe_one_graph_in_process(fullgraph):
     assert len(backend.explanation.reports) == 1, str(backend.explanation)
     assert not any(isinstance(r, SplitByGraphBreak) for r in backend.explanation.rejected)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("counts_by", ["histc", "bincount[:E]"])
+def test_tolist_of_counts_is_one_graph(counts_by):
+    """A loop over `rows.split(counts.tolist())`: one graph (unbacked ints for the split sizes), eager's outputs."""
+    torch.manual_seed(0)
+    model = SplitByCountsMoE(counts_by=counts_by)
+    x = torch.randn(6, 32)
+    backend = Backend({"inner": "eager"})
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend=backend)(x)
+    assert len(backend.explanation.reports) == 1, str(backend.explanation)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_tolist_of_a_data_dependent_length_does_not_trace():
+    """The cost of capturing data-dependent ops, documented in the README: `.tolist()` of a tensor whose length is
+    data-dependent (bincount's is max(minlength, max(ids) + 1)) fails to trace instead of breaking the graph.
+    If this starts to pass, torch has lifted the limitation: update the README."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    model = SplitByCountsMoE(counts_by="bincount")
+    with pytest.raises(GuardOnDataDependentSymNode), torch.no_grad():
+        torch.compile(model, backend=Backend({"inner": "eager"}))(torch.randn(6, 32))
 
 
 def test_without_capture_the_split_names_bincount_and_its_line():
@@ -192,3 +217,25 @@ def test_after_split_marks_only_the_split_block(router, candidate, same):
     from moefuse.compiler.capture import _same_block
 
     assert _same_block(router, candidate) is same
+
+
+def test_a_pass_that_cannot_read_a_graph_leaves_it_unchanged(monkeypatch):
+    """Graphs with unbacked sizes are new ground for the passes: one that raises reports the graph as not taken
+    and the graph runs as dynamo captured it, instead of failing the user's compile."""
+    from moefuse.compiler import backend as backend_module
+
+    def broken(gm):
+        raise RuntimeError("cannot read this graph\nsecond line")
+
+    monkeypatch.setattr(backend_module, "detect", broken)
+    torch.manual_seed(0)
+    model = GroupedMMMoE().to(torch.bfloat16)
+    x = torch.randn(6, 32, dtype=torch.bfloat16)
+    backend = Backend({"inner": "eager"})
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend=backend)(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    [rejection] = backend.explanation.rejected
+    assert rejection.reason.name == "UNSUPPORTED_FORM"
+    assert rejection.detail == "detection raised RuntimeError: cannot read this graph"

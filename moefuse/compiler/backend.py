@@ -31,7 +31,7 @@ from moefuse.compiler.verify import verify
 from moefuse.errors import OptionsError
 from moefuse.passes.canonicalize import canonicalize
 from moefuse.passes.detect import detect
-from moefuse.passes.region import Rejection, Reject
+from moefuse.passes.region import Reason, Rejection, Reject
 from moefuse.passes.rewrite import rewrite
 from moefuse.passes.fxutil import module_path
 from moefuse.runtime.op import kernels_for
@@ -54,18 +54,19 @@ def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) ->
     verify each region before touching the graph, so a wrong detection is a rejection, never a wrong answer;
     rewrite last, one region at a time (regions are disjoint, so the order among them does not matter).
     """
-    canonicalize(gm)
-    for node in gm.graph.nodes:  # layers moefuse.convert / parallelize_experts already made ops, for the report
-        if node.op == "call_function" and node.target in _FUSED_OPS:
-            spec = spec_from_key(node.args[-1])
-            device = node.args[0].meta["example_value"].device
-            report.lowered.append(Lowered(module_path(node), node.name, spec, None, kernels_for(spec, device), True,
-                                          training=node.target in _FUSED_OPS[2:],
-                                          rounding_skipped=_CONVERTED_NO_ROUNDING if options.token_rounding != "off"
-                                          else ""))
-        elif node.op == "call_function" and str(node.target).startswith("moefuse.ep_moe"):
-            report.lowered.append(_expert_parallel(node))
-    regions, rejected = detect(gm)
+    try:
+        canonicalize(gm)
+        _report_ops_already_there(gm, options, report)
+        regions, rejected = detect(gm)
+    except Exception as e:  # noqa: BLE001 — a pass that cannot read a graph must not fail the user's compile
+        # canonicalize only makes exact rewrites and detect only reads, so the graph is still what dynamo
+        # captured, in meaning: it runs unchanged. (Graphs with unbacked sizes from data-dependent ops are new
+        # ground for the passes, see compiler/capture.py.)
+        first = (str(e).strip().splitlines() or [""])[0]
+        log.warning("moefuse: detection failed on graph %s, which runs unchanged: %s: %s", report.graph,
+                    type(e).__name__, first)
+        regions, rejected = [], [Rejection(Reason.UNSUPPORTED_FORM, "<graph>", "<graph>",
+                                           f"detection raised {type(e).__name__}: {first}")]
     # A block split by a graph break is reported with the op and line that split it, not as an eager loop.
     report.rejected.extend(split_rejections(gm, rejected))
     for region in regions:
@@ -88,6 +89,20 @@ def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) ->
                                       training=region.needs_grad, rounding=rounding,
                                       tile_m=options.tile_m if rounding != "off" else None, rounding_skipped=skipped))
     return gm
+
+
+def _report_ops_already_there(gm: fx.GraphModule, options: Options, report: CompileReport) -> None:
+    """Layers moefuse.convert / parallelize_experts already made ops: reported as lowered."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _FUSED_OPS:
+            spec = spec_from_key(node.args[-1])
+            device = node.args[0].meta["example_value"].device
+            report.lowered.append(Lowered(module_path(node), node.name, spec, None, kernels_for(spec, device), True,
+                                          training=node.target in _FUSED_OPS[2:],
+                                          rounding_skipped=_CONVERTED_NO_ROUNDING if options.token_rounding != "off"
+                                          else ""))
+        elif node.op == "call_function" and str(node.target).startswith("moefuse.ep_moe"):
+            report.lowered.append(_expert_parallel(node))
 
 
 def _expert_parallel(node: fx.Node) -> Lowered:

@@ -122,8 +122,9 @@ def _scores_a_router(topk: fx.Node) -> bool:
     """The top-k is expert routing: over at most a few thousand candidates, scoring a projection of the tokens
     (linear → softmax / sigmoid (+ bias) → topk), so a top-k elsewhere (sampling from logits) is not reported."""
     scores = topk.args[0] if topk.args else None
-    shape = fu.shape(scores)
-    if not shape or shape[-1] > _MAX_EXPERTS:
+    t = fu.tensor(scores)
+    # the candidates' count is a plain int for routing; a symbolic one (unbacked or dynamic) is not experts
+    if t is None or t.dim() == 0 or not isinstance(t.shape[-1], int) or t.shape[-1] > _MAX_EXPERTS:
         return False
     node = scores
     for _ in range(8):
