@@ -16,6 +16,12 @@ setting holds for every `torch.compile` in the process after moefuse is loaded, 
 `MOEFUSE_CAPTURE_DATA_DEPENDENT=0` leaves dynamo's settings alone; a value the program set itself (either
 setting set to False before moefuse was loaded) is respected.
 
+The cost (README, "Graph breaks"): a `.tolist()` of, or a Python loop over, a tensor whose *length* is
+data-dependent (`torch.bincount(ids, minlength=E).tolist()`) used to break the graph and now fails to trace
+(GuardOnDataDependentSymNode, raised by dynamo before any backend runs); a static length
+(`bincount(...)[:E]`, `histc`) fixes it. Tested in tests/test_graph_breaks.py, so a torch that lifts the
+limitation shows up.
+
 Graph breaks that remain. Dynamo records on each graph it hands over why it ended
 (`gm.compile_subgraph_reason`: the reason and the user stack at the break). When that graph's top-k routing is
 live at the break (a top-k result, or an integer tensor computed from the expert ids, is a graph output), the
