@@ -26,8 +26,8 @@ class BreakKind(enum.Enum):
         return _BREAK_HINTS[self]
 
 
-_CAPTURE_OFF = ("moefuse turns it on unless MOEFUSE_CAPTURE_DATA_DEPENDENT=0 or the program set it to False before "
-                "moefuse was loaded: leave it on")
+_CAPTURE_OFF = ("moefuse turns it on when a moefuse backend is created, unless MOEFUSE_CAPTURE_DATA_DEPENDENT=0 or "
+                "the program set it itself: leave it on")
 _BREAK_HINTS = {
     BreakKind.DATA_DEPENDENT_SHAPE: "dynamo's capture_dynamic_output_shape_ops was off here; " + _CAPTURE_OFF,
     BreakKind.SCALAR_OUTPUT: "dynamo's capture_scalar_outputs was off here; " + _CAPTURE_OFF,
