@@ -239,3 +239,20 @@ def test_a_pass_that_cannot_read_a_graph_leaves_it_unchanged(monkeypatch):
     [rejection] = backend.explanation.rejected
     assert rejection.reason.name == "UNSUPPORTED_FORM"
     assert rejection.detail == "detection raised RuntimeError: cannot read this graph"
+
+
+@pytest.mark.parametrize("capture,kind", [(False, BreakKind.DATA_DEPENDENT_SHAPE), (True, BreakKind.OTHER)])
+def test_data_dependent_hint_only_when_capture_was_off(capture, kind):
+    """"Turn capture on" is the hint only when it was off as dynamo traced (the backend runs inside the trace)."""
+    import traceback
+    from types import SimpleNamespace
+
+    from moefuse.compiler.capture import graph_break_of
+
+    frame = traceback.FrameSummary("/src/moe.py", 12, "forward", line="counts = torch.bincount(ids)")
+    reason = SimpleNamespace(graph_break=True, user_stack=[frame], reason=(
+        "Dynamic shape operator\n  Explanation: ...\n\n  Developer debug context: aten.bincount.default\n"))
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=capture):
+        brk = graph_break_of(SimpleNamespace(compile_subgraph_reason=reason))
+    assert (brk.kind, brk.source, brk.code) == (kind, "moe.py:12", "counts = torch.bincount(ids)")
+    assert brk.op == "aten.bincount.default"

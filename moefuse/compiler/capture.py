@@ -79,11 +79,16 @@ def graph_break_of(gm: fx.GraphModule) -> GraphBreak | None:
     text = str(why.reason)
     frame = why.user_stack[-1]
     kind = next((k for k, pattern in _KINDS if re.search(pattern, text)), BreakKind.OTHER)
+    # The backend runs inside dynamo's trace, so the settings read here are the ones the break happened under:
+    # with capture on, a data-dependent break has another cause (an op without a meta kernel), and the hint
+    # "turn capture on" would be false.
+    if (kind is BreakKind.DATA_DEPENDENT_SHAPE and torch._dynamo.config.capture_dynamic_output_shape_ops
+            or kind is BreakKind.SCALAR_OUTPUT and torch._dynamo.config.capture_scalar_outputs):
+        kind = BreakKind.OTHER
     context = re.search(r"Developer debug context:\s*(\S[^\n]*)", text)
     builtin = re.search(r"builtin (?:operator |function )?`(\w+)`", text)
     code = (frame.line or "").strip()
-    op = context.group(1).strip() if context and kind is BreakKind.DATA_DEPENDENT_SHAPE else (
-        builtin.group(1) if builtin else code)
+    op = builtin.group(1) if builtin else context.group(1).strip() if context else code
     return GraphBreak(kind, op, f"{os.path.basename(frame.filename)}:{frame.lineno}", code,
                       text.strip().splitlines()[0] if text.strip() else "graph break")
 

@@ -37,8 +37,9 @@ _BREAK_HINTS = {
         "torch.cumsum), or use grouped_mm; for transformers models load with experts_implementation='grouped_mm', "
         "or call moefuse.convert(model) before compiling (it replaces the MoE blocks it recognises by their "
         "structure, transformers' eager expert loops among them)"),
-    BreakKind.UNSUPPORTED_CALL: "move the call out of the MoE block's forward, or skip it while compiling: "
-                                "`if not torch.compiler.is_compiling(): ...`",
+    BreakKind.UNSUPPORTED_CALL: "a call made only for its side effect (print, logging) can be skipped while "
+                                "compiling: `if not torch.compiler.is_compiling(): ...`; one that computes "
+                                "something must be written with torch ops, or moved out of the MoE block's forward",
     BreakKind.EXPLICIT: "remove the torch._dynamo.graph_break() from the MoE block",
     BreakKind.OTHER: "rewrite the line so dynamo can trace it (dynamo's reason is quoted); moefuse.convert(model) "
                      "replaces, before compiling, the MoE blocks it recognises by their structure",
@@ -60,7 +61,8 @@ class GraphBreak:
             object.__setattr__(self, "dynamo_reason", self.dynamo_reason[:157] + "...")
 
     def __str__(self) -> str:
-        return f"{self.op!r} at {self.source} `{self.code}` ({self.kind.value}; dynamo: {self.dynamo_reason})"
+        on = f"`{self.code}`" if self.op == self.code else f"{self.op!r} `{self.code}`"
+        return f"{on} at {self.source} ({self.kind.value}; dynamo: {self.dynamo_reason})"
 
 
 @dataclass
@@ -73,8 +75,9 @@ class SplitByGraphBreak(Rejection):
 
     def __str__(self) -> str:
         b = self.graph_break
+        on = f"`{b.code}`" if b.op == b.code else f"{b.op!r} `{b.code}`"
         return (f"[{self.reason.name}] {self.module} at node {self.node!r}: the MoE block spans two graphs, split by "
-                f"a graph break at {b.source} on {b.op!r} `{b.code}`: {b.kind.value} (dynamo: {b.dynamo_reason}) "
+                f"a graph break at {b.source} on {on}: {b.kind.value} (dynamo: {b.dynamo_reason}) "
                 f"(hint: {b.kind.hint})")
 
 
