@@ -31,11 +31,13 @@ def _line_of(cls, text: str) -> int:
     return first + next(i for i, line in enumerate(lines) if text in line)
 
 
-def test_bincount_moe_is_one_graph_with_the_one_line_compile():
+@pytest.mark.parametrize("inner", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_bincount_moe_is_one_graph_with_the_one_line_compile(inner):
     """A fresh process (dynamo's settings at their defaults, nothing imported but torch and the test MoE):
     `torch.compile(model, backend="moefuse")` and nothing else gives ONE graph for two argsort + bincount
-    `F.grouped_mm` blocks, with eager's outputs. MOEFUSE_INNER=eager only skips Inductor's C++ build: the capture
-    is dynamo's, before any inner compiler runs."""
+    `F.grouped_mm` blocks, with eager's outputs. MOEFUSE_INNER=eager only skips Inductor's C++ build (the capture
+    is dynamo's, before any inner compiler runs); the slow variant runs Inductor, whose bf16 fusions round
+    differently from eager's op-by-op bf16 (a few bf16 ulps of outputs of size ~1)."""
     script = textwrap.dedent("""
         import sys, torch
         sys.path.insert(0, "tests")
@@ -49,15 +51,18 @@ def test_bincount_moe_is_one_graph_with_the_one_line_compile():
             out = torch.compile(model, backend="moefuse")(x)
         import moefuse
         from torch._dynamo.utils import counters
+        err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
         print("graphs", len(moefuse.reports().reports), counters["stats"]["unique_graphs"],
-              sum(counters["graph_break"].values()), torch.equal(out, ref))
+              sum(counters["graph_break"].values()), err)
     """)
-    env = {**os.environ, "MOEFUSE_INNER": "eager", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "MOEFUSE_INNER": inner, "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)
     env.pop("MOEFUSE_CAPTURE_DATA_DEPENDENT", None)
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split()[-4:] == ["1", "1", "0", "True"], run.stdout + run.stderr[-2000:]
+    *counts, err = run.stdout.split()[-4:]
+    assert counts == ["1", "1", "0"], run.stdout + run.stderr[-2000:]
+    assert float(err) == 0.0 if inner == "eager" else float(err) <= 2 ** -6, run.stdout
 
 
 @pytest.mark.parametrize("fullgraph", [False, True])
