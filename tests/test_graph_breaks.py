@@ -261,3 +261,24 @@ def test_data_dependent_hint_only_when_capture_was_off(capture, kind):
         brk = graph_break_of(SimpleNamespace(compile_subgraph_reason=reason))
     assert (brk.kind, brk.source, brk.code) == (kind, "moe.py:12", "counts = torch.bincount(ids)")
     assert brk.op == "aten.bincount.default"
+
+
+def test_torch_compile_does_not_forward_backend_ctx_ctor():
+    """Why capture is process-wide (compiler/capture.py): dynamo enters a backend's `backend_ctx_ctor` around the
+    frames it traces only when the backend reaches it unwrapped; torch.compile's wrapper drops it. If this fails,
+    torch forwards it now, and the capture settings can be scoped to moefuse's frames."""
+    import contextlib
+
+    entered = []
+
+    class Probe:
+        def __init__(self):
+            self.backend_ctx_ctor = lambda: contextlib.nullcontext(entered.append(1))
+
+        def __call__(self, gm, example_inputs, **kwargs):
+            return gm.forward
+
+    torch.compile(lambda t: t.sin(), backend=Probe())(torch.randn(3))
+    assert entered == []
+    torch._dynamo.optimize(Probe())(lambda t: t.cos())(torch.randn(3))
+    assert entered  # the hook itself works
