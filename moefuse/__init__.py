@@ -38,7 +38,8 @@ def explain(model, *args, options: dict | None = None, **kwargs):
     """Compile `model` with moefuse, run it once on the given inputs, and return what was done.
 
     The returned `Explanation` prints one line per MoE layer lowered (with its spec and the kernels that
-    run it) and one per candidate rejected (with a typed reason and a hint). The rest of the graph runs
+    run it) and one per candidate rejected (with a typed reason and a hint; a block that a graph break splits
+    is reported with the op and source line of the break). The rest of the graph runs
     eagerly here (`inner="eager"` unless `options` says otherwise), so explaining is quick. Dynamo's caches
     are reset first so that every graph is seen; the model itself is not modified.
     """

@@ -1,10 +1,84 @@
 """What the backend did to each graph: regions lowered (with their spec), regions rejected (with a reason)."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from moefuse.passes.region import Rejection
 from moefuse.spec import MoESpec
+
+
+class BreakKind(enum.Enum):
+    """Why dynamo ended a graph inside an MoE block (a graph break). Each value carries the hint shown to the user.
+
+    Kept here, not in `passes.region.Reason`: a break is found by the backend from what dynamo records about the
+    graph it hands over, not by detection."""
+
+    DATA_DEPENDENT_SHAPE = "an op whose output shape depends on tensor data (bincount, nonzero, unique, …)"
+    SCALAR_OUTPUT = "a tensor value read on the host (.item(), .tolist())"
+    DATA_DEPENDENT_BRANCH = "Python control flow on a tensor's value"
+    UNSUPPORTED_CALL = "a call dynamo cannot trace (print, logging, an unsupported builtin or library function)"
+    EXPLICIT = "an explicit torch._dynamo.graph_break()"
+    OTHER = "something dynamo cannot trace"
+
+    @property
+    def hint(self) -> str:
+        return _BREAK_HINTS[self]
+
+
+_CAPTURE_OFF = ("moefuse turns it on when a moefuse backend is created, unless MOEFUSE_CAPTURE_DATA_DEPENDENT=0 or "
+                "the program set it itself: leave it on")
+_BREAK_HINTS = {
+    BreakKind.DATA_DEPENDENT_SHAPE: "dynamo's capture_dynamic_output_shape_ops was off here; " + _CAPTURE_OFF,
+    BreakKind.SCALAR_OUTPUT: "dynamo's capture_scalar_outputs was off here; " + _CAPTURE_OFF,
+    BreakKind.DATA_DEPENDENT_BRANCH: (
+        "a Python loop or if over tensor data (e.g. `for e in experts_hit`, a loop over .tolist()) cannot be one "
+        "graph: loop over range(num_experts), keep decisions on the device (torch.where, torch.cond, offsets from "
+        "torch.cumsum), or use grouped_mm; for transformers models load with experts_implementation='grouped_mm', "
+        "or call moefuse.convert(model) before compiling (it replaces the MoE blocks it recognises by their "
+        "structure, transformers' eager expert loops among them)"),
+    BreakKind.UNSUPPORTED_CALL: "a call made only for its side effect (print, logging) can be skipped while "
+                                "compiling: `if not torch.compiler.is_compiling(): ...`; one that computes "
+                                "something must be written with torch ops, or moved out of the MoE block's forward",
+    BreakKind.EXPLICIT: "remove the torch._dynamo.graph_break() from the MoE block",
+    BreakKind.OTHER: "rewrite the line so dynamo can trace it (dynamo's reason is quoted); moefuse.convert(model) "
+                     "replaces, before compiling, the MoE blocks it recognises by their structure",
+}
+
+
+@dataclass(frozen=True)
+class GraphBreak:
+    """Where and why dynamo ended the graph it handed to the backend (from `gm.compile_subgraph_reason`)."""
+
+    kind: BreakKind
+    op: str  # what broke it: the ATen op or builtin dynamo names, else the source line's code
+    source: str  # file:line of the user code at the break
+    code: str  # that line's text
+    dynamo_reason: str  # dynamo's own first line ("Dynamic shape operator", "Failed to trace builtin operator", …)
+
+    def __post_init__(self):
+        if len(self.dynamo_reason) > 160:
+            object.__setattr__(self, "dynamo_reason", self.dynamo_reason[:157] + "...")
+
+    def __str__(self) -> str:
+        on = f"`{self.code}`" if self.op == self.code else f"{self.op!r} `{self.code}`"
+        return f"{on} at {self.source} ({self.kind.value}; dynamo: {self.dynamo_reason})"
+
+
+@dataclass
+class SplitByGraphBreak(Rejection):
+    """A MoE block that spans two graphs: its top-k routing is live at a graph break inside the block, so the
+    experts run in the next graph and neither graph holds the whole layer. `reason` stays
+    EXPERTS_OUTSIDE_GRAPH (what detection sees); the hint is the break's, which names what to change."""
+
+    graph_break: GraphBreak | None = None
+
+    def __str__(self) -> str:
+        b = self.graph_break
+        on = f"`{b.code}`" if b.op == b.code else f"{b.op!r} `{b.code}`"
+        return (f"[{self.reason.name}] {self.module} at node {self.node!r}: the MoE block spans two graphs, split by "
+                f"a graph break at {b.source} on {on}: {b.kind.value} (dynamo: {b.dynamo_reason}) "
+                f"(hint: {b.kind.hint})")
 
 
 @dataclass
@@ -46,6 +120,21 @@ class Lowered:
                          "side stream (CUDA), overlapped with routing and the routed experts; after them on the CPU")
         lines += [f"           kernel: {k}" for k in self.kernels]
         return "\n".join(lines)
+
+
+@dataclass
+class AfterGraphBreak(Rejection):
+    """A candidate in the graph that resumes after a `SplitByGraphBreak`: the second half of the split block
+    (its routing arrives as graph inputs, so detection cannot see a whole layer). Reported with the split's
+    break, which is what to fix; `reason` is detection's own."""
+
+    graph_break: GraphBreak | None = None
+
+    def __str__(self) -> str:
+        b = self.graph_break
+        detail = f": {self.detail}" if self.detail else ""
+        return (f"[{self.reason.name}] {self.module} at node {self.node!r}: {self.reason.value}{detail}; this graph "
+                f"resumes after the graph break at {b.source} that split an MoE block (hint: {b.kind.hint})")
 
 
 @dataclass
