@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moefuse.errors import MoefuseError
+from moefuse.errors import ConversionError, InputError, MoefuseError
 from moefuse.passes.detect import capture_activation
 from moefuse.passes.region import Reject
 from moefuse.runtime.autograd import fused_moe
@@ -47,7 +47,8 @@ from moefuse.spec import Activation, MoESpec
 
 log = logging.getLogger("moefuse.convert")
 
-IMPLEMENTATION = "moefuse"  # the name registered in transformers' ExpertsInterface
+IMPLEMENTATION = "moefuse"
+_OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the name registered in transformers' ExpertsInterface
 
 
 @dataclass
@@ -98,6 +99,10 @@ def spec_key(m, x_dtype: torch.dtype, top_k: int) -> str:
     """The layer's MoESpec as the op's string argument. Under dynamo this runs once at trace time and its
     result is a constant of the graph (building a spec is Python that dynamo need not trace)."""
     w1, w2, b1, b2 = expert_weights(m)
+    if x_dtype not in _OP_DTYPES:
+        raise InputError(f"the experts' input is in {x_dtype}; the fused op reads and writes "
+                         f"{', '.join(str(d).removeprefix('torch.') for d in _OP_DTYPES)} (the experts' weights "
+                         f"are in {w1.dtype}): cast the input, e.g. model(x.to({w1.dtype}))")
     spec = MoESpec(
         num_experts=w1.shape[0], top_k=top_k, hidden=w2.shape[1], intermediate=w2.shape[2],
         up_rows=w1.shape[1], activation=m._moefuse_activation, dtype=str(w1.dtype).removeprefix("torch."),
@@ -315,6 +320,7 @@ def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts) -> Fus
     linears = [(n, c) for n, c in first.named_children() if isinstance(c, nn.Linear)]
     if len(linears) not in (2, 3) or any(type(e) is not type(first) for e in experts):
         raise ValueError("experts are not all one MLP class with 2 (MLP) or 3 (GLU) Linear children")
+    _check_alike(experts, [n for n, _ in linears])
     down_name = _called_last(first, linears)
     ups = [n for n, _ in linears if n != down_name]
     i = first.get_submodule(down_name).in_features
@@ -346,6 +352,35 @@ def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts) -> Fus
     b2 = stacked(lambda e: e.get_submodule(down_name).bias)
     trained = any(p.requires_grad for e in experts for p in e.parameters())
     return cls(w1, w2, b1, b2, activation=activation, router=router, dropout=dropout, requires_grad=trained)
+
+
+def _check_alike(experts: list[nn.Module], names: list[str]) -> None:
+    """Every expert's Linears `names` have expert 0's shapes, bias or no bias, dtype and device: the stacked
+    weights hold one of each. Raises ValueError naming the first expert and Linear that differ."""
+    first = experts[0]
+    ref = first.get_submodule(names[0]).weight
+    for j, e in enumerate(experts):
+        for n in names:
+            a, b = first.get_submodule(n), getattr(e, n, None)
+            if not isinstance(b, nn.Linear):
+                raise ValueError(f"expert {j} has no Linear {n!r} as expert 0 has: the experts are not alike")
+            where = f"expert {j}'s {n!r}"
+            if b.weight.shape != a.weight.shape:
+                raise ValueError(f"{where} maps {b.in_features}→{b.out_features}, expert 0's maps "
+                                 f"{a.in_features}→{a.out_features}: experts of unequal widths cannot be stacked")
+            if (b.bias is None) != (a.bias is None):
+                has = "has a bias" if b.bias is not None else "has no bias"
+                raise ValueError(f"{where} {has}, expert 0's {'has one' if a.bias is not None else 'has none'}: "
+                                 "the fused op takes a bias for every expert or for none")
+            for t in (b.weight, b.bias):
+                if t is None:
+                    continue
+                if t.dtype != ref.dtype:
+                    raise ValueError(f"{where} is in {t.dtype}, expert 0's weights in {ref.dtype}: the stacked "
+                                     "weights hold one dtype (cast the experts to one dtype first)")
+                if t.device != ref.device:
+                    raise ValueError(f"{where} is on {t.device}, expert 0's weights on {ref.device}: the "
+                                     "stacked weights live on one device (move the experts to one device first)")
 
 
 def _called_last(expert: nn.Module, linears: list[tuple[str, nn.Linear]]) -> str:
@@ -446,20 +481,41 @@ def convert(model: torch.nn.Module) -> ConvertSummary:
     activation is read once, from the graph dynamo captures of its own gate function. The module-level
     forms (DBRX, Switch, JetMoE, experts containers; see the module docstring) are replaced by `FusedExperts`.
     A module moefuse cannot serve exactly keeps its implementation and is listed with the reason.
+
+    All or nothing per call: every candidate is examined, each replacement built and checked first, and
+    only then is the model changed. An exception raised on the way (a bug) leaves the model as it was.
     """
+    if not isinstance(model, nn.Module):
+        raise ConversionError(f"moefuse.convert takes a torch.nn.Module, got {type(model).__name__}",
+                              "pass the model itself (not its state_dict, a path or a compiled wrapper's output)")
     summary = ConvertSummary()
-    _convert_modules(model, summary)
-    _convert_interface_experts(model, summary)
+    swaps = _plan_modules(model, summary)
+    prepared = _plan_interface_experts(model, summary)
+    # Commit: nothing above changed the model; nothing below can fail on a model's contents.
+    for name, new, training in swaps:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new.train(training))
+        summary.converted.append(name)
+    if prepared:
+        _register_with_transformers()
+        for name, m, activation in prepared:
+            m._moefuse_activation = activation
+            summary.converted.append(name)
+        model.set_experts_implementation(IMPLEMENTATION)
     if summary.converted:
         log.info("%s", summary)
     return summary
 
 
-def _convert_modules(model: nn.Module, summary: ConvertSummary) -> None:
-    """Swap each module-level MoE form (DBRX, Switch, JetMoE, experts containers) for its fused module."""
+def _plan_modules(model: nn.Module, summary: ConvertSummary) -> list[tuple[str, nn.Module, bool]]:
+    """(path, replacement, training flag) for each module-level MoE form (DBRX, Switch, JetMoE, experts
+    containers) that converts; the others go to `summary.skipped` with why. The model is not changed."""
+    swaps: list[tuple[str, nn.Module, bool]] = []
     for name, m in list(model.named_modules()):
+        if not name or any(name.startswith(done + ".") for done, _, _ in swaps):
+            continue  # the root has no parent to swap it in; inside a module being replaced: goes with it
         build = _module_form(m)
-        if build is None or not name:
+        if build is None:
             continue
         try:
             with torch.no_grad():
@@ -467,37 +523,31 @@ def _convert_modules(model: nn.Module, summary: ConvertSummary) -> None:
         except (Reject, ValueError) as exc:
             summary.skipped[name] = f"{exc.reason.value}: {exc.detail}" if isinstance(exc, Reject) else str(exc)
             continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, new.train(m.training))
-        summary.converted.append(name)
+        swaps.append((name, new, m.training))
+    return swaps
 
 
-def _convert_interface_experts(model: nn.Module, summary: ConvertSummary) -> None:
-    """Experts built with transformers' `@use_experts_implementation`: the interface entry "moefuse"."""
+def _plan_interface_experts(model: nn.Module, summary: ConvertSummary):
+    """Experts built with transformers' `@use_experts_implementation`: [(path, module, activation)] to switch
+    to the interface entry "moefuse", or [] (with every one in `summary.skipped`) when any cannot be."""
     experts = [(name, m) for name, m in model.named_modules() if is_interface_experts(m)]
-    if not experts:
-        return
-    done = len(summary.converted)
-    _register_with_transformers()
+    prepared, failed = [], []
     for name, m in experts:
         why = why_not(m)
         if why is None:
             w1 = m.gate_up_proj if m.has_gate else m.up_proj
             rows = w1.shape[2] if m.is_transposed else w1.shape[1]
             try:
-                m._moefuse_activation = capture_activation(activation_fn(m), rows)
+                prepared.append((name, m, capture_activation(activation_fn(m), rows)))
+                continue
             except Reject as r:
                 why = f"{r.reason.value}: {r.detail}"
-        if why is not None:
-            summary.skipped[name] = why
-            continue
-        summary.converted.append(name)
-    mine = summary.converted[done:]
-    if mine and any(name in summary.skipped for name, _ in experts):
+        summary.skipped[name] = why
+        failed.append(name)
+    if prepared and failed:
         # transformers sets one implementation per config; mixing needs per-module configs, not done yet
-        del summary.converted[done:]
-        for name in mine:
-            summary.skipped[name] = "left unconverted: other experts modules of this model cannot be converted"
-        return
-    if mine:
-        model.set_experts_implementation(IMPLEMENTATION)
+        for name, _, _ in prepared:
+            summary.skipped[name] = (f"left unconverted: other experts modules of this model cannot be converted "
+                                     f"({failed[0]}: {summary.skipped[failed[0]]})")
+        return []
+    return prepared

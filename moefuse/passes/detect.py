@@ -587,7 +587,7 @@ def _match(d: _Dispatch, mms: list[fx.Node]) -> Region:
     )
     spec = MoESpec(
         num_experts=e, top_k=k, hidden=h, intermediate=i, up_rows=n1, activation=activation,
-        dtype=_dtype_name(fu.tensor(d.w1).dtype), out_dtype=_dtype_name(out_val.dtype),
+        dtype=_dtype_name(fu.tensor(d.w1).dtype), out_dtype=_dtype_name(out_val.dtype, "the layer's output"),
         w1_bias=b1 is not None, w2_bias=b2 is not None, router=_router_description(ids, weights),
         weight_on_input=d.input_scores is not None, shared=shared[1] if shared is not None else None,
     )
@@ -759,10 +759,10 @@ def _find_k(chain: list[fx.Node], t: int, e: int) -> int:
     raise Reject(Reason.NO_ROUTING_IDS, chain[0], "a dense combine whose weights are not scattered from top-k ids")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def _dtype_name(dtype: torch.dtype, what: str = "expert weights") -> str:
     name = str(dtype).removeprefix("torch.")
     if name not in ("float32", "float16", "bfloat16"):
-        raise Reject(Reason.SHAPE, "-", f"expert weights in {name}; moefuse supports float32, float16, bfloat16")
+        raise Reject(Reason.SHAPE, "-", f"{what} in {name}; moefuse supports float32, float16, bfloat16")
     return name
 
 
