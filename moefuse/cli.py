@@ -1,17 +1,40 @@
 """`moefuse-convert SRC_DIR DST_DIR`: a transformers MoE checkpoint, converted once to moefuse's layout.
 
-Exit status: 0 converted (and the probe passed, unless --no-verify); 2 bad input (the message says what and
-how to fix it; nothing was written); 1 the converted model did not match the original on the probe batch
-(nothing was written); 3 an internal error (a traceback to report; nothing was written).
+Exit status: 0 converted (and the probe passed, unless --no-verify); 2 bad input or an environment fault — no
+space, a read-only or forbidden destination, a device this machine lacks (one line says what and how to fix
+it; nothing was written); 1 the converted model did not match the original on the probe batch (nothing was
+written); 3 an internal error (a traceback to report; nothing was written); 130 / 143 interrupted by SIGINT /
+SIGTERM (nothing was written, the temporary folder removed). A run killed outright (SIGKILL) leaves a hidden
+`.DST.moefuse-tmp-*` folder that the next run for DST removes.
 Also runs as `python -m moefuse.cli`. See `moefuse.checkpoint` for the layout written.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import traceback
 
 PROG = "moefuse-convert"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised as an exception so that the conversion's clean-up runs (its temporary folder goes)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a size: give 1 MiB or more")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the probe that compares the converted model's logits with the original's")
     p.add_argument("--device", default="cpu", help="device the probe runs on (default: cpu)")
-    p.add_argument("--max-shard-size", type=int, default=4096, metavar="MiB",
+    p.add_argument("--max-shard-size", type=_positive_int, default=4096, metavar="MiB",
                    help="largest safetensors file to write, in MiB (default: 4096)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
@@ -37,28 +60,40 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return its exit status (the console script exits with it)."""
     args = _parser().parse_args(argv)
-    from moefuse.checkpoint import CheckpointError, convert_checkpoint
+    from moefuse.checkpoint import convert_checkpoint
+    from moefuse.errors import MoefuseError
 
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if on_main_thread else None
     try:
         report = convert_checkpoint(args.src, args.dst, dtype=args.dtype, verify=args.verify, device=args.device,
                                     max_shard_bytes=args.max_shard_size << 20, progress=not args.quiet)
-    except CheckpointError as e:
-        print(f"{PROG}: error: {e.message}", file=sys.stderr)
+    except MoefuseError as e:
+        print(f"{PROG}: error: {getattr(e, 'message', e)}", file=sys.stderr)
         if e.hint:
             print(f"{PROG}: hint: {e.hint}", file=sys.stderr)
-        return e.exit_code
+        return getattr(e, "exit_code", 2)
+    except OSError as e:  # the environment (a file system, a device), not a bug: one line, no traceback
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"{PROG}: interrupted (nothing was written)", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
     except Exception:  # a bug, not bad input: 3, so that scripts never read it as a probe mismatch (1)
         traceback.print_exc()
         print(f"{PROG}: internal error (nothing was written); please report it with the traceback above",
               file=sys.stderr)
         return 3
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(f"{PROG}: {len(report['layers'])} MoE layer(s) of {report['architecture']} converted to "
           f"{report['destination']} ({report['dtype']}, {len(report['files'])} file(s))")
     for layer in report["layers"]:
         print(f"  {layer['module']}: {layer['describe']}")
     probe = report["probe"]
     if probe is None:
-        print("  probe: skipped (--no-verify)")
+        print("  probe: skipped (--no-verify): load it with moefuse.load_converted(DST, allow_unverified=True)")
     else:
         print(f"  probe: {probe['tokens']} tokens, relative error {probe['rel_err']:.3g} <= {probe['tolerance']:g}, "
               f"{probe['fused_calls']} fused calls on {probe['device']}")
