@@ -118,11 +118,15 @@ def test_sharded_source_to_sharded_float16(tmp_path):
     converted = load_converted(tmp_path / "dst")
     assert converted.dtype == torch.float16
     with torch.no_grad():
-        ref = model.half()(probe_ids()).logits
+        exact = model(probe_ids()).logits  # fp32: the reference both fp16 runs are measured against
+        eager = model.half()(probe_ids()).logits
         calls = moe_op.counters["cpu"]
         out = converted(probe_ids()).logits
     assert moe_op.counters["cpu"] - calls == 2
-    assert rel_err(out, ref) <= 2e-2
+    # A derived bound, not a picked one: fp16 rounding costs eager some error against fp32 (about 1e-2 here,
+    # and it varies by machine); the fused op rounds at other points, so may cost up to twice that, plus a
+    # few fp16 ulps of the largest logit (rel_err is relative to it).
+    assert rel_err(out, exact) <= 2 * rel_err(eager, exact) + 4 * torch.finfo(torch.float16).eps
 
 
 def test_converted_checkpoint_compiles_to_one_fused_node_per_layer(saved, tmp_path):
