@@ -113,6 +113,7 @@ class SourceCheckpoint:
 
 def _read_config(path: Path):
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cfg = path / "config.json"
     if not cfg.is_file():
@@ -126,13 +127,15 @@ def _read_config(path: Path):
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise BadConfig(f"{cfg} is not a transformers config (no 'model_type')", cfg,
                         "restore config.json from the model's source, or rewrite it with config.save_pretrained")
+    if not isinstance(raw["model_type"], str) or raw["model_type"] not in CONFIG_MAPPING:
+        raise UnsupportedModel(f"transformers does not know model_type {raw['model_type']!r}", cfg,
+                               "upgrade transformers, or convert a model transformers can load")
     try:
         return AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError) as e:
-        raise UnsupportedModel(f"transformers does not know model_type {raw['model_type']!r}", cfg,
-                               "upgrade transformers, or convert a model transformers can load") from e
-    except OSError as e:
-        raise BadConfig(f"transformers cannot read {cfg}: {e}", cfg, "rewrite it with config.save_pretrained") from e
+    except Exception as e:  # noqa: BLE001 - transformers' validation raises many types; each means a bad value
+        said = " ".join(" ".join(str(e).strip().splitlines()[:2]).split())
+        raise BadConfig(f"transformers refuses {cfg}: {type(e).__name__}: {said}", cfg,
+                        "fix the value it names, or restore config.json from the model's source") from e
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -282,7 +285,11 @@ def _converted_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, str], 
             del state[f"{path}.{param}"]
             state[f"{path}.{short}"] = ours[short].contiguous()
             names[short] = f"{path}.{short}"
-        spec = MoESpec.from_key(spec_key(m, w1.dtype, _top_k(model, path)))
+        try:
+            spec = MoESpec.from_key(spec_key(m, w1.dtype, _top_k(model, path)))
+        except ValueError as e:  # e.g. a top-k outside 1..E in config.json
+            raise BadConfig(f"{path}: the layer's config.json values do not make a MoE layer: {e}", path,
+                            "restore config.json from the model's source") from e
         layers.append({"module": path, "tensors": names, "params": _param_names(m),
                        "spec": spec.to_key(), "describe": spec.describe()})
     # Tied weights (e.g. lm_head = embed_tokens) are one storage: safetensors stores it once.
@@ -502,8 +509,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
         raise DestinationExists(f"{dst_path} exists already; moefuse-convert never overwrites", dst_path,
                                 "choose a new destination, or remove the old one yourself")
     if not dst_path.parent.is_dir():
-        raise BadDestination(f"the parent directory of {dst_path} does not exist", dst_path,
-                             f"create {dst_path.parent} first")
+        there = "is not a directory" if dst_path.parent.exists() else "does not exist"
+        raise BadDestination(f"the parent directory of {dst_path} {there}", dst_path,
+                             f"create the directory {dst_path.parent} first, or choose another destination")
     if dst_path.is_relative_to(src_path):
         raise BadDestination(f"{dst_path} lies inside the source checkpoint {src_path}", dst_path,
                              "write the converted checkpoint outside the source directory")
@@ -514,7 +522,13 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
         model = _load_source(source, dtype, progress)
         if verify:
             ids = _probe_ids(model.config, dev)
-            reference = _logits(model.to(dev), ids)
+            try:
+                reference = _logits(model.to(dev), ids)
+            except (RuntimeError, ValueError, IndexError) as e:
+                raise UnsupportedModel(f"the source model itself fails on a probe batch of {PROBE_SHAPE} tokens: "
+                                       f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}",
+                                       src_path, "config.json's values do not make a working model (e.g. "
+                                       "num_experts_per_tok outside 1..num_experts): restore it") from e
             model.to("cpu")
             if not torch.isfinite(reference).all():
                 bad = _non_finite_params(model)

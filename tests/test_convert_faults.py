@@ -351,3 +351,36 @@ def test_temp_folders_of_live_processes_and_other_hosts_are_kept(source, tmp_pat
         p.mkdir()
     convert_checkpoint(source, tmp_path / "dst", verify=False, progress=False)
     assert live.is_dir() and other.is_dir() and not dead.exists()
+
+
+# ---------------------------------------------------------------- bad input the issue did not name
+
+UNNAMED = {  # name → (how SRC is spoiled, extra arguments, error in the message)
+    "num_experts_a_string": (_set_config(num_experts="eight"), [], "Validation error for field 'num_experts'"),
+    "dtype_unknown": (_set_config(dtype="float8"), [], "has no attribute 'float8'"),
+    "top_k_above_experts": (_set_config(num_experts_per_tok=9), [], "source model itself fails on a probe batch"),
+    "top_k_above_experts_unverified": (_set_config(num_experts_per_tok=9), ["--no-verify"],
+                                       "top_k=9 exceeds num_experts=8"),
+    "top_k_zero": (_set_config(num_experts_per_tok=0), [], "MoESpec.top_k must be >= 1"),
+    "config_is_a_directory": (lambda d: ((d / "config.json").unlink(), (d / "config.json").mkdir()), [],
+                              "has no config.json"),
+    "config_binary": (lambda d: (d / "config.json").write_bytes(b"\xff\xfe\x00"), [], "is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNNAMED))
+def test_unnamed_bad_sources_are_user_errors(case, source, tmp_path, capsys):
+    src = copy_dir(source, tmp_path / "src")
+    spoil, extra, message = UNNAMED[case]
+    spoil(src)
+    rc, io = run_cli([src, tmp_path / "dst", *extra], capsys)
+    assert_user_error(rc, io, message)
+    assert not (tmp_path / "dst").exists() and leftovers(tmp_path) == []
+
+
+def test_destination_under_a_file_or_equal_to_the_source(source, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    rc, io = run_cli([source, tmp_path / "file" / "dst"], capsys)
+    assert_user_error(rc, io, "is not a directory")
+    rc, io = run_cli([source, source], capsys)
+    assert_user_error(rc, io, "exists already")
