@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch._dynamo.exc import TorchDynamoException
 
 from moefuse.errors import ConversionError, InputError, MoefuseError
 from moefuse.passes.detect import capture_activation
@@ -507,6 +508,16 @@ def convert(model: torch.nn.Module) -> ConvertSummary:
     return summary
 
 
+def _why(exc: Exception) -> str:
+    """The reason a module is skipped, from what building its replacement raised."""
+    if isinstance(exc, Reject):
+        return f"{exc.reason.value}: {exc.detail}"
+    if isinstance(exc, TorchDynamoException):  # the activation is read from the graph dynamo captures of it
+        said = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"dynamo cannot capture the experts' activation in one graph ({type(exc).__name__}: {said})"
+    return str(exc)
+
+
 def _plan_modules(model: nn.Module, summary: ConvertSummary) -> list[tuple[str, nn.Module, bool]]:
     """(path, replacement, training flag) for each module-level MoE form (DBRX, Switch, JetMoE, experts
     containers) that converts; the others go to `summary.skipped` with why. The model is not changed."""
@@ -520,8 +531,8 @@ def _plan_modules(model: nn.Module, summary: ConvertSummary) -> list[tuple[str, 
         try:
             with torch.no_grad():
                 new = build()
-        except (Reject, ValueError) as exc:
-            summary.skipped[name] = f"{exc.reason.value}: {exc.detail}" if isinstance(exc, Reject) else str(exc)
+        except (Reject, ValueError, TorchDynamoException) as exc:
+            summary.skipped[name] = _why(exc)
             continue
         swaps.append((name, new, m.training))
     return swaps
@@ -540,8 +551,8 @@ def _plan_interface_experts(model: nn.Module, summary: ConvertSummary):
             try:
                 prepared.append((name, m, capture_activation(activation_fn(m), rows)))
                 continue
-            except Reject as r:
-                why = f"{r.reason.value}: {r.detail}"
+            except (Reject, TorchDynamoException) as exc:
+                why = _why(exc)
         summary.skipped[name] = why
         failed.append(name)
     if prepared and failed:

@@ -419,3 +419,21 @@ def test_options_given_as_a_string_are_an_options_error():
 
     with pytest.raises(OptionsError, match="options must be a dict"):
         parse_options("inner=eager")
+
+
+class UserGLUGraphBreak(UserGLU):
+    """An expert whose forward dynamo cannot capture in one graph: its activation cannot be read."""
+
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        return super().forward(x)
+
+
+def test_expert_dynamo_cannot_capture_is_skipped_with_why():
+    torch.manual_seed(0)
+    model = UserModel(UserGLU, "renorm")
+    model.blocks[1] = UserMoE(UserGLUGraphBreak, "renorm")
+    with torch.no_grad():
+        summary = convert(model)
+    assert summary.converted == ["blocks.0"], str(summary)
+    assert "dynamo cannot capture the experts' activation" in summary.skipped["blocks.1"], summary.skipped
