@@ -73,32 +73,12 @@ PROBE_SHAPE = (2, 8)  # (batch, tokens) of the probe: 16 tokens route to several
 
 # ------------------------------------------------------------------------------------------- progress
 
-class Progress:
-    """A one-line progress bar on stderr: `label [#####-----] i/n`. Redrawn in place on a terminal; elsewhere
-    (CI logs, captured stderr) it prints at each tenth, so a log shows progress without one line per tensor."""
+def _bar(label: str, total: int, enabled: bool):
+    """tqdm's bar on stderr (transformers' own dependency): redrawn in place on a terminal."""
+    from tqdm.auto import tqdm
 
-    def __init__(self, label: str, total: int, enabled: bool = True, width: int = 30):
-        self.label, self.total, self.enabled, self.width, self.done = label, max(total, 1), enabled, width, 0
-        self._tty = enabled and sys.stderr.isatty()
-        self._last_tenth = -1
-        self._draw()
-
-    def step(self, n: int = 1) -> None:
-        self.done = min(self.done + n, self.total)
-        self._draw()
-
-    def _draw(self) -> None:
-        if not self.enabled:
-            return
-        tenth = self.done * 10 // self.total
-        if not self._tty and tenth == self._last_tenth:
-            return
-        self._last_tenth = tenth
-        fill = self.done * self.width // self.total
-        bar = f"{self.label} [{'#' * fill}{'-' * (self.width - fill)}] {self.done}/{self.total}"
-        end = "\n" if self.done == self.total else ""
-        sys.stderr.write(("\r" + bar + end) if self._tty else bar + "\n")
-        sys.stderr.flush()
+    return tqdm(total=total, desc=label, unit="tensor" if "tensor" in label else "file", disable=not enabled,
+                file=sys.stderr, leave=True)
 
 
 # --------------------------------------------------------------------------------------- reading SRC
@@ -179,7 +159,7 @@ def read_source(src: str | os.PathLike, progress: bool = False) -> SourceCheckpo
                                                 "transformers checkpoint if you need another dtype")
     _read_config(path)
     files = _weight_files(path)
-    bar = Progress("reading shards", len(files), progress)
+    bar = _bar("reading shards", len(files), progress)
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:  # opening parses the header, checks it against the size
@@ -190,7 +170,8 @@ def read_source(src: str | os.PathLike, progress: bool = False) -> SourceCheckpo
         if layout is not None:
             raise AlreadyConverted(f"{f} holds tensors in moefuse's layout {layout!r}: {path} is converted already",
                                    f, "convert the original transformers checkpoint, not a converted one")
-        bar.step()
+        bar.update()
+    bar.close()
     return SourceCheckpoint(path, files)
 
 
@@ -307,33 +288,24 @@ def _converted_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, str], 
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], dst: Path, max_shard_bytes: int, progress: bool) -> list[str]:
-    """Write `tensors` as one file or as shards with transformers' index format; return the file names."""
+    """Write `tensors` as one file or as shards with transformers' index format; return the file names.
+    Sharded by huggingface_hub's `split_torch_state_dict_into_shards`, as `save_pretrained` shards."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    n = len(shards)
-    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in sorted(tensors.items())}
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_bytes)
     meta = {"format": "pt", "moefuse_layout": LAYOUT_VERSION}
-    bar = Progress("writing tensors", len(tensors), progress)
-    for fname, shard in zip(files, shards):
-        save_file(shard, str(dst / fname), metadata=meta)
-        _check_written(dst / fname, len(shard))
-        bar.step(len(shard))
-    if n > 1:
-        weight_map = {name: fname for fname, shard in zip(files, shards) for name in shard}
-        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
-        (dst / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+    bar = _bar("writing tensors", len(tensors), progress)
+    for fname, names in split.filename_to_tensors.items():
+        save_file({name: tensors[name] for name in names}, str(dst / fname), metadata=meta)
+        _check_written(dst / fname, len(names))
+        bar.update(len(names))
+    bar.close()
+    if split.is_sharded:
+        (dst / INDEX_NAME).write_text(json.dumps({"metadata": split.metadata, "weight_map": split.tensor_to_filename},
                                                  indent=2, sort_keys=True))
-    return files
+    return list(split.filename_to_tensors)
 
 
 def _check_written(path: Path, count: int) -> None:
