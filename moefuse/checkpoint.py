@@ -54,8 +54,10 @@ import torch
 
 # The error classes live in moefuse.errors (one hierarchy for the user-facing surface); imported here too so
 # that `from moefuse.checkpoint import NotConverted` keeps working.
+from moefuse import custom_model
 from moefuse.errors import (
-    AlreadyConverted, BadConfig, BadDestination, BadDevice, BadReport, CheckpointError, CorruptSafetensors,
+    AlreadyConverted, BadConfig, BadDestination, BadDevice, BadModelArgs, BadModelClass, BadReport, CheckpointError,
+    CorruptSafetensors,
     DestinationExists, DestinationUnwritable, MismatchedCheckpoint, MissingCheckpoint, NoSafetensors,
     NonFiniteSource, NotConverted, ProbeMismatch, UnsupportedModel, UnverifiedCheckpoint,
 )
@@ -144,8 +146,9 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def read_source(src: str | os.PathLike, progress: bool = False) -> SourceCheckpoint:
-    """Check SRC before anything heavy runs: the directory, config.json, and every safetensors header."""
+def read_source(src: str | os.PathLike, progress: bool = False, config: bool = True) -> SourceCheckpoint:
+    """Check SRC before anything heavy runs: the directory, config.json (unless `config` is False: a model
+    that is not a transformers model), and every safetensors header."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(src)
@@ -157,7 +160,8 @@ def read_source(src: str | os.PathLike, progress: bool = False) -> SourceCheckpo
         raise AlreadyConverted(f"{path} was written by moefuse-convert (it has {REPORT_NAME}): it is converted "
                                "already", path, "load it with moefuse.load_converted(path); convert the original "
                                                 "transformers checkpoint if you need another dtype")
-    _read_config(path)
+    if config:
+        _read_config(path)
     files = _weight_files(path)
     bar = _bar("reading shards", len(files), progress)
     for f in files:
@@ -237,22 +241,21 @@ def _param_names(m) -> dict[str, str]:
     return names
 
 
-def _top_k(model, path: str) -> int:
-    """K of the router feeding the experts at `path`: its own, its MoE block's or the router's `top_k`."""
+def _top_k(model, path: str) -> int | None:
+    """K of the router feeding the experts at `path`: its own, its MoE block's or the router's `top_k`, or
+    config.num_experts_per_tok; None when none says (a user's routing code that keeps K to itself)."""
     parent = model.get_submodule(path.rpartition(".")[0])
     for m in (model.get_submodule(path), parent, *parent.modules()):
         k = getattr(m, "top_k", None)
         if isinstance(k, int):
             return k
-    k = getattr(model.config, "num_experts_per_tok", None)
-    if isinstance(k, int):
-        return k
-    raise UnsupportedModel(f"cannot tell the top-k of the router feeding {path}", path,
-                           "moefuse-convert reads it from the router's top_k or config.num_experts_per_tok")
+    k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+    return k if isinstance(k, int) else None
 
 
 def _converted_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, str], list[dict]]:
-    """(tensors to write, tied name → kept name, per-layer report entries)."""
+    """(tensors to write, tied name → kept name, per-layer report entries). A layer's `spec` is None where
+    its top-k is not known (a user's model whose routing code keeps K to itself)."""
     from moefuse.conversion import expert_weights, spec_key
     from moefuse.spec import MoESpec
 
@@ -266,13 +269,20 @@ def _converted_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, str], 
             del state[f"{path}.{param}"]
             state[f"{path}.{short}"] = ours[short].contiguous()
             names[short] = f"{path}.{short}"
+        k = _top_k(model, path)
+        if k is None and hasattr(model, "config"):
+            raise UnsupportedModel(f"cannot tell the top-k of the router feeding {path}", path,
+                                   "moefuse-convert reads it from the router's top_k or config.num_experts_per_tok")
         try:
-            spec = MoESpec.from_key(spec_key(m, w1.dtype, _top_k(model, path)))
+            spec = None if k is None else MoESpec.from_key(spec_key(m, w1.dtype, k))
         except ValueError as e:  # e.g. a top-k outside 1..E in config.json
             raise BadConfig(f"{path}: the layer's config.json values do not make a MoE layer: {e}", path,
                             "restore config.json from the model's source") from e
+        describe = spec.describe() if spec is not None else (
+            f"E={w1.shape[0]} H={w2.shape[1]} I={w2.shape[2]} {str(w1.dtype).removeprefix('torch.')} "
+            f"act={m._moefuse_activation.expr} (top-k chosen by the model's own routing code)")
         layers.append({"module": path, "tensors": names, "params": _param_names(m),
-                       "spec": spec.to_key(), "describe": spec.describe()})
+                       "spec": None if spec is None else spec.to_key(), "describe": describe})
     # Tied weights (e.g. lm_head = embed_tokens) are one storage: safetensors stores it once.
     tied, seen = {}, {}
     for name, t in list(state.items()):
@@ -343,7 +353,15 @@ def _probe_ids(config, device) -> torch.Tensor:
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(ids).logits.float()
+        return custom_model.output_tensor(model(ids)).float()
+
+
+def _model_dtype(model) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (a transformers model says so itself)."""
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -452,8 +470,15 @@ def _non_finite_params(model) -> list[str]:
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "auto", verify: bool = True,
-                       device: str = "cpu", max_shard_bytes: int = 4 << 30, progress: bool = True) -> dict:
+                       device: str = "cpu", max_shard_bytes: int = 4 << 30, progress: bool = True,
+                       model_class: str | type | None = None, model_args: dict | None = None,
+                       probe_shape: tuple[int, ...] | None = None, probe_vocab: int | None = None) -> dict:
     """Convert the transformers checkpoint in `src` to moefuse's layout in a new directory `dst`.
+
+    model_class, model_args: a model that is not a transformers MoE model (`moefuse.custom_model`): built as
+        `model_class(**model_args)` and loaded from `src`'s safetensors files (no config.json needed); its
+        probe input is `probe_shape` random floats, or token ids below `probe_vocab`. Modules `convert`
+        skips are listed in the report, the rest converted.
 
     dtype: "auto" (the checkpoint's) or one of float32/float16/bfloat16, for every tensor written.
     verify: run a probe batch (`PROBE_SHAPE` tokens) through the original model and through the converted
@@ -476,6 +501,14 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
         raise CheckpointError(f"the largest shard must be a positive number of bytes, got {max_shard_bytes!r}",
                               None, "--max-shard-size takes MiB ≥ 1 (default 4096)")
     dev = check_device(device)
+    cls = None if model_class is None else custom_model.import_class(model_class)  # before anything is loaded
+    if cls is not None and not isinstance(model_args or {}, dict):
+        raise BadModelArgs(f"model_args must be a dict, got {type(model_args).__name__}", None,
+                           "pass the constructor's keyword arguments")
+    if cls is not None and verify and not probe_shape:
+        raise CheckpointError(f"{custom_model.class_name(cls)} is not a transformers model: the probe needs the "
+                              "shape of an input it takes", None, "give --probe-shape (e.g. 2,9,64, with "
+                              "--probe-vocab N for token ids), or --no-verify")
     src_path, dst_path = Path(src).resolve(), Path(dst).resolve()
     if dst_path.exists():
         raise DestinationExists(f"{dst_path} exists already; moefuse-convert never overwrites", dst_path,
@@ -487,13 +520,19 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
     if dst_path.is_relative_to(src_path):
         raise BadDestination(f"{dst_path} lies inside the source checkpoint {src_path}", dst_path,
                              "write the converted checkpoint outside the source directory")
-    source = read_source(src_path, progress)
+    source = read_source(src_path, progress, config=cls is None)
     remove_stale_temps(dst_path)
     tmp = _make_temp(dst_path)
     try:
-        model = _load_source(source, dtype, progress)
+        if cls is None:
+            model = _load_source(source, dtype, progress)
+        else:
+            model = custom_model.build(cls, model_args or {})
+            custom_model.load_weights(model, source.files)
+            model = (model if dtype == "auto" else model.to(_DTYPES[dtype])).eval()
         if verify:
-            ids = _probe_ids(model.config, dev)
+            ids = _probe_ids(model.config, dev) if cls is None else custom_model.probe_input(
+                tuple(probe_shape), probe_vocab, _model_dtype(model), dev)
             try:
                 reference = _logits(model.to(dev), ids)
             except (RuntimeError, ValueError, IndexError) as e:
@@ -511,7 +550,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
                     "restore the weights from the model's source" if bad else
                     "convert with --dtype float32 or --dtype bfloat16")
         summary = convert(model)
-        if summary.skipped:
+        if summary.skipped and cls is None:
             raise UnsupportedModel(f"moefuse.convert cannot serve every MoE layer of {src_path}:\n{summary}",
                                    src_path, "the layers listed are not supported yet; the model runs with "
                                              "transformers as is")
@@ -523,17 +562,21 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
         report = {
             "format": "moefuse-checkpoint", "layout_version": LAYOUT_VERSION, "source": str(src_path),
             "source_files": [f.name for f in source.files],
-            "model_type": model.config.model_type, "architecture": type(model).__name__,
-            "dtype": str(model.dtype).removeprefix("torch."), "layers": layers, "tied": tied, "probe": None,
+            "model_type": model.config.model_type if cls is None else None, "architecture": type(model).__name__,
+            "model_class": None if cls is None else custom_model.class_name(cls), "model_args": model_args or {},
+            "dtype": str(_model_dtype(model)).removeprefix("torch."), "layers": layers, "tied": tied,
+            "skipped": dict(summary.skipped), "probe": None,
         }
         with _writing(dst_path.parent):
-            model.config.save_pretrained(tmp)
+            if cls is None:
+                model.config.save_pretrained(tmp)
             report["copied"] = _copy_side_files(src_path, tmp)
             report["files"] = _write_safetensors(tensors, tmp, max_shard_bytes, progress)
         del tensors, model  # the converted model is rebuilt from tmp, as a user would
         if verify:
+            converted = _build_converted(tmp, report, dev, cls)  # convert's own probes run the op: count after
             before = moe_op.counters["cpu"] + moe_op.counters["triton"]
-            out = _logits(_build_converted(tmp, report, dev), ids)
+            out = _logits(converted, ids)
             calls = moe_op.counters["cpu"] + moe_op.counters["triton"] - before
             tol = TOLERANCE[_DTYPES[report["dtype"]]]
             err = rel_err(out, reference)
@@ -561,9 +604,10 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
 
 # ------------------------------------------------------------------------------------------- loading
 
-_REPORT_FIELDS = {"format": str, "layout_version": str, "model_type": str, "architecture": str, "dtype": str,
-                  "files": list, "layers": list, "tied": dict, "probe": (dict, type(None))}
-_LAYER_FIELDS = {"module": str, "tensors": dict, "spec": str}
+_REPORT_FIELDS = {"format": str, "layout_version": str, "model_type": (str, type(None)), "architecture": str,
+                  "dtype": str, "files": list, "layers": list, "tied": dict, "probe": (dict, type(None))}
+_CUSTOM_FIELDS = {"model_class": str, "model_args": dict, "skipped": dict}  # a model given by --model-class
+_LAYER_FIELDS = {"module": str, "tensors": dict, "spec": (str, type(None))}
 _PROBE_FIELDS = {"ok": bool, "rel_err": (int, float), "tolerance": (int, float), "tokens": int,
                  "fused_calls": int, "device": str}
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -583,6 +627,12 @@ def _check_fields(obj, fields: dict, where: str, rp: Path) -> None:
 def _check_report(report, rp: Path) -> None:
     """moefuse.json against its schema (names, types, the values they may take)."""
     _check_fields(report, _REPORT_FIELDS, "the report", rp)
+    if report.get("model_class") is not None:
+        _check_fields(report, _CUSTOM_FIELDS, "the report", rp)
+    elif report["model_type"] is None:
+        raise BadReport(f"{rp}: neither 'model_type' nor 'model_class' says which model this is", rp, _AGAIN)
+    elif any(layer.get("spec") is None for layer in report["layers"] if isinstance(layer, dict)):
+        raise BadReport(f"{rp}: a layer of a transformers model without its spec", rp, _AGAIN)
     if report["dtype"] not in _DTYPES:
         raise BadReport(f"{rp}: dtype {report['dtype']!r} is none of {sorted(_DTYPES)}", rp, _AGAIN)
     files = report["files"]
@@ -645,6 +695,21 @@ def _check_layer(layer: dict, spec, m, model, stored: dict, dtype: str, path: Pa
 
     module = layer["module"]
     w1, w2, b1, b2 = expert_weights(m)
+    shapes = {"w1": tuple(w1.shape), "w2": tuple(w2.shape), "b1": None if b1 is None else tuple(b1.shape),
+              "b2": None if b2 is None else tuple(b2.shape)}  # as the model built from its description has them
+    if set(layer["tensors"]) != set(_param_names(m)):
+        raise BadReport(f"{module}: moefuse.json lists tensors {sorted(layer['tensors'])}, the model needs "
+                        f"{sorted(_param_names(m))}", path / REPORT_NAME, _AGAIN)
+    for short, name in layer["tensors"].items():
+        if name not in stored:
+            raise MismatchedCheckpoint(f"{module}.{short}: moefuse.json names tensor {name!r}, which no file of "
+                                       f"{path} holds", path, _AGAIN)
+        shape, dt = stored[name]
+        if shape != shapes[short] or dt != dtype:
+            raise MismatchedCheckpoint(f"{name} is {dt} {list(shape)} on disk; the layer needs {dtype} "
+                                       f"{list(shapes[short])}", path, _AGAIN)
+    if spec is None:  # a user's model whose routing keeps K to itself: nothing more was recorded
+        return
     built = {"num_experts": w1.shape[0], "top_k": _top_k(model, module), "hidden": w2.shape[1],
              "intermediate": w2.shape[2], "up_rows": w1.shape[1], "w1_bias": b1 is not None,
              "w2_bias": b2 is not None, "dtype": dtype}
@@ -656,22 +721,10 @@ def _check_layer(layer: dict, spec, m, model, stored: dict, dtype: str, path: Pa
         raise MismatchedCheckpoint(f"{module}: the model's activation is {m._moefuse_activation}, "
                                    f"the checkpoint was converted for {spec.activation}", path,
                                    "convert the source checkpoint again with this moefuse")
-    if set(layer["tensors"]) != set(_param_names(m)):
-        raise BadReport(f"{module}: moefuse.json lists tensors {sorted(layer['tensors'])}, the model needs "
-                        f"{sorted(_param_names(m))}", path / REPORT_NAME, _AGAIN)
-    e, n1, h, i = spec.num_experts, spec.up_rows, spec.hidden, spec.intermediate
-    shapes = {"w1": (e, n1, h), "w2": (e, h, i), "b1": (e, n1), "b2": (e, h)}
-    for short, name in layer["tensors"].items():
-        if name not in stored:
-            raise MismatchedCheckpoint(f"{module}.{short}: moefuse.json names tensor {name!r}, which no file of "
-                                       f"{path} holds", path, _AGAIN)
-        shape, dt = stored[name]
-        if shape != shapes[short] or dt != dtype:
-            raise MismatchedCheckpoint(f"{name} is {dt} {list(shape)} on disk; the layer needs {dtype} "
-                                       f"{list(shapes[short])}", path, _AGAIN)
 
 
-def load_converted(path: str | os.PathLike, device: str | torch.device = "cpu", allow_unverified: bool = False):
+def load_converted(path: str | os.PathLike, device: str | torch.device = "cpu", allow_unverified: bool = False,
+                   model_class: str | type | None = None):
     """The model moefuse-convert wrote to `path`, ready to run: every MoE layer calls moefuse::moe.
 
     Returns a transformers *ForCausalLM in eval mode, in the dtype it was converted to, on `device`, already
@@ -682,6 +735,10 @@ def load_converted(path: str | os.PathLike, device: str | torch.device = "cpu", 
     dtypes). A folder whose probe never ran (`moefuse-convert --no-verify`) is refused unless
     `allow_unverified=True`. Raises NotConverted, BadReport, UnverifiedCheckpoint, MismatchedCheckpoint or
     UnsupportedModel when the directory does not fit.
+
+    A folder converted with `--model-class` holds a model that is not a transformers model: pass the same
+    class as `model_class` (the class or "package.module:Class"); it is rebuilt with the recorded
+    arguments. moefuse never imports a class because a folder names it.
     """
     path = Path(path)
     if not path.is_dir():
@@ -696,10 +753,24 @@ def load_converted(path: str | os.PathLike, device: str | torch.device = "cpu", 
                                    "it anyway")
     if probe is not None and not probe["ok"]:
         raise UnverifiedCheckpoint(f"{path}'s probe failed (relative error {probe['rel_err']:.3g})", path, _AGAIN)
-    return _build_converted(path, report, check_device(device))
+    recorded = report.get("model_class")
+    cls = None
+    if recorded is not None or model_class is not None:
+        if recorded is None:
+            raise BadModelClass(f"{path} holds a transformers model ({report['architecture']}); model_class is "
+                                "for folders converted with --model-class", path, "leave model_class out")
+        if model_class is None:
+            raise BadModelClass(f"{path} holds a {recorded} model, converted with --model-class", path,
+                                f"pass model_class={recorded!r} (or the class itself): moefuse imports no class "
+                                "a folder names")
+        cls = custom_model.import_class(model_class)
+        if custom_model.class_name(cls) != recorded:
+            raise BadModelClass(f"{path} holds a {recorded} model, not a {custom_model.class_name(cls)}", path,
+                                f"pass model_class={recorded!r}")
+    return _build_converted(path, report, check_device(device), cls)
 
 
-def _build_converted(path: Path, report: dict, device: torch.device):
+def _build_converted(path: Path, report: dict, device: torch.device, cls: type | None = None):
     """The converted model from a folder and its (checked) report: what load_converted returns, and what the
     probe runs before moefuse.json is written."""
     from safetensors.torch import load_file
@@ -709,10 +780,11 @@ def _build_converted(path: Path, report: dict, device: torch.device):
     from moefuse.conversion import convert
     from moefuse.spec import MoESpec
 
-    config = _read_config(path)
-    if config.model_type != report["model_type"]:
-        raise BadReport(f"moefuse.json was written for model_type {report['model_type']!r}, config.json says "
-                        f"{config.model_type!r}", path / REPORT_NAME, _AGAIN)
+    if cls is None:
+        config = _read_config(path)
+        if config.model_type != report["model_type"]:
+            raise BadReport(f"moefuse.json was written for model_type {report['model_type']!r}, config.json says "
+                            f"{config.model_type!r}", path / REPORT_NAME, _AGAIN)
     stored = _stored_tensors(path, report["files"])
     for name, kept in report["tied"].items():
         if kept not in stored:
@@ -721,18 +793,21 @@ def _build_converted(path: Path, report: dict, device: torch.device):
     specs = []
     for layer in report["layers"]:
         try:
-            specs.append(MoESpec.from_key(layer["spec"]))
+            specs.append(None if layer["spec"] is None else MoESpec.from_key(layer["spec"]))
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
             raise BadReport(f"{layer['module']}: the layer spec in moefuse.json cannot be read ({e!r})",
                             path / REPORT_NAME, _AGAIN) from e
-    with no_init_weights():  # every parameter is overwritten below; random init would only cost time
-        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[report["dtype"]])
-    model.tie_weights()  # done by the init no_init_weights skipped: lm_head = embed_tokens where config ties them
+    if cls is None:
+        with no_init_weights():  # every parameter is overwritten below; random init would only cost time
+            model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[report["dtype"]])
+        model.tie_weights()  # done by the init no_init_weights skipped: lm_head = embed_tokens where config ties
+    else:
+        model = custom_model.build(cls, report["model_args"]).to(_DTYPES[report["dtype"]])
     # Converted first, so that modules convert swaps in (owning w1/w2 themselves) exist to load into
     summary = convert(model)
     fused = _fused_modules(model)
     want = [layer["module"] for layer in report["layers"]]
-    if summary.skipped or sorted(fused) != sorted(want):
+    if set(summary.skipped) != set(report.get("skipped", {})) or sorted(fused) != sorted(want):
         raise UnsupportedModel(f"moefuse.convert serves {sorted(fused)} here, the checkpoint was converted for "
                                f"{want}:\n{summary}", path, "convert the source checkpoint again with this moefuse")
     for layer, spec in zip(report["layers"], specs):

@@ -37,6 +37,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape: give sizes separated by commas, e.g. 2,9,64") \
+            from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every size must be 1 or more")
+    return dims
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -54,6 +65,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=_positive_int, default=4096, metavar="MiB",
                    help="largest safetensors file to write, in MiB (default: 4096)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    custom = p.add_argument_group(
+        "models that are not transformers models",
+        "SRC holds the model's state_dict as safetensors (one file, or shards with an index); the model is "
+        "built as CLASS(**ARGS), loaded, and moefuse.convert run on it. Load the result with "
+        "moefuse.load_converted(DST_DIR, model_class='package.module:Class').")
+    custom.add_argument("--model-class", metavar="package.module:Class", help="the model's nn.Module class")
+    args = custom.add_mutually_exclusive_group()
+    args.add_argument("--model-args", metavar="JSON", help="the constructor's keyword arguments, a JSON object")
+    args.add_argument("--model-config", metavar="FILE", help="a JSON file holding that object")
+    custom.add_argument("--probe-shape", type=_shape, metavar="D0,D1,…",
+                        help="shape of the probe input: random floats in the model's dtype (needed unless "
+                             "--no-verify)")
+    custom.add_argument("--probe-vocab", type=_positive_int, metavar="N",
+                        help="make the probe input token ids below N instead of floats")
     return p
 
 
@@ -66,8 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if on_main_thread else None
     try:
+        custom = {}
+        if args.model_class is not None:
+            from moefuse.custom_model import parse_args
+
+            custom = dict(model_class=args.model_class, model_args=parse_args(args.model_args, args.model_config),
+                          probe_shape=args.probe_shape, probe_vocab=args.probe_vocab)
+        elif args.model_args or args.model_config or args.probe_shape or args.probe_vocab:
+            _parser().error("--model-args, --model-config, --probe-shape and --probe-vocab go with --model-class")
         report = convert_checkpoint(args.src, args.dst, dtype=args.dtype, verify=args.verify, device=args.device,
-                                    max_shard_bytes=args.max_shard_size << 20, progress=not args.quiet)
+                                    max_shard_bytes=args.max_shard_size << 20, progress=not args.quiet, **custom)
     except MoefuseError as e:
         print(f"{PROG}: error: {getattr(e, 'message', e)}", file=sys.stderr)
         if e.hint:
@@ -91,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['destination']} ({report['dtype']}, {len(report['files'])} file(s))")
     for layer in report["layers"]:
         print(f"  {layer['module']}: {layer['describe']}")
+    for module, why in report.get("skipped", {}).items():
+        print(f"  {module}: left as it is: {why}")
     probe = report["probe"]
     if probe is None:
         print("  probe: skipped (--no-verify): load it with moefuse.load_converted(DST, allow_unverified=True)")

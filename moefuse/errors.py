@@ -6,7 +6,7 @@
     ├── ConversionError             `moefuse.convert` was called on something it cannot take
     └── CheckpointError             moefuse-convert / load_converted: bad input or a faulty environment
         ├── MissingCheckpoint, BadConfig, NoSafetensors, CorruptSafetensors, AlreadyConverted   (SRC)
-        ├── UnsupportedModel, MismatchedCheckpoint, NonFiniteSource                             (the model)
+        ├── UnsupportedModel, MismatchedCheckpoint, NonFiniteSource, BadModelClass, BadModelArgs (the model)
         ├── DestinationExists, BadDestination, DestinationUnwritable                            (DST)
         ├── BadDevice
         ├── NotConverted, BadReport, UnverifiedCheckpoint                                       (loading)
@@ -121,3 +121,12 @@ class ProbeMismatch(CheckpointError):
     """The converted model's logits differ from the original's beyond the dtype's tolerance."""
 
     exit_code = 1
+
+
+class BadModelClass(CheckpointError):
+    """--model-class (load_converted's model_class) does not name an importable torch.nn.Module class, or not
+    the one the converted folder was written for."""
+
+
+class BadModelArgs(CheckpointError):
+    """--model-args / --model-config is not a JSON object of the model class's constructor arguments."""

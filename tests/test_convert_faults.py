@@ -384,3 +384,113 @@ def test_destination_under_a_file_or_equal_to_the_source(source, tmp_path, capsy
     assert_user_error(rc, io, "is not a directory")
     rc, io = run_cli([source, source], capsys)
     assert_user_error(rc, io, "exists already")
+
+
+# ------------------------------------------------------------- a model that is not a transformers model
+
+USER_PACKAGE = '''
+import torch
+from torch import nn
+
+
+class GLU(nn.Module):
+    def __init__(self, h, i):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(h, i, bias=False), nn.Linear(h, i, bias=False), nn.Linear(i, h, bias=False)
+
+    def forward(self, x):
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, h, i, e, k, odd=False):
+        super().__init__()
+        self.router = nn.Linear(h, e, bias=False)
+        self.experts = nn.ModuleList(GLU(h, 2 * i if odd and j == 1 else i) for j in range(e))
+        self.top_k = k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        w, ids = self.router(flat).softmax(-1).topk(self.top_k, dim=-1)
+        out = torch.zeros_like(flat)
+        for j, expert in enumerate(self.experts):
+            tok, slot = torch.where(ids == j)
+            out.index_add_(0, tok, expert(flat[tok]) * w[tok, slot, None])
+        return out.view(x.shape)
+
+
+class Net(nn.Module):
+    """Token ids → logits, two MoE blocks (the second one's experts unequal when odd=True)."""
+
+    def __init__(self, vocab=64, hidden=32, inner=16, experts=4, top_k=2, odd=False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList([Block(hidden, inner, experts, top_k), Block(hidden, inner, experts, top_k, odd)])
+        self.head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+'''
+
+
+@pytest.fixture
+def user_source(tmp_path, monkeypatch):
+    """(SRC of a user's model saved with safetensors, the package's module, its logits on a probe)."""
+    import importlib
+
+    from safetensors.torch import save_model
+
+    (tmp_path / "usermoe_pkg.py").write_text(USER_PACKAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("usermoe_pkg")
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    save_model(module.Net(odd=True), str(src / "model.safetensors"))
+    yield src, module
+    sys.modules.pop("usermoe_pkg", None)
+
+
+def test_model_class_is_converted_and_reports_what_it_skipped(user_source, tmp_path, capsys):
+    src, module = user_source
+    args = ["--model-class", "usermoe_pkg:Net", "--model-args", '{"odd": true}', "--probe-shape", "2,9",
+            "--probe-vocab", "64"]
+    rc, io = run_cli([src, tmp_path / "dst", *args], capsys)
+    assert rc == 0, io.err
+    assert "blocks.0.experts: E=4 K=2 H=32 I=16" in io.out and "blocks.1: left as it is: expert 1's" in io.out, io.out
+    report = json.loads((tmp_path / "dst" / "moefuse.json").read_text())
+    assert report["model_class"] == "usermoe_pkg:Net" and report["probe"]["ok"] and report["probe"]["fused_calls"] == 1
+    with pytest.raises(ckpt.BadModelClass, match="pass model_class='usermoe_pkg:Net'"):
+        load_converted(tmp_path / "dst")
+    model = load_converted(tmp_path / "dst", model_class=module.Net)
+    assert type(model.blocks[0]).__name__ == "_RoutedBlock" and isinstance(model.blocks[1], module.Block)
+    original = module.Net(odd=True)
+    from safetensors.torch import load_model
+    load_model(original, str(src / "model.safetensors"))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), original.eval()(ids), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model-class", "usermoe_pkg"], "takes package.module:Class"),
+    (["--model-class", "no_such_pkg.mod:Net"], "cannot import 'no_such_pkg.mod'"),
+    (["--model-class", "usermoe_pkg:Nope"], "has no 'Nope'"),
+    (["--model-class", "usermoe_pkg:USER"], "is not a torch.nn.Module class"),
+    (["--model-class", "usermoe_pkg:Net", "--model-args", "{odd"], "--model-args is not valid JSON"),
+    (["--model-class", "usermoe_pkg:Net", "--model-args", "[1]"], "is a JSON list, not an object"),
+    (["--model-class", "usermoe_pkg:Net", "--model-args", '{"colour": 1}', "--no-verify"],
+     "unexpected keyword argument 'colour'"),
+    (["--model-class", "usermoe_pkg:Net", "--model-args", '{"hidden": 48}', "--no-verify"], "do not fit"),
+    (["--model-class", "usermoe_pkg:Net"], "needs the shape of an input"),
+    (["--model-class", "usermoe_pkg:Net", "--model-config", "missing.json"], "cannot read the model config"),
+])
+def test_model_class_mistakes_are_user_errors(args, message, user_source, tmp_path, capsys):
+    src, module = user_source
+    module.USER = 1
+    rc, io = run_cli([src, tmp_path / "dst", *args], capsys)
+    assert_user_error(rc, io, message)
+    assert not (tmp_path / "dst").exists()
