@@ -419,19 +419,27 @@ def _module_form(m: nn.Module):
             e, f, h = m.num_experts, m.ffn_hidden_size, m.hidden_size
             w1 = torch.cat([m.mlp.w1.view(e, f, h), m.mlp.v1.view(e, f, h)], dim=1)  # [E, 2F, H]: [gate; up]
             act = capture_activation(_glu_of(m.mlp.activation_fn, f), 2 * f)
-            return _DbrxExperts(w1, m.mlp.w2.view(e, f, h).transpose(1, 2), activation=act,
-                                router="DBRX router (model code) → moefuse.convert",
-                                requires_grad=any(p.requires_grad for p in m.parameters()))
+            new = _DbrxExperts(w1, m.mlp.w2.view(e, f, h).transpose(1, 2), activation=act,
+                               router="DBRX router (model code) → moefuse.convert",
+                               requires_grad=any(p.requires_grad for p in m.parameters()))
+            _check_same_call(m, new)
+            return new
         return build
     if name == "SwitchTransformersExperts":
-        return lambda: _mlp_experts([m[k] for k in m], "Switch top-1 router with capacity (model code) "
-                                    "→ moefuse.convert", _MaskRoutedExperts)
+        def build():
+            new = _mlp_experts([m[k] for k in m], "Switch top-1 router with capacity (model code) → moefuse.convert",
+                               _MaskRoutedExperts)
+            _check_mask_call(m, new)
+            return new
+        return build
     if name == "JetMoeMoE":
         def build():
             w1, w2 = m.input_linear.weight, m.output_linear.weight  # already [E, 2I, H] and [E, H, I]
             act = capture_activation(_glu_of(m.activation, w2.shape[-1]), w1.shape[1])
-            return _JetMoeBlock(m, FusedExperts(w1, w2, activation=act, router="JetMoE top-k gating "
-                                                "→ moefuse.convert"))
+            new = _JetMoeBlock(m, FusedExperts(w1, w2, activation=act, router="JetMoE top-k gating "
+                                               "→ moefuse.convert"))
+            _check_block(m, new, w1)
+            return new
         return build
     block = _user_block(m)
     if block is not None:
@@ -441,30 +449,61 @@ def _module_form(m: nn.Module):
         if len(experts) >= 2 and all(isinstance(e, nn.Module) for e in experts):
             def build():
                 fused = _mlp_experts(experts, f"{type(m).__name__}(x, ids, weights) (model code) → moefuse.convert")
-                _check_same_call(m, fused, experts[0])
+                _check_same_call(m, fused)
                 return fused
             return build
     return None
 
 
-def _check_same_call(old: nn.Module, new: FusedExperts, expert: nn.Module) -> None:
-    """A user's experts container is only assumed to be called as (x [T, H], ids [T, K], weights [T, K]) →
-    [T, H]: check it on random routing before swapping it, so a different meaning is a skip, not a change."""
-    w = new.w1
+def _probe_routing(w: torch.Tensor, tokens: int = 7):
+    """Random (x [T, H], ids [T, K], weights [T, K]) for the experts whose stacked up-projection is `w`."""
     h, e = w.shape[-1], w.shape[0]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(7, h, generator=gen).to(w.dtype)
-    ids = torch.argsort(torch.rand(7, e, generator=gen), dim=1)[:, :2] if e > 2 else torch.zeros(7, 1, dtype=torch.long)
-    wts = torch.rand(ids.shape, generator=gen).to(w.dtype)
-    with torch.no_grad():
-        try:
-            want = old(x.to(w.device), ids.to(w.device), wts.to(w.device))
-        except Exception as exc:  # any other call signature
-            raise ValueError(f"calling it as experts(x, ids, weights) raised {type(exc).__name__}: {exc}") from exc
-        got = new(x.to(w.device), ids.to(w.device), wts.to(w.device))
+    x = torch.randn(tokens, h, generator=gen).to(w.device, w.dtype)
+    ids = torch.argsort(torch.rand(tokens, e, generator=gen), dim=1)[:, :2] if e > 2 else \
+        torch.zeros(tokens, 1, dtype=torch.long)
+    return x, ids.to(w.device), torch.rand(ids.shape, generator=gen).to(w.device, w.dtype)
+
+
+def _check_same(old: nn.Module, new: nn.Module, args: tuple, call: str) -> None:
+    """`new(*args)` computes what `old(*args)` does (a random probe, at the weights' dtype's tolerance): a
+    replacement that would change the model is a skip, not a change. Raises ValueError saying which."""
+    was_old, was_new = old.training, new.training
+    old.train(False), new.train(False)  # the model's own dropout would make any comparison fail
+    try:
+        with torch.no_grad():
+            try:
+                want = old(*args)
+            except Exception as exc:  # noqa: BLE001 - any other call signature
+                raise ValueError(f"calling it as {call} raised {type(exc).__name__}: {exc}") from exc
+            got = new(*args)
+    finally:
+        old.train(was_old), new.train(was_new)
     if not isinstance(want, torch.Tensor) or want.shape != got.shape or \
             not torch.allclose(want.float(), got.float(), rtol=1e-2, atol=1e-3 * want.float().abs().max().item()):
-        raise ValueError("experts(x, ids, weights) does not compute Σ_k weights·expert_ids(x) on a random probe")
+        raise ValueError(f"{call} does not compute Σ_k weights·expert_ids(x) on a random probe: its fused "
+                         "replacement would change the model")
+
+
+def _check_same_call(old: nn.Module, new: FusedExperts) -> None:
+    """Experts called as (x [T, H], ids [T, K], weights [T, K]) → [T, H] (a user's experts container is only
+    assumed to be; DBRX's are): checked on random routing before swapping."""
+    _check_same(old, new, _probe_routing(new.w1), "experts(x, ids, weights)")
+
+
+def _check_mask_call(old: nn.Module, new: FusedExperts) -> None:
+    """Switch's experts, called with a one-hot expert mask [T, 1, E] (a zero row: a token over capacity) and
+    weights [T, 1]."""
+    x, ids, weights = _probe_routing(new.w1)
+    mask = torch.nn.functional.one_hot(ids[:, :1], new.w1.shape[0])
+    mask[3] = 0
+    _check_same(old, new, (x, mask, weights[:, :1]), "experts(x, expert_mask, weights)")
+
+
+def _check_block(old: nn.Module, new: nn.Module, w: torch.Tensor) -> None:
+    """A whole MoE block, x [B, S, H] → [B, S, H] (JetMoE's: its gating is re-done by the replacement)."""
+    x, _, _ = _probe_routing(w, tokens=10)
+    _check_same(old, new, (x.view(2, 5, -1),), "block(x)")
 
 
 def _register_with_transformers() -> None:

@@ -437,3 +437,26 @@ def test_expert_dynamo_cannot_capture_is_skipped_with_why():
         summary = convert(model)
     assert summary.converted == ["blocks.0"], str(summary)
     assert "dynamo cannot capture the experts' activation" in summary.skipped["blocks.1"], summary.skipped
+
+
+@pytest.mark.parametrize("family", sorted(CONVERT_FAMILIES) + ["switch"])
+def test_module_form_whose_replacement_differs_is_skipped(family, monkeypatch):
+    """DBRX, JetMoE and Switch replacements are checked on a probe before any swap, like a user's blocks: a
+    replacement that would compute something else (here: gate and up halves read the wrong way round, or an
+    activation that is not the experts') is a skip with the reason, and the model is unchanged."""
+    import moefuse.conversion as conversion
+
+    if family == "switch":
+        model = tiny_switch()
+        real = conversion.capture_activation
+        monkeypatch.setattr(conversion, "capture_activation",
+                            lambda fn, rows: real(lambda up: torch.tanh(fn(up)), rows))
+    else:
+        model = tiny_model(family)
+        monkeypatch.setattr(conversion, "_glu_of",
+                            lambda act, width: lambda up: act(up[..., width:]) * up[..., :width])
+    before = dict(model.named_modules())
+    summary = convert(model)
+    assert not summary.converted and len(summary.skipped) == 2, str(summary)
+    assert all("on a random probe" in why for why in summary.skipped.values()), str(summary)
+    assert dict(model.named_modules()) == before
