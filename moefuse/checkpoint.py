@@ -12,7 +12,15 @@ per-model table. DST holds:
   config.json, and SRC's other small files (tokenizer, generation config) copied as they are
   model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json (the same index
       format as transformers'); every shard's metadata has {"format": "pt", "moefuse_layout": "1"}
-  moefuse.json   the report: what was converted, each layer's MoESpec key, the probe's error
+  moefuse.json   the report: what was converted, each layer's MoESpec key, the probe's result. Written
+                 last, after the probe: a folder without it is not a converted checkpoint
+
+A model that is not a transformers model (`--model-class package.module:Class`) is described in
+`moefuse.custom_model`: the same layout, with the class and its arguments in moefuse.json, no config.json.
+
+Crash safety. DST is built in `.DST.moefuse-tmp-HOST.PID.RANDOM` beside it and renamed into place when
+complete, with SRC's permissions; SIGINT/SIGTERM remove it; a run killed outright leaves it, and the next
+run for DST removes those of dead processes on this host.
 
 Tensor names. Every tensor keeps its name in the transformers model (`model.state_dict()`), except the
 expert weights of each converted experts module at path P (e.g. `model.layers.0.mlp.experts`), which are
@@ -27,8 +35,10 @@ stored in the fused op's layout (see `moefuse.spec`), contiguous:
 
 `load_converted` builds the model from config.json, puts w1/w2 back into the experts module's parameters
 (as transposed *views* where transformers stores them [E, in, out], so the op reads them contiguous),
-loads the other tensors, and runs `moefuse.convert` on it, checking that each layer's activation and layout
-are the ones recorded. Plain `from_pretrained(DST)` does not understand w1/w2: use `load_converted`.
+loads the other tensors, and runs `moefuse.convert` on it. Before building anything it checks moefuse.json
+against its schema, config.json (E, K, H, I, biases, dtype, activation) and the tensor files' headers (names,
+shapes, dtypes), and it refuses a folder whose probe never ran (`--no-verify`) unless
+`allow_unverified=True`. Plain `from_pretrained(DST)` does not understand w1/w2: use `load_converted`.
 
 Both directions hold one copy of the model in memory (plus, while converting with the probe on, the
 reference logits); a checkpoint larger than RAM is not supported yet.

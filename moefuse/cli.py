@@ -27,6 +27,13 @@ def _terminated(signum, frame):
     raise Terminated
 
 
+def _internal_error() -> int:
+    """A bug, not bad input: the traceback, and exit status 3 (never 1, which scripts read as a probe mismatch)."""
+    traceback.print_exc()
+    print(f"{PROG}: internal error (nothing was written); please report it with the traceback above", file=sys.stderr)
+    return 3
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -106,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         if e.hint:
             print(f"{PROG}: hint: {e.hint}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] not in ("transformers", "safetensors", "huggingface_hub", "tqdm"):
+            return _internal_error()
+        print(f"{PROG}: error: {e.name} is not installed; moefuse-convert needs it", file=sys.stderr)
+        print(f"{PROG}: hint: pip install 'moefuse[convert]'", file=sys.stderr)
+        return 2
     except OSError as e:  # the environment (a file system, a device), not a bug: one line, no traceback
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -113,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted (nothing was written)", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
     except Exception:  # a bug, not bad input: 3, so that scripts never read it as a probe mismatch (1)
-        traceback.print_exc()
-        print(f"{PROG}: internal error (nothing was written); please report it with the traceback above",
-              file=sys.stderr)
-        return 3
+        return _internal_error()
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)

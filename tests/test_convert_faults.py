@@ -494,3 +494,27 @@ def test_model_class_mistakes_are_user_errors(args, message, user_source, tmp_pa
     rc, io = run_cli([src, tmp_path / "dst", *args], capsys)
     assert_user_error(rc, io, message)
     assert not (tmp_path / "dst").exists()
+
+
+def test_missing_converter_dependency_is_a_user_error(source, tmp_path, capsys, monkeypatch):
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'safetensors'", name="safetensors")
+
+    monkeypatch.setattr(ckpt, "read_source", missing)
+    rc, io = run_cli([source, tmp_path / "dst"], capsys)
+    assert_user_error(rc, io, "safetensors is not installed")
+    assert "moefuse[convert]" in io.err
+
+
+def test_a_bug_is_still_an_internal_error_with_its_traceback(source, tmp_path, capsys, monkeypatch):
+    """The other side of the mapping: what is not the user's or the environment's fault stays exit 3."""
+    def bug(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'moefuse.nothing'", name="moefuse.nothing")
+
+    monkeypatch.setattr(ckpt, "read_source", bug)
+    rc, io = run_cli([source, tmp_path / "dst"], capsys)
+    assert rc == 3 and "Traceback" in io.err and "internal error" in io.err, io.err
+    monkeypatch.setattr(ckpt, "read_source", lambda *a, **k: {}["bug"])
+    rc, io = run_cli([source, tmp_path / "dst"], capsys)
+    assert rc == 3 and "KeyError" in io.err
+    assert list(tmp_path.iterdir()) == []
