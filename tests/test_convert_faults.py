@@ -396,7 +396,8 @@ from torch import nn
 class GLU(nn.Module):
     def __init__(self, h, i):
         super().__init__()
-        self.gate, self.up, self.down = nn.Linear(h, i, bias=False), nn.Linear(h, i, bias=False), nn.Linear(i, h, bias=False)
+        self.gate, self.up = nn.Linear(h, i, bias=False), nn.Linear(h, i, bias=False)
+        self.down = nn.Linear(i, h, bias=False)
 
     def forward(self, x):
         return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
