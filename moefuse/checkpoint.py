@@ -599,7 +599,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
                     "please report this with the model's config.json; --no-verify writes it regardless (unsafe)")
         with _writing(dst_path.parent):
             _write_json(tmp / REPORT_NAME, report)  # last: a folder without it is not a converted checkpoint
-            os.chmod(tmp, stat.S_IMODE(src_path.stat().st_mode))  # not mkdir's 0700: SRC's readers read DST
+            # SRC's mode, not mkdir's 0700: who may read SRC may read DST (and its owner may always remove it)
+            os.chmod(tmp, stat.S_IMODE(src_path.stat().st_mode) | stat.S_IRWXU)
             if dst_path.exists():  # created while we worked: never replace it
                 raise DestinationExists(f"{dst_path} appeared while converting; moefuse-convert never "
                                         "overwrites", dst_path, "choose a new destination")
