@@ -512,9 +512,14 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
                               None, "--max-shard-size takes MiB ≥ 1 (default 4096)")
     dev = check_device(device)
     cls = None if model_class is None else custom_model.import_class(model_class)  # before anything is loaded
-    if cls is not None and not isinstance(model_args or {}, dict):
-        raise BadModelArgs(f"model_args must be a dict, got {type(model_args).__name__}", None,
-                           "pass the constructor's keyword arguments")
+    if cls is not None:
+        try:
+            ok = isinstance(model_args or {}, dict) and json.loads(json.dumps(model_args or {})) == (model_args or {})
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:  # moefuse.json records them, so that load_converted can rebuild the model
+            raise BadModelArgs(f"model_args must be a dict of JSON values, got {model_args!r}", None,
+                               "pass the constructor's keyword arguments as numbers, strings, lists and dicts")
     if cls is not None and verify and not probe_shape:
         raise CheckpointError(f"{custom_model.class_name(cls)} is not a transformers model: the probe needs the "
                               "shape of an input it takes", None, "give --probe-shape (e.g. 2,9,64, with "
@@ -546,17 +551,19 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
             try:
                 reference = _logits(model.to(dev), ids)
             except (RuntimeError, ValueError, IndexError) as e:
-                raise UnsupportedModel(f"the source model itself fails on a probe batch of {PROBE_SHAPE} tokens: "
+                raise UnsupportedModel(f"the source model itself fails on a probe input of shape {list(ids.shape)}: "
                                        f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}",
                                        src_path, "config.json's values do not make a working model (e.g. "
-                                       "num_experts_per_tok outside 1..num_experts): restore it") from e
+                                       "num_experts_per_tok outside 1..num_experts): restore it" if cls is None else
+                                       "check --probe-shape / --probe-vocab against what the model takes, and "
+                                       "--model-args") from e
             model.to("cpu")
             if not torch.isfinite(reference).all():
                 bad = _non_finite_params(model)
                 raise NonFiniteSource(
                     f"the source model's own logits on the probe batch are not finite (NaN or inf): "
                     + (f"its weights hold NaN/inf in {bad[:6]}{' …' if len(bad) > 6 else ''}" if bad else
-                       f"they overflow in {str(model.dtype).removeprefix('torch.')}"), src_path,
+                       f"they overflow in {str(_model_dtype(model)).removeprefix('torch.')}"), src_path,
                     "restore the weights from the model's source" if bad else
                     "convert with --dtype float32 or --dtype bfloat16")
         summary = convert(model)
@@ -566,8 +573,10 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
                                              "transformers as is")
         if not summary.converted:
             raise UnsupportedModel(f"{src_path} ({type(model).__name__}) has no MoE experts module "
-                                   "moefuse.convert serves", src_path, "moefuse-convert handles transformers MoE "
-                                   "models whose experts use transformers' experts interface (3-D stacked weights)")
+                                   f"moefuse.convert serves" + (f":\n{summary}" if summary.skipped else ""), src_path,
+                                   "moefuse-convert handles transformers MoE models whose experts use transformers' "
+                                   "experts interface (3-D stacked weights)" if cls is None else
+                                   "the forms moefuse.convert recognises are listed in moefuse.conversion")
         tensors, tied, layers = _converted_tensors(model)
         report = {
             "format": "moefuse-checkpoint", "layout_version": LAYOUT_VERSION, "source": str(src_path),

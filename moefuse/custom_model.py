@@ -104,7 +104,7 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise MismatchedCheckpoint(f"the tensors do not fit {class_name(type(model))}: "
-                                   f"{str(e).strip().splitlines()[-1]}", None,
+                                   f"{str(e).strip().splitlines()[-1].strip()}", None,
                                    "--model-args must describe the model these weights were saved from") from e
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     loaded = {params[n].data_ptr() for n in state if n in params}

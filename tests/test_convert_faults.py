@@ -358,7 +358,7 @@ def test_temp_folders_of_live_processes_and_other_hosts_are_kept(source, tmp_pat
 UNNAMED = {  # name → (how SRC is spoiled, extra arguments, error in the message)
     "num_experts_a_string": (_set_config(num_experts="eight"), [], "Validation error for field 'num_experts'"),
     "dtype_unknown": (_set_config(dtype="float8"), [], "has no attribute 'float8'"),
-    "top_k_above_experts": (_set_config(num_experts_per_tok=9), [], "source model itself fails on a probe batch"),
+    "top_k_above_experts": (_set_config(num_experts_per_tok=9), [], "source model itself fails on a probe input"),
     "top_k_above_experts_unverified": (_set_config(num_experts_per_tok=9), ["--no-verify"],
                                        "top_k=9 exceeds num_experts=8"),
     "top_k_zero": (_set_config(num_experts_per_tok=0), [], "MoESpec.top_k must be >= 1"),
@@ -488,6 +488,10 @@ def test_model_class_is_converted_and_reports_what_it_skipped(user_source, tmp_p
     (["--model-class", "usermoe_pkg:Net", "--model-args", '{"hidden": 48}', "--no-verify"], "do not fit"),
     (["--model-class", "usermoe_pkg:Net"], "needs the shape of an input"),
     (["--model-class", "usermoe_pkg:Net", "--model-config", "missing.json"], "cannot read the model config"),
+    (["--model-class", "usermoe_pkg:Net", "--model-args", '{"odd": true}', "--probe-shape", "2,9"],
+     "fails on a probe input of shape [2, 9]"),  # floats where the model takes token ids
+    (["--model-class", "usermoe_pkg:Net", "--probe-shape", "2,9", "--probe-vocab", "64"],
+     "size mismatch for blocks.1.experts.1"),  # saved with odd=True: expert 1 of block 1 is twice as wide
 ])
 def test_model_class_mistakes_are_user_errors(args, message, user_source, tmp_path, capsys):
     src, module = user_source
@@ -519,3 +523,14 @@ def test_a_bug_is_still_an_internal_error_with_its_traceback(source, tmp_path, c
     rc, io = run_cli([source, tmp_path / "dst"], capsys)
     assert rc == 3 and "KeyError" in io.err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_class_without_moe_is_unsupported(tmp_path, capsys):
+    from safetensors.torch import save_model
+
+    (tmp_path / "src").mkdir()
+    save_model(torch.nn.Linear(4, 4), str(tmp_path / "src" / "model.safetensors"))
+    rc, io = run_cli([tmp_path / "src", tmp_path / "dst", "--model-class", "torch.nn:Linear",
+                      "--model-args", '{"in_features": 4, "out_features": 4}', "--probe-shape", "3,4"], capsys)
+    assert_user_error(rc, io, "has no MoE experts module moefuse.convert serves")
+    assert leftovers(tmp_path) == [] and not (tmp_path / "dst").exists()
