@@ -460,3 +460,10 @@ def test_module_form_whose_replacement_differs_is_skipped(family, monkeypatch):
     assert not summary.converted and len(summary.skipped) == 2, str(summary)
     assert all("on a random probe" in why for why in summary.skipped.values()), str(summary)
     assert dict(model.named_modules()) == before
+
+
+@pytest.mark.parametrize("family", sorted(CONVERT_FAMILIES))
+def test_module_forms_in_bfloat16_pass_their_probe(family):
+    """The probe's tolerance is the dtype's: bf16 DBRX and JetMoE convert (a fixed 1e-2 skipped them all)."""
+    summary = convert(tiny_model(family, torch.bfloat16))
+    assert len(summary.converted) == 2 and not summary.skipped, str(summary)
