@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch._dynamo.exc import TorchDynamoException
 
-from moefuse.errors import MoefuseError
+from moefuse.errors import ConversionError, InputError, MoefuseError
 from moefuse.passes.assemble import capture_activation
 from moefuse.passes.region import Reject
 from moefuse.runtime.autograd import fused_moe
@@ -48,6 +49,11 @@ from moefuse.spec import Activation, MoESpec
 log = logging.getLogger("moefuse.convert")
 
 IMPLEMENTATION = "moefuse"  # the name registered in transformers' ExpertsInterface
+_OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the fused op reads and writes
+# A replacement matches its module on a probe when max |new − old| ≤ tol · max |old|: the fused op sums in
+# another order and rounds at other points than the module's own code, by about the dtype's epsilon times a
+# few (the numbers of the backend's own pre-rewrite check, `compiler.verify.TOLERANCE`).
+_PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
 
 @dataclass
@@ -98,6 +104,10 @@ def spec_key(m, x_dtype: torch.dtype, top_k: int) -> str:
     """The layer's MoESpec as the op's string argument. Under dynamo this runs once at trace time and its
     result is a constant of the graph (building a spec is Python that dynamo need not trace)."""
     w1, w2, b1, b2 = expert_weights(m)
+    if x_dtype not in _OP_DTYPES:
+        raise InputError(f"the experts' input is in {x_dtype}; the fused op reads and writes "
+                         f"{', '.join(str(d).removeprefix('torch.') for d in _OP_DTYPES)} (the experts' weights "
+                         f"are in {w1.dtype}): cast the input, e.g. model(x.to({w1.dtype}))")
     spec = MoESpec(
         num_experts=w1.shape[0], top_k=top_k, hidden=w2.shape[1], intermediate=w2.shape[2],
         up_rows=w1.shape[1], activation=m._moefuse_activation, dtype=str(w1.dtype).removeprefix("torch."),
@@ -277,9 +287,14 @@ def _same_on_probe(old: nn.Module, new: nn.Module, router: nn.Linear) -> bool:
         return False
     finally:
         old.train(was)
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+    return _matches(want, got)
+
+
+def _matches(want, got) -> bool:
+    """`got` is `want` up to the probe tolerance of `want`'s dtype (see `_PROBE_TOLERANCE`)."""
+    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or want.shape != got.shape:
         return False
-    tol = 1e-4 if w.dtype == torch.float32 else 2e-2
+    tol = _PROBE_TOLERANCE.get(want.dtype, _PROBE_TOLERANCE[torch.float32])
     return ((want.float() - got.float()).abs().max() <= tol * want.float().abs().max().clamp_min(1e-6)).item()
 
 
@@ -315,6 +330,7 @@ def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts) -> Fus
     linears = [(n, c) for n, c in first.named_children() if isinstance(c, nn.Linear)]
     if len(linears) not in (2, 3) or any(type(e) is not type(first) for e in experts):
         raise ValueError("experts are not all one MLP class with 2 (MLP) or 3 (GLU) Linear children")
+    _check_alike(experts, [n for n, _ in linears])
     down_name = _called_last(first, linears)
     ups = [n for n, _ in linears if n != down_name]
     i = first.get_submodule(down_name).in_features
@@ -346,6 +362,35 @@ def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts) -> Fus
     b2 = stacked(lambda e: e.get_submodule(down_name).bias)
     trained = any(p.requires_grad for e in experts for p in e.parameters())
     return cls(w1, w2, b1, b2, activation=activation, router=router, dropout=dropout, requires_grad=trained)
+
+
+def _check_alike(experts: list[nn.Module], names: list[str]) -> None:
+    """Every expert's Linears `names` have expert 0's shapes, bias or no bias, dtype and device: the stacked
+    weights hold one of each. Raises ValueError naming the first expert and Linear that differ."""
+    first = experts[0]
+    ref = first.get_submodule(names[0]).weight
+    for j, e in enumerate(experts):
+        for n in names:
+            a, b = first.get_submodule(n), getattr(e, n, None)
+            if not isinstance(b, nn.Linear):
+                raise ValueError(f"expert {j} has no Linear {n!r} as expert 0 has: the experts are not alike")
+            where = f"expert {j}'s {n!r}"
+            if b.weight.shape != a.weight.shape:
+                raise ValueError(f"{where} maps {b.in_features}→{b.out_features}, expert 0's maps "
+                                 f"{a.in_features}→{a.out_features}: experts of unequal widths cannot be stacked")
+            if (b.bias is None) != (a.bias is None):
+                has = "has a bias" if b.bias is not None else "has no bias"
+                raise ValueError(f"{where} {has}, expert 0's {'has one' if a.bias is not None else 'has none'}: "
+                                 "the fused op takes a bias for every expert or for none")
+            for t in (b.weight, b.bias):
+                if t is None:
+                    continue
+                if t.dtype != ref.dtype:
+                    raise ValueError(f"{where} is in {t.dtype}, expert 0's weights in {ref.dtype}: the stacked "
+                                     "weights hold one dtype (cast the experts to one dtype first)")
+                if t.device != ref.device:
+                    raise ValueError(f"{where} is on {t.device}, expert 0's weights on {ref.device}: the "
+                                     "stacked weights live on one device (move the experts to one device first)")
 
 
 def _called_last(expert: nn.Module, linears: list[tuple[str, nn.Linear]]) -> str:
@@ -383,19 +428,27 @@ def _module_form(m: nn.Module):
             e, f, h = m.num_experts, m.ffn_hidden_size, m.hidden_size
             w1 = torch.cat([m.mlp.w1.view(e, f, h), m.mlp.v1.view(e, f, h)], dim=1)  # [E, 2F, H]: [gate; up]
             act = capture_activation(_glu_of(m.mlp.activation_fn, f), 2 * f)
-            return _DbrxExperts(w1, m.mlp.w2.view(e, f, h).transpose(1, 2), activation=act,
-                                router="DBRX router (model code) → moefuse.convert",
-                                requires_grad=any(p.requires_grad for p in m.parameters()))
+            new = _DbrxExperts(w1, m.mlp.w2.view(e, f, h).transpose(1, 2), activation=act,
+                               router="DBRX router (model code) → moefuse.convert",
+                               requires_grad=any(p.requires_grad for p in m.parameters()))
+            _check_same_call(m, new)
+            return new
         return build
     if name == "SwitchTransformersExperts":
-        return lambda: _mlp_experts([m[k] for k in m], "Switch top-1 router with capacity (model code) "
-                                    "→ moefuse.convert", _MaskRoutedExperts)
+        def build():
+            new = _mlp_experts([m[k] for k in m], "Switch top-1 router with capacity (model code) → moefuse.convert",
+                               _MaskRoutedExperts)
+            _check_mask_call(m, new)
+            return new
+        return build
     if name == "JetMoeMoE":
         def build():
             w1, w2 = m.input_linear.weight, m.output_linear.weight  # already [E, 2I, H] and [E, H, I]
             act = capture_activation(_glu_of(m.activation, w2.shape[-1]), w1.shape[1])
-            return _JetMoeBlock(m, FusedExperts(w1, w2, activation=act, router="JetMoE top-k gating "
-                                                "→ moefuse.convert"))
+            new = _JetMoeBlock(m, FusedExperts(w1, w2, activation=act, router="JetMoE top-k gating "
+                                               "→ moefuse.convert"))
+            _check_block(m, new, w1)
+            return new
         return build
     block = _user_block(m)
     if block is not None:
@@ -405,30 +458,60 @@ def _module_form(m: nn.Module):
         if len(experts) >= 2 and all(isinstance(e, nn.Module) for e in experts):
             def build():
                 fused = _mlp_experts(experts, f"{type(m).__name__}(x, ids, weights) (model code) → moefuse.convert")
-                _check_same_call(m, fused, experts[0])
+                _check_same_call(m, fused)
                 return fused
             return build
     return None
 
 
-def _check_same_call(old: nn.Module, new: FusedExperts, expert: nn.Module) -> None:
-    """A user's experts container is only assumed to be called as (x [T, H], ids [T, K], weights [T, K]) →
-    [T, H]: check it on random routing before swapping it, so a different meaning is a skip, not a change."""
-    w = new.w1
+def _probe_routing(w: torch.Tensor, tokens: int = 7):
+    """Random (x [T, H], ids [T, K], weights [T, K]) for the experts whose stacked up-projection is `w`."""
     h, e = w.shape[-1], w.shape[0]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(7, h, generator=gen).to(w.dtype)
-    ids = torch.argsort(torch.rand(7, e, generator=gen), dim=1)[:, :2] if e > 2 else torch.zeros(7, 1, dtype=torch.long)
-    wts = torch.rand(ids.shape, generator=gen).to(w.dtype)
-    with torch.no_grad():
-        try:
-            want = old(x.to(w.device), ids.to(w.device), wts.to(w.device))
-        except Exception as exc:  # any other call signature
-            raise ValueError(f"calling it as experts(x, ids, weights) raised {type(exc).__name__}: {exc}") from exc
-        got = new(x.to(w.device), ids.to(w.device), wts.to(w.device))
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape or \
-            not torch.allclose(want.float(), got.float(), rtol=1e-2, atol=1e-3 * want.float().abs().max().item()):
-        raise ValueError("experts(x, ids, weights) does not compute Σ_k weights·expert_ids(x) on a random probe")
+    x = torch.randn(tokens, h, generator=gen).to(w.device, w.dtype)
+    ids = torch.argsort(torch.rand(tokens, e, generator=gen), dim=1)[:, :2] if e > 2 else \
+        torch.zeros(tokens, 1, dtype=torch.long)
+    return x, ids.to(w.device), torch.rand(ids.shape, generator=gen).to(w.device, w.dtype)
+
+
+def _check_same(old: nn.Module, new: nn.Module, args: tuple, call: str) -> None:
+    """`new(*args)` computes what `old(*args)` does (a random probe, at the weights' dtype's tolerance): a
+    replacement that would change the model is a skip, not a change. Raises ValueError saying which."""
+    was_old, was_new = old.training, new.training
+    old.train(False), new.train(False)  # the model's own dropout would make any comparison fail
+    try:
+        with torch.no_grad():
+            try:
+                want = old(*args)
+            except Exception as exc:  # noqa: BLE001 - any other call signature
+                raise ValueError(f"calling it as {call} raised {type(exc).__name__}: {exc}") from exc
+            got = new(*args)
+    finally:
+        old.train(was_old), new.train(was_new)
+    if not _matches(want, got):
+        raise ValueError(f"{call} does not compute Σ_k weights·expert_ids(x) on a random probe: its fused "
+                         "replacement would change the model")
+
+
+def _check_same_call(old: nn.Module, new: FusedExperts) -> None:
+    """Experts called as (x [T, H], ids [T, K], weights [T, K]) → [T, H] (a user's experts container is only
+    assumed to be; DBRX's are): checked on random routing before swapping."""
+    _check_same(old, new, _probe_routing(new.w1), "experts(x, ids, weights)")
+
+
+def _check_mask_call(old: nn.Module, new: FusedExperts) -> None:
+    """Switch's experts, called with a one-hot expert mask [T, 1, E] (a zero row: a token over capacity) and
+    weights [T, 1]."""
+    x, ids, weights = _probe_routing(new.w1)
+    mask = torch.nn.functional.one_hot(ids[:, :1], new.w1.shape[0])
+    mask[3] = 0
+    _check_same(old, new, (x, mask, weights[:, :1]), "experts(x, expert_mask, weights)")
+
+
+def _check_block(old: nn.Module, new: nn.Module, w: torch.Tensor) -> None:
+    """A whole MoE block, x [B, S, H] → [B, S, H] (JetMoE's: its gating is re-done by the replacement)."""
+    x, _, _ = _probe_routing(w, tokens=10)
+    _check_same(old, new, (x.view(2, 5, -1),), "block(x)")
 
 
 def _register_with_transformers() -> None:
@@ -446,58 +529,83 @@ def convert(model: torch.nn.Module) -> ConvertSummary:
     activation is read once, from the graph dynamo captures of its own gate function. The module-level
     forms (DBRX, Switch, JetMoE, experts containers; see the module docstring) are replaced by `FusedExperts`.
     A module moefuse cannot serve exactly keeps its implementation and is listed with the reason.
+
+    All or nothing per call: every candidate is examined, each replacement built and checked first, and
+    only then is the model changed. An exception raised on the way (a bug) leaves the model as it was.
     """
+    if not isinstance(model, nn.Module):
+        raise ConversionError(f"moefuse.convert takes a torch.nn.Module, got {type(model).__name__}",
+                              "pass the model itself (not its state_dict, a path or a compiled wrapper's output)")
     summary = ConvertSummary()
-    _convert_modules(model, summary)
-    _convert_interface_experts(model, summary)
+    swaps = _plan_modules(model, summary)
+    prepared = _plan_interface_experts(model, summary)
+    # Commit: nothing above changed the model; nothing below can fail on a model's contents.
+    for name, new, training in swaps:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new.train(training))
+        summary.converted.append(name)
+    if prepared:
+        _register_with_transformers()
+        for name, m, activation in prepared:
+            m._moefuse_activation = activation
+            summary.converted.append(name)
+        model.set_experts_implementation(IMPLEMENTATION)
     if summary.converted:
         log.info("%s", summary)
     return summary
 
 
-def _convert_modules(model: nn.Module, summary: ConvertSummary) -> None:
-    """Swap each module-level MoE form (DBRX, Switch, JetMoE, experts containers) for its fused module."""
+def _why(exc: Exception) -> str:
+    """The reason a module is skipped, from what building its replacement raised."""
+    if isinstance(exc, Reject):
+        return f"{exc.reason.value}: {exc.detail}"
+    if isinstance(exc, TorchDynamoException):  # the activation is read from the graph dynamo captures of it
+        said = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"dynamo cannot capture the experts' activation in one graph ({type(exc).__name__}: {said})"
+    return str(exc)
+
+
+def _plan_modules(model: nn.Module, summary: ConvertSummary) -> list[tuple[str, nn.Module, bool]]:
+    """(path, replacement, training flag) for each module-level MoE form (DBRX, Switch, JetMoE, experts
+    containers) that converts; the others go to `summary.skipped` with why. The model is not changed."""
+    swaps: list[tuple[str, nn.Module, bool]] = []
     for name, m in list(model.named_modules()):
+        if not name or any(name.startswith(done + ".") for done, _, _ in swaps):
+            continue  # the root has no parent to swap it in; inside a module being replaced: goes with it
         build = _module_form(m)
-        if build is None or not name:
+        if build is None:
             continue
         try:
             with torch.no_grad():
                 new = build()
-        except (Reject, ValueError) as exc:
-            summary.skipped[name] = f"{exc.reason.value}: {exc.detail}" if isinstance(exc, Reject) else str(exc)
+        except (Reject, ValueError, TorchDynamoException) as exc:
+            summary.skipped[name] = _why(exc)
             continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, new.train(m.training))
-        summary.converted.append(name)
+        swaps.append((name, new, m.training))
+    return swaps
 
 
-def _convert_interface_experts(model: nn.Module, summary: ConvertSummary) -> None:
-    """Experts built with transformers' `@use_experts_implementation`: the interface entry "moefuse"."""
+def _plan_interface_experts(model: nn.Module, summary: ConvertSummary):
+    """Experts built with transformers' `@use_experts_implementation`: [(path, module, activation)] to switch
+    to the interface entry "moefuse", or [] (with every one in `summary.skipped`) when any cannot be."""
     experts = [(name, m) for name, m in model.named_modules() if is_interface_experts(m)]
-    if not experts:
-        return
-    done = len(summary.converted)
-    _register_with_transformers()
+    prepared, failed = [], []
     for name, m in experts:
         why = why_not(m)
         if why is None:
             w1 = m.gate_up_proj if m.has_gate else m.up_proj
             rows = w1.shape[2] if m.is_transposed else w1.shape[1]
             try:
-                m._moefuse_activation = capture_activation(activation_fn(m), rows)
-            except Reject as r:
-                why = f"{r.reason.value}: {r.detail}"
-        if why is not None:
-            summary.skipped[name] = why
-            continue
-        summary.converted.append(name)
-    mine = summary.converted[done:]
-    if mine and any(name in summary.skipped for name, _ in experts):
+                prepared.append((name, m, capture_activation(activation_fn(m), rows)))
+                continue
+            except (Reject, TorchDynamoException) as exc:
+                why = _why(exc)
+        summary.skipped[name] = why
+        failed.append(name)
+    if prepared and failed:
         # transformers sets one implementation per config; mixing needs per-module configs, not done yet
-        del summary.converted[done:]
-        for name in mine:
-            summary.skipped[name] = "left unconverted: other experts modules of this model cannot be converted"
-        return
-    if mine:
-        model.set_experts_implementation(IMPLEMENTATION)
+        for name, _, _ in prepared:
+            summary.skipped[name] = (f"left unconverted: other experts modules of this model cannot be converted "
+                                     f"({failed[0]}: {summary.skipped[failed[0]]})")
+        return []
+    return prepared

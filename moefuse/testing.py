@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from moefuse.metrics import rel_err  # noqa: F401  (re-exported: tests import it from here)
+
 # Sizes shared by every family: small enough for CPU tests, large enough that E > K, I ≠ H, T > tile.
 _COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                head_dim=16, max_position_embeddings=128)
@@ -139,11 +141,7 @@ def assert_model_parity(got: torch.Tensor, eager: torch.Tensor, ref32: torch.Ten
         assert_parity(got, eager, ref32, dtype, what=what)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|, in fp32: the error measure of every parity check against eager."""
-    if a.numel() == 0 and b.numel() == 0:
-        return 0.0
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+from moefuse.metrics import rel_err  # noqa: E402,F401  — the error measure of every parity check against eager
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -326,3 +326,149 @@ def test_user_experts_container_with_forward_converted():
         before = moe_op.counters["cpu"]
         out = model(x)
     assert moe_op.counters["cpu"] - before == 1 and rel_err(out, ref) <= 1e-4
+
+
+# ------------------------------------------------------------------- bad input: all or nothing, true reasons
+
+def _spoil(block: UserMoE, how: str) -> None:
+    """Make one expert of `block` unlike the others (the first expert stays as it was)."""
+    e = block.experts[2]
+    if how == "width":  # expert 2 twice as wide
+        e.w_gate, e.w_up, e.w_down = torch.nn.Linear(32, 32, bias=False), torch.nn.Linear(32, 32, bias=False), \
+            torch.nn.Linear(32, 32, bias=False)
+    elif how == "bias":  # only expert 2 has a bias
+        e.w_down = torch.nn.Linear(16, 32, bias=True)
+    elif how == "dtype":
+        e.double()
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("width", "expert 2's 'w_gate' maps 32→32, expert 0's maps 32→16: experts of unequal widths"),
+    ("bias", "expert 2's 'w_down' has a bias, expert 0's has none"),
+    ("dtype", "expert 2's 'w_gate' is in torch.float64, expert 0's weights in torch.float32"),
+])
+def test_unlike_experts_are_skipped_with_the_true_reason_and_nothing_changes(how, reason):
+    """A good block then one with an odd expert: before, the good block was swapped and the second crashed
+    (`stack expects each tensor to be equal size`, `expected Tensor as element 1`) or was skipped as
+    'routing is none of …'. Now the odd block is skipped with its reason and the good one converted."""
+    torch.manual_seed(0)
+    model = UserModel(UserGLU, "renorm")
+    _spoil(model.blocks[1], how)
+    with torch.no_grad():
+        summary = convert(model)
+    assert summary.converted == ["blocks.0"], str(summary)
+    assert reason in summary.skipped["blocks.1"], summary.skipped
+    assert isinstance(model.blocks[1], UserMoE)
+
+
+def test_convert_is_all_or_nothing_when_building_raises(monkeypatch):
+    """An unexpected error while building the second replacement (a bug) leaves the first block in place too."""
+    import moefuse.conversion as conversion
+
+    torch.manual_seed(0)
+    model = UserModel(UserGLU, "renorm")
+    before = {n: m for n, m in model.named_modules()}
+    real, calls = conversion._mlp_experts, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("bug in the second build")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conversion, "_mlp_experts", flaky)
+    with pytest.raises(RuntimeError, match="bug in the second build"):
+        convert(model)
+    assert {n: m for n, m in model.named_modules()} == before  # the very same modules: nothing swapped
+
+
+def test_transformers_model_mixing_convertible_and_not_changes_nothing(monkeypatch):
+    """One experts module of a transformers model that cannot be served: none is switched, each says why."""
+    import moefuse.conversion as conversion
+
+    model = eager_loop_model("qwen3_moe")
+    bad = model.model.layers[1].mlp.experts
+    real = conversion.why_not
+    monkeypatch.setattr(conversion, "why_not", lambda m: "made up for the test" if m is bad else real(m))
+    summary = convert(model)
+    assert not summary.converted and len(summary.skipped) == 2, str(summary)
+    assert "made up for the test" in summary.skipped["model.layers.0.mlp.experts"]
+    assert not any(hasattr(m, "_moefuse_activation") for m in model.modules())
+    assert model.config._experts_implementation != "moefuse"
+
+
+def test_convert_refuses_what_is_not_a_module():
+    from moefuse.errors import ConversionError
+
+    with pytest.raises(ConversionError, match="takes a torch.nn.Module, got OrderedDict"):
+        convert(torch.nn.Linear(2, 2).state_dict())
+
+
+def test_float64_input_is_named_as_the_input():
+    """Before: 'expert weights in float64' (or a bare MoESpec ValueError) for weights that are float32."""
+    from moefuse.errors import InputError
+
+    torch.manual_seed(0)
+    model = UserBlockCallingExperts()
+    convert(model)
+    with pytest.raises(InputError, match=r"input is in torch.float64.*cast the input"), torch.no_grad():
+        model.experts(torch.randn(3, 32, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.long),
+                      torch.ones(3, 2, dtype=torch.float64))
+
+
+def test_options_given_as_a_string_are_an_options_error():
+    from moefuse.compiler.options import parse_options
+    from moefuse.errors import OptionsError
+
+    with pytest.raises(OptionsError, match="options must be a dict"):
+        parse_options("inner=eager")
+
+
+class UserGLUGraphBreak(UserGLU):
+    """An expert whose forward dynamo cannot capture in one graph: its activation cannot be read."""
+
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        return super().forward(x)
+
+
+def test_expert_dynamo_cannot_capture_is_skipped_with_why():
+    torch.manual_seed(0)
+    model = UserModel(UserGLU, "renorm")
+    model.blocks[1] = UserMoE(UserGLUGraphBreak, "renorm")
+    with torch.no_grad():
+        summary = convert(model)
+    assert summary.converted == ["blocks.0"], str(summary)
+    assert "dynamo cannot capture the experts' activation" in summary.skipped["blocks.1"], summary.skipped
+
+
+@pytest.mark.parametrize("family", sorted(CONVERT_FAMILIES) + ["switch"])
+def test_module_form_whose_replacement_differs_is_skipped(family, monkeypatch):
+    """DBRX, JetMoE and Switch replacements are checked on a probe before any swap, like a user's blocks: a
+    replacement that would compute something else (here: gate and up halves read the wrong way round, or an
+    activation that is not the experts') is a skip with the reason, and the model is unchanged."""
+    import moefuse.conversion as conversion
+
+    if family == "switch":
+        model = tiny_switch()
+        real = conversion.capture_activation
+        monkeypatch.setattr(conversion, "capture_activation",
+                            lambda fn, rows: real(lambda up: torch.tanh(fn(up)), rows))
+    else:
+        model = tiny_model(family)
+        monkeypatch.setattr(conversion, "_glu_of",
+                            lambda act, width: lambda up: act(up[..., width:]) * up[..., :width])
+    before = dict(model.named_modules())
+    summary = convert(model)
+    assert not summary.converted and len(summary.skipped) == 2, str(summary)
+    assert all("on a random probe" in why for why in summary.skipped.values()), str(summary)
+    assert dict(model.named_modules()) == before
+
+
+@pytest.mark.parametrize("family", sorted(CONVERT_FAMILIES))
+def test_module_forms_in_bfloat16_pass_their_probe(family):
+    """The probe's tolerance is the dtype's: bf16 DBRX and JetMoE convert (a fixed 1e-2 skipped them all)."""
+    summary = convert(tiny_model(family, torch.bfloat16))
+    assert len(summary.converted) == 2 and not summary.skipped, str(summary)

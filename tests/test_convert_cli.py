@@ -118,11 +118,15 @@ def test_sharded_source_to_sharded_float16(tmp_path):
     converted = load_converted(tmp_path / "dst")
     assert converted.dtype == torch.float16
     with torch.no_grad():
-        ref = model.half()(probe_ids()).logits
+        exact = model(probe_ids()).logits  # fp32: the reference both fp16 runs are measured against
+        eager = model.half()(probe_ids()).logits
         calls = moe_op.counters["cpu"]
         out = converted(probe_ids()).logits
     assert moe_op.counters["cpu"] - calls == 2
-    assert rel_err(out, ref) <= 2e-2
+    # A derived bound, not a picked one: fp16 rounding costs eager some error against fp32 (about 1e-2 here,
+    # and it varies by machine); the fused op rounds at other points, so may cost up to twice that, plus a
+    # few fp16 ulps of the largest logit (rel_err is relative to it).
+    assert rel_err(out, exact) <= 2 * rel_err(eager, exact) + 4 * torch.finfo(torch.float16).eps
 
 
 def test_converted_checkpoint_compiles_to_one_fused_node_per_layer(saved, tmp_path):
@@ -132,7 +136,8 @@ def test_converted_checkpoint_compiles_to_one_fused_node_per_layer(saved, tmp_pa
     convert_checkpoint(src, tmp_path / "dst", verify=False, progress=False)
     backend = Backend({"inner": "eager"})
     with torch.no_grad():
-        out = torch.compile(load_converted(tmp_path / "dst"), backend=backend)(probe_ids()).logits
+        model = load_converted(tmp_path / "dst", allow_unverified=True)  # converted with verify=False
+        out = torch.compile(model, backend=backend)(probe_ids()).logits
     lowered = backend.explanation.lowered
     assert len(lowered) == 2 and all(r.by_convert for r in lowered), str(backend.explanation)
     assert rel_err(out, ref) <= 1e-4
@@ -269,5 +274,5 @@ def test_console_entry_runs_as_a_subprocess(saved, tmp_path):
     done = subprocess.run([sys.executable, "-m", "moefuse.cli", str(src), str(dst), "--no-verify"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "writing tensors [" in done.stderr and "probe: skipped" in done.stdout
+    assert "writing tensors" in done.stderr and "probe: skipped" in done.stdout
     assert json.loads((dst / "moefuse.json").read_text())["probe"] is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -78,6 +79,9 @@ def parse_options(options: dict | Options | None) -> Options:
     """Validate user options (dict or Options), filling unset fields from the environment."""
     if isinstance(options, Options):
         return options
+    if options is not None and not isinstance(options, Mapping):
+        raise OptionsError(f"options must be a dict such as {{'inner': 'eager'}} (or an Options), got "
+                           f"{type(options).__name__} {options!r}")
     options = dict(options or {})
     hints = typing.get_type_hints(Options)
     names = [f.name for f in dataclasses.fields(Options)]

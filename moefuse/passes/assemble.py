@@ -293,7 +293,7 @@ def assemble(d: Dispatch, mms: list[fx.Node], ids: fx.Node, weights: fx.Node, ou
     )
     spec = MoESpec(
         num_experts=e, top_k=k, hidden=h, intermediate=i, up_rows=n1, activation=activation,
-        dtype=_dtype_name(dtype), out_dtype=_dtype_name(out_val.dtype),
+        dtype=_dtype_name(dtype), out_dtype=_dtype_name(out_val.dtype, "the layer's output"),
         w1_bias=b1 is not None, w2_bias=b2 is not None, router=_router_description(ids, weights),
         weight_on_input=d.input_scores is not None, shared=shared[1] if shared is not None else None,
         w3=d.w3 is not None,
@@ -474,8 +474,8 @@ def _check_input_weighting(activation: Activation, k: int, has_bias: bool, outpu
                                                      "would add to the output")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def _dtype_name(dtype: torch.dtype, what: str = "expert weights") -> str:
     name = str(dtype).removeprefix("torch.")
     if name not in ("float32", "float16", "bfloat16"):
-        raise Reject(Reason.SHAPE, "-", f"expert weights in {name}; moefuse supports float32, float16, bfloat16")
+        raise Reject(Reason.SHAPE, "-", f"{what} in {name}; moefuse supports float32, float16, bfloat16")
     return name
