@@ -141,9 +141,6 @@ def assert_model_parity(got: torch.Tensor, eager: torch.Tensor, ref32: torch.Ten
         assert_parity(got, eager, ref32, dtype, what=what)
 
 
-from moefuse.metrics import rel_err  # noqa: E402,F401  — the error measure of every parity check against eager
-
-
 # ---------------------------------------------------------------------------------------------------------
 # bf16 tl.dot under Triton's interpreter
 # ---------------------------------------------------------------------------------------------------------
