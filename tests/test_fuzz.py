@@ -73,6 +73,19 @@ UNARY = {
 }
 BINARY = {"mul": lambda a, b: a * b, "add": lambda a, b: a + b, "mul_plus1": lambda a, b: a * (b + 1.0)}
 ROUTINGS = ["softmax_topk", "topk_softmax", "sigmoid_topk", "sigmoid_bias", "grouped"]
+# Spellings per form, as different codebases write the same step (detection must read them by meaning):
+#   dense:      the einsum's index order, or matmul on an [E, T, ·] broadcast;
+#   gathered:   the per-pair product by bmm, einsum or matmul of W[ids];
+#   grouped_mm: the sort (sort / argsort / stable argsort), the counts (histc / scatter_add / one-hot sum /
+#               a boolean routing map) and the un-permute (inverse permutation / index assignment / index_copy).
+#               (bincount's data-dependent length breaks transformers' grouped-linear fallback, which this form
+#               uses in fp32/fp16; tests/test_spellings.py runs it with torch._grouped_mm.)
+SPELLINGS = {
+    "dense": ["default", "expert_major", "matmul"],
+    "gathered": ["default", "einsum", "matmul"],
+    "grouped_mm": ["default", "argsort+scatter_add+setitem", "argsort_stable+one_hot+index_copy",
+                   "sort+routing_map+setitem"],
+}
 COMBINES = {"dense": ["dense_scatter"], "gathered": ["pair_sum", "pair_sum", "index_add"],
             "grouped_mm": ["unpermute_sum", "unpermute_sum", "index_add"]}
 
@@ -106,6 +119,9 @@ class Layer:
     #             expert path) | escape (an expert activation also used outside the layer): each must be left
     #             alone | router_mask (weights below a threshold zeroed in the router: exact, may be lowered)
     grad: bool  # also run backward and compare every gradient (fp32 layers only)
+    # How the code spells its steps (each the same function): see SPELLINGS, drawn per form
+    spelling: str = "default"
+    separate: bool = False  # gate and up held as two expert weights (w1, w3) rather than one [gate; up]
 
 
 @st.composite
@@ -134,7 +150,13 @@ def layers(draw) -> Layer:
         shared=shared, shared_I=draw(st.sampled_from([4, 12])) if shared != "none" else 0,
         twist=draw(st.sampled_from(["none"] * 5 + ["cumsum", "capacity", "escape", "router_mask"])),
         grad=draw(st.booleans()) if dtype == "float32" else False,  # about one layer in four
+        spelling=draw(st.sampled_from(SPELLINGS[form])), separate=draw(st.booleans()),
     )
+
+
+def split(c: Layer) -> bool:
+    """Gate and up as two weights: a GLU stored [gate; up] or [up; gate] without biases or a cumsum twist."""
+    return c.separate and c.layout in ("gate_up", "up_gate") and not c.bias and c.twist != "cumsum"
 
 
 class GeneratedMoE(nn.Module):
@@ -146,6 +168,10 @@ class GeneratedMoE(nn.Module):
         w1, w2 = torch.randn(c.E, rows, c.H) * c.H**-0.5, torch.randn(c.E, c.H, c.I) * c.I**-0.5
         self.w1 = nn.Parameter(w1.transpose(1, 2).contiguous() if c.transposed else w1)
         self.w2 = nn.Parameter(w2.transpose(1, 2).contiguous() if c.transposed else w2)
+        if self.split:  # gate in w1, up in w3, each [E, I, H] (or transposed)
+            self.w1 = nn.Parameter(self.w1.data.chunk(2, dim=2 if c.transposed else 1)[0].contiguous())
+            self.w3 = nn.Parameter(w1.chunk(2, dim=1)[1].transpose(1, 2).contiguous() if c.transposed
+                                   else w1.chunk(2, dim=1)[1].contiguous())
         self.b1 = nn.Parameter(torch.randn(c.E, rows) * 0.1) if c.bias else None
         self.b2 = nn.Parameter(torch.randn(c.E, c.H) * 0.1) if c.bias else None
         # sizeable next to sigmoid scores' spread, so the biased choice differs from the unbiased one
@@ -180,6 +206,18 @@ class GeneratedMoE(nn.Module):
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return ids, w * c.scale if c.scale != 1.0 else w
 
+    @property
+    def split(self) -> bool:
+        return split(self.c)
+
+    def up(self, project):
+        """The activation of the up projection(s): `project(weight, bias)` computes one up product."""
+        c = self.c
+        if not self.split:
+            return self.activation(project(self.w1, self.b1))
+        gate, up = project(self.w1, None), project(self.w3, None)
+        return BINARY[c.mix](UNARY[c.act](gate), UNARY[c.act2](up))
+
     def activation(self, h):
         c = self.c
         if c.twist == "cumsum":
@@ -210,22 +248,42 @@ class GeneratedMoE(nn.Module):
 
     def dense(self, x, ids, w):
         """Every expert on every token (einsum over [E, ·, ·] weights); the weights scattered to [T, E] combine."""
-        up, down = ("th,ehn->ten", "ten,enh->teh") if self.c.transposed else ("th,enh->ten", "ten,ehn->teh")
-        a = self.activation(torch.einsum(up, x, self.w1))
-        y = self.capacity(torch.einsum(down, a, self.w2))
-        dense_w = torch.zeros(x.shape[0], self.c.E, dtype=w.dtype).scatter(1, ids, w)
-        return (y * dense_w.unsqueeze(-1).to(y.dtype)).sum(1), a
+        c = self.c
+        dense_w = torch.zeros(x.shape[0], c.E, dtype=w.dtype).scatter(1, ids, w)
+        if c.spelling == "default":
+            up, down = ("th,ehn->ten", "ten,enh->teh") if c.transposed else ("th,enh->ten", "ten,ehn->teh")
+            a = self.up(lambda weight, _: torch.einsum(up, x, weight))
+            y = self.capacity(torch.einsum(down, a, self.w2))
+            return (y * dense_w.unsqueeze(-1).to(y.dtype)).sum(1), a
+        if c.spelling == "expert_major":  # [E, T, ·] outputs, weights named first
+            up, down = ("ehn,th->etn", "enh,etn->eth") if c.transposed else ("enh,th->etn", "ehn,etn->eth")
+            a = self.up(lambda weight, _: torch.einsum(up, weight, x))
+            y = self.capacity(torch.einsum(down, self.w2, a))
+        else:  # matmul on an [E, T, H] broadcast of the tokens
+            def t(weight):  # [E, in, out]
+                return weight if c.transposed else weight.transpose(1, 2)
+
+            a = self.up(lambda weight, _: torch.matmul(x.unsqueeze(0), t(weight)))
+            y = self.capacity(torch.matmul(a, t(self.w2)))
+        return torch.einsum("eth,te->th", y, dense_w.to(y.dtype)), a
 
     def gathered(self, x, ids, w):
         """transformers' batched_mm: each (token, expert) pair multiplies its own gathered W[ids] (bmm)."""
         c, flat = self.c, ids.reshape(-1)
 
         def linear(v, weight, bias):
-            o = (torch.bmm(v.unsqueeze(1), weight[flat]).squeeze(1) if c.transposed
-                 else torch.bmm(weight[flat], v.unsqueeze(-1)).squeeze(-1))
+            g = weight[flat]
+            if c.spelling == "einsum":
+                o = torch.einsum("si,sio->so" if c.transposed else "si,soi->so", v, g)
+            elif c.spelling == "matmul":
+                o = torch.matmul(v.unsqueeze(1), g if c.transposed else g.transpose(1, 2)).squeeze(1)
+            else:
+                o = (torch.bmm(v.unsqueeze(1), g).squeeze(1) if c.transposed
+                     else torch.bmm(g, v.unsqueeze(-1)).squeeze(-1))
             return o + bias[flat] if bias is not None else o
 
-        a = self.activation(linear(x.repeat_interleave(c.K, dim=0), self.w1, self.b1))
+        rows = x.repeat_interleave(c.K, dim=0)
+        a = self.up(lambda weight, bias: linear(rows, weight, bias))
         o = self.capacity(linear(a, self.w2, self.b2)) * w.reshape(-1, 1).to(x.dtype)
         if c.combine == "index_add":
             return torch.zeros_like(x).index_add(0, torch.arange(x.shape[0]).repeat_interleave(c.K), o), a
@@ -236,19 +294,39 @@ class GeneratedMoE(nn.Module):
         linear → act → grouped linear → weights → unpermute → sum over K), with transformers' own grouped
         linear: under dynamo in fp32/fp16 it is `transformers::grouped_mm_fallback`, as in real models."""
         c = self.c
-        ids_g, perm = torch.sort(ids.reshape(-1))
+        sort, count, unpermute = (c.spelling if c.spelling != "default" else "sort+histc+inverse").split("+")
+        flat = ids.reshape(-1)
+        if sort == "sort":
+            ids_g, perm = torch.sort(flat)
+        else:
+            perm = torch.argsort(flat, stable=sort == "argsort_stable")
+            ids_g = flat[perm]
         x_g, w_g = x[perm // c.K], w.reshape(-1)[perm]
-        offsets = torch.cumsum(torch.histc(ids_g.float(), bins=c.E, min=0, max=c.E - 1), dim=0, dtype=torch.int32)
+        counts = {
+            "histc": lambda: torch.histc(ids_g.float(), bins=c.E, min=0, max=c.E - 1),
+            "scatter_add": lambda: torch.zeros(c.E, dtype=torch.long).scatter_add(0, flat, torch.ones_like(flat)),
+            "one_hot": lambda: F.one_hot(flat, c.E).sum(0),
+            "routing_map": lambda: torch.zeros(ids.shape[0], c.E, dtype=torch.bool).scatter_(1, ids, True).sum(0),
+        }[count]()
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         b1 = self.b1[ids_g] if self.b1 is not None else None
-        a = self.activation(_grouped_linear(x_g, self.w1, offsets, bias=b1, is_transposed=c.transposed))
+        a = self.up(lambda weight, bias: _grouped_linear(x_g, weight, offsets, bias=b1 if bias is not None else None,
+                                                         is_transposed=c.transposed))
         b2 = self.b2[ids_g] if self.b2 is not None else None
         o = self.capacity(_grouped_linear(a, self.w2, offsets, bias=b2, is_transposed=c.transposed))
         o = o * w_g.unsqueeze(-1)
         if c.combine == "index_add":  # scattered back by token straight from the expert-sorted rows
             return torch.zeros_like(x).index_add(0, perm // c.K, o), a
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.size(0))
-        return o[inv].view(x.shape[0], c.K, c.H).sum(dim=1).to(x.dtype), a
+        if unpermute == "inverse":
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(perm.size(0))
+            pairs = o[inv]
+        elif unpermute == "setitem":
+            pairs = torch.empty_like(o)
+            pairs[perm] = o
+        else:
+            pairs = torch.zeros_like(o).index_copy(0, perm, o)
+        return pairs.view(x.shape[0], c.K, c.H).sum(dim=1).to(x.dtype), a
 
 
 @contextlib.contextmanager
@@ -282,6 +360,7 @@ def _count(c: Layer, outcome: str, shared_inside: bool = False, path: str = "cpu
     verdict = "lowered" if outcome == "lowered" else "left alone"
     STATS["routing"][f"{c.routing}: {verdict}"] += 1
     STATS["form"][f"{c.form}: {verdict}"] += 1
+    STATS["spelling"][f"{c.form}/{c.spelling}{'/w1,w3' if split(c) else ''}: {verdict}"] += 1
     STATS["path"][f"{path}: {verdict}"] += 1
     where = ""
     if c.shared != "none" and verdict == "lowered":  # either is right: the op may or may not take it in

@@ -42,6 +42,8 @@ _LAYOUT = {"method:view", "method:reshape", "torch.reshape", "method:flatten", "
 _TOPK = {"torch.topk", "method:topk"}
 _MAX = {"torch.max", "method:max"}
 _ARGMAX = {"torch.argmax", "method:argmax"}
+_SCATTER = {"torch.scatter", "method:scatter", "method:scatter_", "torch.index_put", "method:index_put",
+            "method:index_put_", "setitem"}
 _JOIN = {"torch.cat", "torch.concat", "torch.concatenate", "torch.stack"}
 _SORT = {"torch.sort", "method:sort", "torch.argsort", "method:argsort", "torch.msort"}
 
@@ -185,6 +187,10 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
     expert_path = fu.descendants([u.node for u in ups])
     after_sort = fu.descendants(n for n in from_ids if fu.op_name(n) in _SORT)  # this layer's sort
     scores = _scores_of(ids)
+    # values scattered *by* the ids are indexed by expert, not by slot (with K = E a dense [T, E] gate matrix
+    # has the weights' size): never the [T, K] weights
+    by_expert = {n for n in from_ids if fu.op_name(n) in _SCATTER}
+    by_expert |= fu.descendants(by_expert)
     pure = _elementwise_image(down.node)
     # The layer's output is the first value after the experts that the routing weights reach (K = 1 can give
     # expert-ordered rows the output's shape: those are skipped). Later values are never tried: one that
@@ -196,7 +202,8 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
         anc = fu.ancestors([out])
         asm._capacity(sorted(anc & from_ids, key=order.__getitem__))  # before the weights: a capacity's masks use them
         weights = _latest((n for n in anc if fu.is_float(n) and fu.numel(n) == t * k and n not in expert_path
-                           and n not in after_sort and n not in reads - from_ids and _carries(n, scores)), order)
+                           and n not in after_sort and n not in by_expert and n not in reads - from_ids
+                           and _carries(n, scores)), order)
         if weights is None:
             first_reject = first_reject or Reject(Reason.NO_ROUTING_WEIGHTS, out, f"no [T={t}, K={k}] routing weights "
                                                                                   "reach the combine")
