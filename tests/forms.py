@@ -210,3 +210,26 @@ class CapacityMoE(nn.Module):
         h = F.gelu(torch.einsum("ech,ehi->eci", expert_in, self.w1))
         expert_out = torch.einsum("eci,eih->ech", h, self.w2)
         return torch.einsum("tec,ech->th", combine, expert_out)
+
+
+class SortRoutedMoE(nn.Module):
+    """Top-k spelled with a descending argsort and a slice, the router a bare weight and matmul, tokens kept
+    [B, S, D], experts by einsum with a 4-D intermediate, gate/up cut by `split`, weights as a dense [B, S, E]
+    gate matrix (no codebase in particular: the spelling none of the other forms uses)."""
+
+    def __init__(self, dim=32, hidden=16, experts=6, top_k=2):
+        super().__init__()
+        self.k = top_k
+        self.router_w = _param(experts, dim, scale=dim ** -0.5)
+        self.wi = _param(experts, dim, 2 * hidden, scale=dim ** -0.5)
+        self.wo = _param(experts, hidden, dim, scale=hidden ** -0.5)
+
+    def forward(self, x):
+        scores = torch.matmul(x, self.router_w.t()).float().softmax(-1)
+        order = scores.argsort(dim=-1, descending=True)[..., : self.k]
+        top = scores.gather(-1, order)
+        gates = torch.zeros_like(scores).scatter(-1, order, top / top.sum(-1, keepdim=True))
+        h = torch.einsum("bsd,edf->bsef", x, self.wi)
+        u, g = h.split(h.shape[-1] // 2, dim=-1)
+        y = torch.einsum("bsef,efd->bsed", u * F.gelu(g), self.wo)
+        return torch.einsum("bsed,bse->bsd", y, gates.to(y.dtype))

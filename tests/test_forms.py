@@ -72,6 +72,7 @@ FP32_FORMS = [
     (forms.GptFastMoE, (12, 64)),  # gathered w[ids], einsum 'ti,taoi->tao', separate w1/w3
     (forms.GatheredBmmMoE, (12, 64)),  # gathered w13[ids] in × out, bmm, index_add_
     (forms.DenseMatmulMoE, (12, 64)),  # every expert on every token by matmul, dense [T, E] gate, einsum combine
+    (forms.SortRoutedMoE, (2, 5, 32)),  # argsort-descending top-k, [B, S, D] tokens, 4-D einsum, split gate/up
 ]
 
 

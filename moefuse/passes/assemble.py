@@ -61,16 +61,27 @@ class Dispatch:
     dtype: torch.dtype | None = None  # what the expert products compute in, when not w1's dtype (casts inside)
 
 
+_PARTS = ("method:chunk", "torch.chunk", "method:split", "torch.split", "torch.functional.split")
+
+
 def _slice_of(node: fx.Node, up: fx.Node, n1: int):
     """(offset, step, length) when `node` reads a slice of `up`'s last dim; None when it reads `up` whole."""
     name = fu.op_name(node)
-    if name == "getitem" and isinstance(node.args[0], fx.Node) and fu.op_name(node.args[0]) in ("method:chunk", "torch.chunk"):
-        chunk = node.args[0]
-        parts, dim = fu.arg(chunk, 1, "chunks"), fu.arg(chunk, 2, "dim", 0)
-        if dim not in (-1, len(fu.shape(up)) - 1) or n1 % parts:
-            raise Reject(Reason.UNSUPPORTED_ACTIVATION, chunk, "chunk is not along the last dim in equal parts")
-        size = n1 // parts
-        return node.args[1] * size, 1, size
+    if name == "getitem" and isinstance(node.args[0], fx.Node) and fu.op_name(node.args[0]) in _PARTS:
+        parts = node.args[0]  # chunk(n) or split(size | sizes), along the last dim
+        dim = fu.arg(parts, 2, "dim", 0)
+        if fu.op_name(parts) in ("method:chunk", "torch.chunk"):
+            n = fu.arg(parts, 1, "chunks")
+            sizes = [n1 // n] * n if isinstance(n, int) and n1 % n == 0 else None
+        else:
+            size = fu.arg(parts, 1, "split_size_or_sections", fu.arg(parts, 1, "split_size"))
+            sizes = [size] * (n1 // size) if isinstance(size, int) and n1 % size == 0 else (
+                list(size) if isinstance(size, (list, tuple)) and sum(size) == n1 else None)
+        if dim not in (-1, len(fu.shape(up)) - 1) or sizes is None:
+            raise Reject(Reason.UNSUPPORTED_ACTIVATION, parts, "the up-projection is not cut along its last dim "
+                                                               "into parts moefuse can slice")
+        j = node.args[1]
+        return sum(sizes[:j]), 1, sizes[j]
     if name == "getitem" and isinstance(node.args[1], tuple):
         idx = node.args[1]
         last = idx[-1]
@@ -105,7 +116,7 @@ def activation_between(up: fx.Node, down_in: fx.Node) -> tuple[Activation, int]:
     for user in up.users:
         if fu.is_mutation(user):
             continue  # a bias added in place; the region check accounts for it
-        if fu.op_name(user) in ("method:chunk", "torch.chunk"):
+        if fu.op_name(user) in _PARTS:
             for g in user.users:
                 slices[g] = _slice_of(g, up, n1)
         elif fu.op_name(user) == "getitem":

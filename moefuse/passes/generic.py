@@ -115,6 +115,8 @@ def _routing(down: Contraction, e: int) -> tuple[fx.Node, int]:
                 best = (ids, 1)
         elif name in _ARGMAX and fu.arg(n, 1, "dim") in (-1, len(fu.shape(src)) - 1):
             best = (n, 1)
+        elif name in _SORT and fu.arg(n, 1, "dim", -1) in (-1, len(fu.shape(src)) - 1):
+            best = _sorted_top(n, name) or best
     if best is not None:  # top-1 picks joined into [T, K] ids (PhiMoE's sparsemixer: two max, then cat)
         cur = best[0]
         for _ in range(4):
@@ -132,6 +134,24 @@ def _routing(down: Contraction, e: int) -> tuple[fx.Node, int]:
                                                        "this graph: the routing comes from outside it (a graph break "
                                                        "between router and experts, or routing passed in)")
     return best
+
+
+def _sorted_top(sort: fx.Node, name: str) -> tuple[fx.Node, int] | None:
+    """(ids, K) when a descending sort's indices are cut to their first K along the experts: `argsort(s,
+    descending=True)[..., :K]` is top-k spelled with a sort."""
+    if fu.arg(sort, 2, "descending", False) is not True:
+        return None
+    indices = sort if "argsort" in name else next(
+        (u for u in sort.users if fu.op_name(u) == "getitem" and u.args[1] == 1), None)
+    for u in list(indices.users) if indices is not None else []:
+        idx = u.args[1] if fu.op_name(u) == "getitem" else None
+        last = idx[-1] if isinstance(idx, tuple) else idx
+        lead = idx[:-1] if isinstance(idx, tuple) else ()
+        if (isinstance(last, slice) and last.start in (None, 0) and isinstance(last.stop, int) and last.step in (None, 1)
+                and all(i is Ellipsis or i == slice(None) for i in lead)
+                and (not lead or lead[0] is Ellipsis or len(idx) == len(fu.shape(indices)))):
+            return u, last.stop
+    return None
 
 
 def _latest(nodes, order) -> fx.Node | None:
@@ -230,10 +250,10 @@ def _scores_of(ids: fx.Node) -> set[fx.Node]:
         if n in seen:
             continue
         seen.add(n)
-        if fu.op_name(n) in _TOPK | _MAX | _ARGMAX:
+        if fu.op_name(n) in _TOPK | _MAX | _ARGMAX | _SORT:
             selections.add(n)
         else:
-            stack.extend(a for a in n.all_input_nodes if fu.is_int(a) or fu.op_name(a) in _TOPK | _MAX)
+            stack.extend(a for a in n.all_input_nodes if fu.is_int(a) or fu.op_name(a) in _TOPK | _MAX | _SORT)
     found = set(selections)
     stack = [a for src in selections for a in src.all_input_nodes if fu.is_float(a)]
     while stack:
