@@ -18,6 +18,7 @@ import torch
 
 import forms
 import moefuse
+from moefuse.metrics import rel_err
 from moefuse.runtime import op as moe_op
 
 pytestmark = pytest.mark.usefixtures("cpu_path")
@@ -25,15 +26,6 @@ pytestmark = pytest.mark.usefixtures("cpu_path")
 BF16_UNIT = 2.0 ** -8  # bf16 keeps 8 significant bits: one unit of rounding, relative
 
 
-@pytest.fixture(autouse=True)
-def capture_data_dependent():
-    """bincount / nonzero captured in the graph rather than breaking it."""
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
-        yield
-
-
-def _rel(a, b) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
 def _compiled(model, x, train: bool):
@@ -85,10 +77,10 @@ def test_fp32_forward_and_gradients_equal_eager(cls, shape):
     out, grads, explanation, calls = _forward_backward(model, x, compiled=True)
     _assert_lowered(explanation, calls)
     assert explanation.lowered[0].training
-    assert _rel(out, ref) <= 1e-4
+    assert rel_err(out, ref) <= 1e-4
     assert set(grads) == set(ref_grads)
     for name in ref_grads:
-        assert _rel(grads[name], ref_grads[name]) <= 1e-4, name
+        assert rel_err(grads[name], ref_grads[name]) <= 1e-4, name
 
 
 def _bf16_pair(cls, **kw):
@@ -119,9 +111,9 @@ def test_bf16_forward_and_gradients_within_eager_error(cls, shape, kw):
     _assert_lowered(explanation, calls)
     if cls is forms.TitanMoE:  # its shared FeedForward (w1, w2, w3 linears) runs inside the op
         assert (explanation.lowered[0].spec.shared is not None) == kw.get("shared", True)
-    assert _rel(out, ref) <= 2 * _rel(eager, ref) + BF16_UNIT
+    assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + BF16_UNIT
     for name in ref_grads:
-        assert _rel(grads[name], ref_grads[name]) <= 2 * _rel(eager_grads[name], ref_grads[name]) + BF16_UNIT, name
+        assert rel_err(grads[name], ref_grads[name]) <= 2 * rel_err(eager_grads[name], ref_grads[name]) + BF16_UNIT, name
 
 
 def test_titan_in_fp32_model_runs_bf16_experts_like_eager():
@@ -139,7 +131,7 @@ def test_titan_in_fp32_model_runs_bf16_experts_like_eager():
     spec = explanation.lowered[0].spec
     assert (spec.dtype, spec.out_dtype, spec.w3) == ("bfloat16", "float32", True)
     assert spec.shared is None  # its fp32 shared FeedForward stays beside the bf16 op: one dtype inside the op
-    assert _rel(out, ref) <= 2 * _rel(eager, ref) + BF16_UNIT
+    assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + BF16_UNIT
 
 
 def _assert_rejected_unchanged(model, x, reason):

@@ -53,16 +53,18 @@ def test_bincount_moe_is_one_graph_with_the_one_line_compile(inner):
         from torch._dynamo.utils import counters
         err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
         print("graphs", len(moefuse.reports().reports), counters["stats"]["unique_graphs"],
-              sum(counters["graph_break"].values()), err)
+              sum(counters["graph_break"].values()), len(moefuse.reports().lowered), err)
     """)
     env = {**os.environ, "MOEFUSE_INNER": inner, "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)
     env.pop("MOEFUSE_CAPTURE_DATA_DEPENDENT", None)
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    *counts, err = run.stdout.split()[-4:]
-    assert counts == ["1", "1", "0"], run.stdout + run.stderr[-2000:]
-    assert float(err) == 0.0 if inner == "eager" else float(err) <= 2 ** -6, run.stdout
+    *counts, err = run.stdout.split()[-5:]
+    # one graph, no break, both blocks lowered (detection reads argsort + bincount + x[order // K] by meaning)
+    assert counts == ["1", "1", "0", "2"], run.stdout + run.stderr[-2000:]
+    # the fused op accumulates in fp32 where eager rounds each bf16 op: a few bf16 ulps of outputs of size ~1
+    assert float(err) <= 2 ** -6, run.stdout
 
 
 @pytest.mark.parametrize("fullgraph", [False, True])
@@ -76,7 +78,9 @@ def test_bincount_moe_one_graph_in_process(fullgraph):
         out = torch.compile(model, backend=backend, fullgraph=fullgraph)(x)
     assert len(backend.explanation.reports) == 1, str(backend.explanation)
     assert not any(isinstance(r, SplitByGraphBreak) for r in backend.explanation.rejected)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert len(backend.explanation.lowered) == 2, str(backend.explanation)  # both blocks, by meaning
+    # fp32 accumulation inside the op vs eager's per-op bf16 rounding: a few bf16 ulps of outputs of size ~1
+    assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item() <= 2 ** -6
 
 
 @pytest.mark.parametrize("counts_by", ["histc", "bincount[:E]"])
@@ -104,9 +108,11 @@ def test_tolist_of_a_data_dependent_length_does_not_trace():
         torch.compile(model, backend=Backend({"inner": "eager"}))(torch.randn(6, 32))
 
 
-def test_without_capture_the_split_names_bincount_and_its_line():
-    """With dynamo's capture turned off (as a program may do), the block breaks at bincount: the report says so,
-    at the right line, with a hint that names the setting."""
+def test_without_capture_the_split_names_bincount_and_its_line(monkeypatch):
+    """With dynamo's capture turned off (MOEFUSE_CAPTURE_DATA_DEPENDENT=0 and the setting off, as a program may
+    do), the block breaks at bincount: the report says so, at the right line, with a hint that names the
+    setting."""
+    monkeypatch.setenv("MOEFUSE_CAPTURE_DATA_DEPENDENT", "0")
     torch.manual_seed(0)
     model = GroupedMMMoE().to(torch.bfloat16)
     x = torch.randn(6, 32, dtype=torch.bfloat16)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from moefuse import Backend
+from moefuse.metrics import rel_err
 from moefuse.runtime import op as moe_op
 from spellings import COMBINES, COUNTS, GATE_UP, PRODUCTS, SORTS, UNPERMUTES, SpelledMoE, Spelling
 
@@ -41,14 +42,6 @@ def _cases() -> list[Spelling]:
 CASES = _cases()
 
 
-@pytest.fixture(autouse=True)
-def capture_data_dependent():
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
-        yield
-
-
-def _rel(a, b) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
 def _run(model, x, compiled, grad):
@@ -83,8 +76,8 @@ def test_spelling_lowered_with_eager_numbers(spelling):
         ref, ref_grads, _, _ = _run(reference, x, False, grad)
         eager, eager_grads, _, _ = _run(model, x.bfloat16(), False, grad)
         out, grads, explanation, calls = _run(model, x.bfloat16(), True, grad)
-        bound = {n: 2 * _rel(eager_grads[n], ref_grads[n]) + BF16_UNIT for n in ref_grads}
-        bound_out = 2 * _rel(eager, ref) + BF16_UNIT
+        bound = {n: 2 * rel_err(eager_grads[n], ref_grads[n]) + BF16_UNIT for n in ref_grads}
+        bound_out = 2 * rel_err(eager, ref) + BF16_UNIT
     else:
         ref, ref_grads, _, _ = _run(model, x, False, grad)
         out, grads, explanation, calls = _run(model, x, True, grad)
@@ -92,6 +85,6 @@ def test_spelling_lowered_with_eager_numbers(spelling):
     assert len(explanation.lowered) == 1 and not explanation.rejected, str(explanation)
     assert calls >= 1
     assert explanation.lowered[0].spec.w3 == (spelling.gate_up == "separate")
-    assert _rel(out, ref) <= bound_out
+    assert rel_err(out, ref) <= bound_out
     for name in ref_grads:
-        assert _rel(grads[name], ref_grads[name]) <= bound[name], name
+        assert rel_err(grads[name], ref_grads[name]) <= bound[name], name

@@ -13,8 +13,10 @@ which would scope the change to moefuse's frames, but `torch.compile` wraps ever
 `torch._TorchCompileWrapper`, which does not forward that attribute (torch 2.11–2.13; only
 `torch._dynamo.optimize(backend)` sees it). Nothing else of a backend runs before dynamo traces. So the
 setting holds for every `torch.compile` in the process after moefuse is loaded, whatever its backend.
-`MOEFUSE_CAPTURE_DATA_DEPENDENT=0` leaves dynamo's settings alone; a value the program set itself (either
-setting set to False before moefuse was loaded) is respected.
+`MOEFUSE_CAPTURE_DATA_DEPENDENT=0` leaves dynamo's settings alone. Without it both are set on, whatever they
+were: telling "False because the program chose it" from "False by default" is not reliable (dynamo's
+`_is_default` turns False for good after any `config.patch` of the key exits, even when it restored the
+default), and a choice that silently depended on import order would be worse than one switch.
 
 The cost (README, "Graph breaks"): a `.tolist()` of, or a Python loop over, a tensor whose *length* is
 data-dependent (`torch.bincount(ids, minlength=E).tolist()`) used to break the graph and now fails to trace
@@ -53,10 +55,7 @@ def enable_data_dependent_capture() -> bool:
         return False
     config = torch._dynamo.config
     for name in _SETTINGS:
-        # A program that set a value itself (or through TORCHDYNAMO_* variables) keeps it.
-        is_default = getattr(config, "_is_default", None)
-        if is_default is None or is_default(name):
-            setattr(config, name, True)
+        setattr(config, name, True)
     return all(getattr(config, name) for name in _SETTINGS)
 
 

@@ -129,10 +129,18 @@ def _routing(down: Contraction, e: int) -> tuple[fx.Node, int]:
                 cur = views[0]
             else:
                 break
+    if best is None:  # routing passed in (an experts module compiled alone, a router run elsewhere): an int
+        # [..., K] graph input the experts' dispatch reads, K ≤ E
+        reached = fu.ancestors([down.node])
+        inputs = [n for n in down.node.graph.nodes if n.op == "placeholder" and n in reached and fu.is_int(n)
+                  and len(fu.shape(n) or ()) >= 2 and fu.shape(n)[-1] <= e]
+        if len(inputs) == 1:
+            best = (inputs[0], fu.shape(inputs[0])[-1])
     if best is None or not isinstance(best[1], int):
         raise Reject(Reason.NO_ROUTING_IDS, down.node, f"no top-k, argmax or max over the {e} experts before them in "
-                                                       "this graph: the routing comes from outside it (a graph break "
-                                                       "between router and experts, or routing passed in)")
+                                                       "this graph, and no [.., K] expert ids among its inputs: the "
+                                                       "routing comes from outside it (a graph break between router "
+                                                       "and experts?)")
     return best
 
 
@@ -254,6 +262,8 @@ def _scores_of(ids: fx.Node) -> set[fx.Node]:
             selections.add(n)
         else:
             stack.extend(a for a in n.all_input_nodes if fu.is_int(a) or fu.op_name(a) in _TOPK | _MAX | _SORT)
+    if ids.op == "placeholder":  # routing passed in: its weights are graph inputs too
+        return {ids} | {n for n in ids.graph.nodes if n.op == "placeholder" and fu.is_float(n)}
     found = set(selections)
     stack = [a for src in selections for a in src.all_input_nodes if fu.is_float(a)]
     while stack:
