@@ -207,87 +207,313 @@ class _JetMoeBlock(nn.Module):
         return self.experts(x, top_k_indices, top_k_gates).view(b, s, h) + self.bias
 
 
-# How a user's block may turn its router's logits [T, E] into (ids [T, K], weights [T, K]). Python code does
-# not say which one a block uses: `convert` keeps the rule that reproduces the block on a random probe.
-def _softmax_topk(logits, k, dtype):
-    w, ids = torch.softmax(logits, dim=-1, dtype=torch.float32).topk(k, dim=-1)
-    return ids, w.to(dtype)
+# --------------------------------------------------------------------------------------------------------
+# A user's MoE block, recognised by structure: a router (an `nn.Linear(H, E)` anywhere in the block, or a
+# weight parameter [E, H] of its own) and an `nn.ModuleList` / `nn.ModuleDict` of E alike expert MLPs, whatever
+# the names. Top-k and the routing rule are not read from attributes (a block may keep K in `self.args`, in a
+# config, or in a literal): they are found by probing the block with instrumented experts, then the
+# replacement is checked against the block, forward and gradients.
+# --------------------------------------------------------------------------------------------------------
+
+# How a block may turn its router's logits [T, E] (fp32 here) into (ids [T, K], weights [T, K]). The experts a
+# token reaches are the top-k of the logits for each (softmax and sigmoid keep the order); the rules differ in
+# the weights. A constant factor on the weights (a routed scaling factor) is found by the probe.
+def _softmax_topk(logits, k):
+    w, ids = torch.softmax(logits, dim=-1).topk(k, dim=-1)
+    return ids, w
 
 
-def _softmax_topk_renorm(logits, k, dtype):
-    w, ids = torch.softmax(logits, dim=-1, dtype=torch.float32).topk(k, dim=-1)
-    return ids, (w / w.sum(dim=-1, keepdim=True)).to(dtype)
+def _softmax_topk_renorm(logits, k):
+    ids, w = _softmax_topk(logits, k)
+    return ids, w / w.sum(dim=-1, keepdim=True)
 
 
-def _topk_softmax(logits, k, dtype):
+def _topk_softmax(logits, k):
     w, ids = logits.topk(k, dim=-1)
-    return ids, torch.softmax(w, dim=-1, dtype=torch.float32).to(dtype)
+    return ids, torch.softmax(w, dim=-1)
+
+
+def _sigmoid_topk(logits, k):
+    w, ids = torch.sigmoid(logits).topk(k, dim=-1)
+    return ids, w
+
+
+def _sigmoid_topk_renorm(logits, k):
+    ids, w = _sigmoid_topk(logits, k)
+    return ids, w / w.sum(dim=-1, keepdim=True)
 
 
 _RULES = {"softmax → top-k": _softmax_topk, "softmax → top-k → renormalise": _softmax_topk_renorm,
-          "top-k → softmax": _topk_softmax}
-_TOP_K_NAMES = ("top_k", "num_experts_per_tok", "topk", "k", "num_selected")
+          "top-k → softmax": _topk_softmax, "sigmoid → top-k": _sigmoid_topk,
+          "sigmoid → top-k → renormalise": _sigmoid_topk_renorm}
+_PROBE_SHAPES = {2: (16,), 3: (2, 8)}  # input rank → leading dims of a probe x [..., H]: a block takes one or both
+
+
+@dataclass(frozen=True)
+class _Routing:
+    """How a block routes, as its probe showed: K, the rule, a constant factor on the weights, and whether the
+    block also returns its router's logits (transformers 4.x Mixtral: (y, logits [T, E]))."""
+
+    top_k: int
+    rule: str
+    scale: float = 1.0
+    returns_logits: bool = False
 
 
 class _RoutedBlock(nn.Module):
-    """A user's MoE block (a router `nn.Linear` and an `nn.ModuleList` of expert MLPs, looped over in Python)
-    with its experts fused: (x [..., H]) → [..., H]. Calls the block's own router Linear, then its rule."""
+    """A user's MoE block with its experts fused: (x [..., H]) → [..., H] (and the router's logits [T, E] where
+    the block returned them). Calls the block's own router (Linear or weight), then its rule. Only inputs of
+    the ranks on which it was checked against the block are taken."""
 
-    def __init__(self, router: nn.Linear, experts: FusedExperts, rule: str, top_k: int):
+    def __init__(self, router: nn.Linear | nn.Parameter, experts: FusedExperts, routing: _Routing,
+                 ranks: tuple[int, ...], source: str):
         super().__init__()
-        self.router, self.experts, self.rule, self.top_k = router, experts, rule, top_k
+        if isinstance(router, nn.Linear):
+            self.router, self.router_weight = router, None
+        else:
+            self.router, self.router_weight = None, router
+        self.experts, self.routing, self.ranks, self.source = experts, routing, ranks, source
+        self.rule, self.top_k = routing.rule, routing.top_k  # read by moefuse-convert's report
 
     def forward(self, x):
+        if x.dim() not in self.ranks:
+            raise MoefuseError(
+                f"this {self.source} was converted for inputs of rank {' or '.join(map(str, self.ranks))}, the "
+                f"only ones on which it matched the original block; got x of shape {tuple(x.shape)}: call it as "
+                "the model did, or keep the block unconverted")
         flat = x.reshape(-1, x.shape[-1])
-        ids, weights = _RULES[self.rule](self.router(flat), self.top_k, flat.dtype)
-        return self.experts(flat, ids, weights).reshape(x.shape)
+        logits = self.router(flat) if self.router is not None else nn.functional.linear(flat, self.router_weight)
+        ids, w = _RULES[self.rule](logits.float(), self.top_k)
+        if self.routing.scale != 1.0:
+            w = w * self.routing.scale
+        y = self.experts(flat, ids, w.to(flat.dtype)).reshape(x.shape)
+        return (y, logits) if self.routing.returns_logits else y
 
     def extra_repr(self) -> str:
-        return f"rule={self.rule!r}, top_k={self.top_k}"
+        scale = f", scale={self.routing.scale:g}" if self.routing.scale != 1.0 else ""
+        return f"from={self.source}, rule={self.rule!r}, top_k={self.top_k}{scale}, ranks={self.ranks}"
+
+
+def _expert_list(c: nn.Module) -> list[nn.Module]:
+    return list(c) if isinstance(c, nn.ModuleList) else [c[k] for k in c]
 
 
 def _user_block(m: nn.Module):
-    """A builder for a block holding one router `nn.Linear(H, E)`, a plain `nn.ModuleList`/`nn.ModuleDict` of
-    E ≥ 2 experts and an int top-k attribute; None when `m` is not such a block."""
-    containers = [c for c in m.children() if isinstance(c, (nn.ModuleList, nn.ModuleDict))
-                  and type(c).forward is nn.Module.forward and len(c) >= 2]
-    if len(containers) != 1:
-        return None
-    experts = list(containers[0]) if isinstance(containers[0], nn.ModuleList) else [containers[0][k] for k in containers[0]]
-    routers = [c for c in m.children() if isinstance(c, nn.Linear) and c.out_features == len(experts)]
-    k = next((getattr(m, a) for a in _TOP_K_NAMES if isinstance(getattr(m, a, None), int)), None)
-    if len(routers) != 1 or k is None or not 1 <= k <= len(experts):
+    """A builder for `m` when it looks like an MoE block (a plain ModuleList/ModuleDict of E ≥ 2 modules of one
+    class and a router of E outputs beside it); None when it does not. The builder raises ValueError (the
+    reason it is skipped) for a block that looks so but is not served."""
+    lists = [(n, c) for n, c in m.named_children() if isinstance(c, (nn.ModuleList, nn.ModuleDict))
+             and type(c).forward is nn.Module.forward and len(c) >= 2
+             and len({type(e) for e in _expert_list(c)}) == 1 and any(True for _ in c.parameters())]
+    found = []
+    for name, c in lists:
+        e = len(c)
+        routers = [(p, r) for p, r in m.named_modules() if isinstance(r, nn.Linear) and r.out_features == e
+                   and not (p == name or p.startswith(name + "."))]
+        routers += [(p, w) for p, w in m.named_parameters(recurse=False) if w.dim() == 2 and w.shape[0] == e]
+        if routers:
+            found.append((name, c, routers))
+    if not found:
         return None
 
     def build():
-        fused = _mlp_experts(experts, "")
-        new = None
-        for rule in _RULES:
-            fused._moefuse_router = f"{type(m).__name__}'s router Linear → {rule} (probed) → moefuse.convert"
-            candidate = _RoutedBlock(routers[0], fused, rule, k)
-            if _same_on_probe(m, candidate, routers[0]):
-                new = candidate
-                break
-        if new is None:
-            raise ValueError(f"{type(m).__name__}'s routing is none of {list(_RULES)} on a random probe (or the "
-                             "block computes more than routed experts): left as it is")
+        if len(found) > 1:
+            raise ValueError(f"several expert lists with a router beside them ({', '.join(n for n, _, _ in found)}): "
+                             "cannot tell which one the block routes to")
+        name, c, routers = found[0]
+        if len(routers) > 1:
+            raise ValueError(f"several candidate routers of {len(c)} outputs ({', '.join(p for p, _ in routers)}): "
+                             "cannot tell which one routes the tokens")
+        router = routers[0][1]
+        experts = _expert_list(c)
+        source = f"{type(m).__name__} (router {routers[0][0]!r}, experts {name!r})"
+        fused = _mlp_experts(experts, "", layout=(layout := {}))
+        h = fused.w2.shape[1]
+        reads = router.shape[-1] if isinstance(router, nn.Parameter) else router.in_features
+        if reads != h:
+            raise ValueError(f"the router {routers[0][0]!r} reads {reads} features, the experts {h}: not a router "
+                             "of these experts")
+        routing, ranks = _probe_block(m, experts, router, h)
+        fused._moefuse_router = f"{source}: {routing.rule}, top-{routing.top_k} (probed) → moefuse.convert"
+        new = _RoutedBlock(router, fused, routing, ranks, type(m).__name__)
+        for rank in ranks:
+            _check_forward_and_grads(m, new, router, layout, rank)
         return new
     return build
 
 
-def _same_on_probe(old: nn.Module, new: nn.Module, router: nn.Linear) -> bool:
-    w = router.weight
-    x = torch.randn(2, 5, router.in_features, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+def _probe_input(h: int, rank: int, like: torch.Tensor, seed: int) -> torch.Tensor:
+    x = torch.randn(*_PROBE_SHAPES[rank], h, generator=torch.Generator().manual_seed(seed))
+    return x.to(like.device, like.dtype)
+
+
+def _probe_block(m: nn.Module, experts: list[nn.Module], router, h: int) -> tuple[_Routing, tuple[int, ...]]:
+    """(the block's routing, the input ranks it takes), found by running it with instrumented experts: expert e
+    returns the unit vector e (in groups of H when E > H), so the block's output minus its output with every
+    expert returning zero is each token's routing weight of each expert, however the block dispatches and
+    combines. Raises ValueError when the block does not run on any probe or routes in no known way."""
+    was = m.training
+    m.train(False)  # dropout, jitter noise
+    found: dict[int, _Routing] = {}
+    failures: list[str] = []
+    try:
+        with torch.no_grad():
+            for rank in _PROBE_SHAPES:
+                x = _probe_input(h, rank, router if isinstance(router, nn.Parameter) else router.weight, seed=0)
+                try:
+                    weights, logits, returns_logits = _observe(m, experts, router, x)
+                except _ProbeError as exc:
+                    failures.append(str(exc))
+                    continue
+                found[rank] = _infer_routing(weights, logits, returns_logits, x.dtype)
+    finally:
+        m.train(was)
+    if not found:
+        raise ValueError(failures[0])
+    if len(set(found.values())) > 1:
+        raise ValueError(f"the block routes differently for inputs of ranks {sorted(found)} ({list(found.values())})")
+    return next(iter(found.values())), tuple(sorted(found))
+
+
+class _ProbeError(Exception):
+    """The block does not run on this probe input (another rank, say): not a reason to skip it yet."""
+
+
+def _observe(m: nn.Module, experts: list[nn.Module], router, x: torch.Tensor):
+    """(weights [T, E] fp32, router logits [T, E] fp32, whether `m` returned (y, logits)) on the probe x."""
+    e, h = len(experts), x.shape[-1]
+    t = x.numel() // h
+    logits: list[torch.Tensor] = []
+    router_hook = None if isinstance(router, nn.Parameter) else \
+        router.register_forward_hook(lambda mod, args, out: logits.append(out))
+
+    def run(basis: torch.Tensor):
+        hooks = [ex.register_forward_hook(lambda mod, args, out, r=basis[j]: torch.zeros_like(out) + r)
+                 for j, ex in enumerate(experts)]
+        logits.clear()
+        try:
+            out = m(x)
+        except Exception as exc:  # noqa: BLE001 - a block that does not take this input: tried at another rank
+            raise _ProbeError(f"calling it as block(x {list(x.shape)}) raised {type(exc).__name__}: {exc}") from exc
+        finally:
+            for hk in hooks:
+                hk.remove()
+        y = out[0] if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) else out
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            raise _ProbeError(f"block(x {list(x.shape)}) returned {_shape_of(out)}, not one tensor of x's shape")
+        return out, y
+
+    try:
+        base_out, base = run(torch.zeros(e, h, dtype=x.dtype, device=x.device))
+        weights = torch.zeros(t, e, dtype=torch.float32, device=x.device)
+        for lo in range(0, e, h):  # one unit vector per expert, H experts at a time
+            basis = torch.zeros(e, h, dtype=x.dtype, device=x.device)
+            hi = min(e, lo + h)
+            basis[torch.arange(lo, hi), torch.arange(hi - lo)] = 1
+            _, y = run(basis)
+            weights[:, lo:hi] = (y.float() - base.float()).reshape(t, h)[:, :hi - lo]
+    finally:
+        if router_hook is not None:
+            router_hook.remove()
+    if isinstance(router, nn.Parameter):
+        scores = nn.functional.linear(x.reshape(t, h), router)
+    elif len(logits) != 1 or logits[0].numel() != t * e:
+        raise ValueError(f"the router ran {len(logits)} times on one call of the block (once, on every token, "
+                         "is the form convert serves)")
+    else:
+        scores = logits[0].reshape(t, e)
+    returns_logits = isinstance(base_out, tuple)
+    if returns_logits and (len(base_out) != 2 or not isinstance(base_out[1], torch.Tensor)
+                           or base_out[1].shape != (t, e)):
+        raise ValueError(f"the block returns {_shape_of(base_out)}: only y, or (y, router logits [T, E]), is "
+                         "reproduced")
+    return weights, scores.float(), returns_logits
+
+
+def _shape_of(out) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor {list(out.shape)}"
+    if isinstance(out, tuple):
+        return "(" + ", ".join(_shape_of(o) for o in out) + ")"
+    return type(out).__name__
+
+
+def _infer_routing(weights: torch.Tensor, logits: torch.Tensor, returns_logits: bool,
+                   dtype: torch.dtype) -> _Routing:
+    """The rule of `_RULES` (times a constant) that gives each token the weights [T, E] observed (0: the
+    expert was not reached) from its router's logits [T, E]."""
+    reached = weights != 0
+    counts = reached.sum(-1)
+    k = int(counts.max())
+    if k == 0:
+        raise ValueError("no expert's output reaches the block's output on the probe")
+    if not bool((counts == k).all()):
+        raise ValueError(f"tokens reach between {int(counts.min())} and {k} experts on the probe: not a fixed "
+                         "top-k (a capacity limit, a threshold?)")
+    top = weights.abs().max()
+    best = None
+    for name, rule in _RULES.items():
+        ids, w = rule(logits, k)
+        dense = torch.zeros_like(weights).scatter(1, ids, w)
+        if not torch.equal(dense != 0, reached):
+            continue
+        scale = float((weights * dense).sum() / (dense * dense).sum())
+        if abs(scale - 1) <= 1e-3:
+            scale = 1.0
+        err = float((weights - scale * dense).abs().max() / top)
+        if best is None or err < best[0]:
+            best = (err, name, scale)
+    if best is None:
+        raise ValueError(f"the {k} experts each token reaches are not the top-{k} of its router's logits on the "
+                         "probe (grouped or biased expert selection is not served at module level)")
+    err, name, scale = best
+    if err > _PROBE_TOLERANCE.get(dtype, _PROBE_TOLERANCE[torch.float32]):  # the block rounds to its dtype
+        raise ValueError(f"the routing weights are none of {list(_RULES)} (times a constant) on the probe "
+                         f"(closest: {name}, off by {err:.2g} of the largest weight)")
+    return _Routing(k, name, round(scale, 6), returns_logits)
+
+
+def _check_forward_and_grads(old: nn.Module, new: _RoutedBlock, router, layout: dict, rank: int) -> None:
+    """`new` computes `old`'s output and, for a random output gradient, its gradients of the input, the router
+    and every expert weight (mapped to the stacked layout), at the probe tolerance of the weights' dtype.
+    Raises ValueError naming what differs."""
+    w_like = router if isinstance(router, nn.Parameter) else router.weight
+    x = _probe_input(new.experts.w2.shape[1], rank, w_like, seed=1).requires_grad_()
     was = old.training
     old.train(False)
     try:
-        with torch.no_grad():
+        with torch.enable_grad():
             want, got = old(x), new(x)
-    except Exception:  # noqa: BLE001 - a block that does not take [B, S, H] is not this form
-        return False
     finally:
         old.train(was)
-    return _matches(want, got)
+    want_y, got_y = (want[0], got[0]) if isinstance(want, tuple) else (want, got)
+    if not _matches(want_y, got_y):
+        raise ValueError(f"its fused replacement's output differs on a probe x {list(x.shape)} "
+                         f"(rule {new.rule}, top-{new.top_k}): the block computes more than routed experts")
+    if isinstance(want, tuple) and not _matches(want[1].float(), got[1].float()):
+        raise ValueError("the router logits it returns are not its router's on the probe")
+    routers = [p for p in ([router] if isinstance(router, nn.Parameter) else router.parameters()) if p.requires_grad]
+    stacked = {n: getattr(new.experts, n) for n in layout if getattr(new.experts, n) is not None
+               and getattr(new.experts, n).requires_grad}
+    olds = list({id(p): p for n in stacked for ps in layout[n] for p in ps}.values())
+    g = torch.randn(want_y.shape, generator=torch.Generator().manual_seed(2)).to(want_y.dtype)
+    og = torch.autograd.grad(want_y, [x, *routers, *olds], g, allow_unused=True)
+    ng = torch.autograd.grad(got_y, [x, *routers, *stacked.values()], g, allow_unused=True)
+    nr = 1 + len(routers)
+
+    def zero(grad, like):
+        return torch.zeros_like(like) if grad is None else grad
+
+    by_param = {id(p): zero(gr, p) for p, gr in zip(olds, og[nr:])}
+    pairs = [("the input", og[0], ng[0])] + [("the router", zero(a, p), zero(b, p))
+                                             for p, a, b in zip(routers, og[1:nr], ng[1:nr])]
+    for (n, w), b in zip(stacked.items(), ng[nr:]):
+        a = torch.stack([torch.cat([by_param[id(p)] for p in ps]) for ps in layout[n]])
+        pairs.append((f"the experts' {n}", a, zero(b, w)))
+    bad = [what for what, a, b in pairs if a is None or b is None or not _matches(a, b)]
+    if bad:
+        raise ValueError(f"its fused replacement's gradients of {', '.join(bad)} differ on a probe x "
+                         f"{list(x.shape)} (the forward matches)")
 
 
 def _matches(want, got) -> bool:
@@ -321,7 +547,7 @@ class _Output(nn.Module):
         return a
 
 
-def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts) -> FusedExperts:
+def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts, layout: dict | None = None) -> FusedExperts:
     """Stack experts that are each an MLP — Linear(H→I) → act → Linear(I→H), or a GLU whose two H→I Linears
     are combined by the activation — into a `FusedExperts`; the activation is captured from the first
     expert's own forward with its Linears replaced by readers of the stacked up-projection. Raises `Reject`
@@ -351,15 +577,17 @@ def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts) -> Fus
     probe.training = False
     activation = capture_activation(probe, i * len(ups))
 
-    def stacked(get):
-        parts = [get(e) for e in experts]
-        return None if parts[0] is None else torch.stack(parts)
-
-    w1 = stacked(lambda e: torch.cat([e.get_submodule(n).weight for n in ups]))
-    has_b1 = first.get_submodule(ups[0]).bias is not None
-    b1 = stacked(lambda e: torch.cat([e.get_submodule(n).bias for n in ups])) if has_b1 else None
-    w2 = stacked(lambda e: e.get_submodule(down_name).weight)
-    b2 = stacked(lambda e: e.get_submodule(down_name).bias)
+    # stacked name → per expert, the parameters concatenated into its slice (the probe maps gradients so too)
+    parts = {"w1": [[e.get_submodule(n).weight for n in ups] for e in experts],
+             "w2": [[e.get_submodule(down_name).weight] for e in experts]}
+    if first.get_submodule(ups[0]).bias is not None:
+        parts["b1"] = [[e.get_submodule(n).bias for n in ups] for e in experts]
+    if first.get_submodule(down_name).bias is not None:
+        parts["b2"] = [[e.get_submodule(down_name).bias] for e in experts]
+    if layout is not None:
+        layout.update(parts)
+    w1, w2, b1, b2 = (torch.stack([torch.cat(ps) for ps in parts[n]]) if n in parts else None
+                      for n in ("w1", "w2", "b1", "b2"))
     trained = any(p.requires_grad for e in experts for p in e.parameters())
     return cls(w1, w2, b1, b2, activation=activation, router=router, dropout=dropout, requires_grad=trained)
 
