@@ -300,17 +300,21 @@ def _expert_list(c: nn.Module) -> list[nn.Module]:
 
 def _user_block(m: nn.Module):
     """A builder for `m` when it looks like an MoE block (a plain ModuleList/ModuleDict of E ≥ 2 modules of one
-    class and a router of E outputs beside it); None when it does not. The builder raises ValueError (the
-    reason it is skipped) for a block that looks so but is not served."""
+    class, each holding Linears of its own, and a router of E outputs beside it reading one of their widths);
+    None when it does not. The builder raises ValueError (the reason it is skipped) for a block that looks so
+    but is not served."""
     lists = [(n, c) for n, c in m.named_children() if isinstance(c, (nn.ModuleList, nn.ModuleDict))
              and type(c).forward is nn.Module.forward and len(c) >= 2
-             and len({type(e) for e in _expert_list(c)}) == 1 and any(True for _ in c.parameters())]
+             and len({type(e) for e in _expert_list(c)}) == 1
+             and sum(isinstance(ch, nn.Linear) for ch in _expert_list(c)[0].children()) >= 2]
     found = []
     for name, c in lists:
         e = len(c)
+        widths = {ch.in_features for ch in _expert_list(c)[0].children() if isinstance(ch, nn.Linear)}
         routers = [(p, r) for p, r in m.named_modules() if isinstance(r, nn.Linear) and r.out_features == e
-                   and not (p == name or p.startswith(name + "."))]
-        routers += [(p, w) for p, w in m.named_parameters(recurse=False) if w.dim() == 2 and w.shape[0] == e]
+                   and r.in_features in widths and not (p == name or p.startswith(name + "."))]
+        routers += [(p, w) for p, w in m.named_parameters(recurse=False)
+                    if w.dim() == 2 and w.shape[0] == e and w.shape[1] in widths]
         if routers:
             found.append((name, c, routers))
     if not found:
@@ -340,6 +344,31 @@ def _user_block(m: nn.Module):
             _check_forward_and_grads(m, new, router, layout, rank)
         return new
     return build
+
+
+def _stacked_user_block(m: nn.Module):
+    """A builder that says why for a block of user code holding its experts as stacked parameters [E, ·, ·]
+    beside a router of E outputs (not a form known by name): it is reported, not converted."""
+    if is_interface_experts(m):
+        return None
+    stacked: dict[int, list[str]] = {}
+    for n, p in m.named_parameters(recurse=False):
+        if p.dim() == 3:
+            stacked.setdefault(p.shape[0], []).append(n)
+    for e, names in stacked.items():
+        if e < 2 or len(names) < 2:
+            continue
+        router = [p for p, r in m.named_modules() if isinstance(r, nn.Linear) and r.out_features == e]
+        router += [n for n, p in m.named_parameters(recurse=False) if p.dim() == 2 and p.shape[0] == e]
+        if router:
+            def build(names=names, router=router[0]):
+                raise ValueError(
+                    f"experts held as stacked parameters ({', '.join(names)}) beside the router {router!r} in user "
+                    "code: which is the gate, the up and the down projection (and the activation) is not readable "
+                    "at module level; compile with backend='moefuse' instead, whose graph pass reads the experts' "
+                    "products from the graph (moefuse.explain says whether it lowers them)")
+            return build
+    return None
 
 
 def _probe_input(h: int, rank: int, like: torch.Tensor, seed: int) -> torch.Tensor:
@@ -678,7 +707,7 @@ def _module_form(m: nn.Module):
             _check_block(m, new, w1)
             return new
         return build
-    block = _user_block(m)
+    block = _user_block(m) or _stacked_user_block(m)
     if block is not None:
         return block
     if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and type(m).forward is not nn.Module.forward:
@@ -798,10 +827,15 @@ def _plan_modules(model: nn.Module, summary: ConvertSummary) -> list[tuple[str, 
     containers) that converts; the others go to `summary.skipped` with why. The model is not changed."""
     swaps: list[tuple[str, nn.Module, bool]] = []
     for name, m in list(model.named_modules()):
-        if not name or any(name.startswith(done + ".") for done, _, _ in swaps):
-            continue  # the root has no parent to swap it in; inside a module being replaced: goes with it
+        if any(name.startswith(done + ".") for done, _, _ in swaps):
+            continue  # inside a module being replaced: goes with it
         build = _module_form(m)
         if build is None:
+            continue
+        if not name:
+            summary.skipped[f"{type(m).__name__} (the model itself)"] = (
+                "an MoE block passed as the model has no parent to swap its replacement into: convert the model "
+                "that holds it")
             continue
         try:
             with torch.no_grad():

@@ -354,3 +354,56 @@ def test_block_that_is_not_served_is_reported_and_left_alone(how, reason):
     assert not summary.converted and list(summary.skipped) == ["0"], str(summary)
     assert reason in summary.skipped["0"], summary.skipped
     assert dict(model.named_modules()) == before
+
+
+class SequentialExperts(nn.Module):
+    """More experts than hidden features (the probe reads them H at a time), experts as nn.Sequential, K=3
+    from a literal, softmax → top-k without renormalising."""
+
+    def __init__(self, h=4, i=8, e=10):
+        super().__init__()
+        self.score = nn.Linear(h, e)
+        self.pool = nn.ModuleList(nn.Sequential(nn.Linear(h, i), nn.ReLU(), nn.Linear(i, h)) for _ in range(e))
+
+    def forward(self, x):
+        w, ids = self.score(x).softmax(-1).topk(3, dim=-1)
+        out = torch.zeros_like(x)
+        for j, expert in enumerate(self.pool):
+            mask = (ids == j).any(-1)
+            out[mask] += (w * (ids == j)).sum(-1, keepdim=True)[mask] * expert(x[mask])
+        return out
+
+
+def test_more_experts_than_hidden_features_and_sequential_experts():
+    torch.manual_seed(0)
+    model = nn.Sequential(SequentialExperts())
+    x = torch.randn(3, 5, 4)
+    ref = model(x)
+    summary = convert(model)
+    assert summary.converted == ["0"], str(summary)
+    assert (model[0].top_k, model[0].rule, model[0].ranks) == (3, "softmax → top-k", (2, 3))
+    assert model[0].experts._moefuse_activation.expr == "Max(0, x0)"
+    assert rel_err(model(x), ref) <= 1e-4
+
+
+class StackedUserMoE(nn.Module):
+    def __init__(self, h=8, i=4, e=3):
+        super().__init__()
+        self.gate = nn.Linear(h, e, bias=False)
+        self.w_in, self.w_out = nn.Parameter(torch.randn(e, i, h)), nn.Parameter(torch.randn(e, h, i))
+
+    def forward(self, x):
+        w, ids = self.gate(x).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(x)
+        for j in range(self.w_in.shape[0]):
+            tok, slot = torch.where(ids == j)
+            out.index_add_(0, tok, F.relu(x[tok] @ self.w_in[j].t()) @ self.w_out[j].t() * w[tok, slot, None])
+        return out
+
+
+def test_every_moe_looking_module_is_reported():
+    """Stacked expert parameters in user code and an MoE block passed as the model are said, not ignored."""
+    summary = convert(nn.Sequential(StackedUserMoE()))
+    assert not summary.converted and "stacked parameters (w_in, w_out)" in summary.skipped["0"], str(summary)
+    summary = convert(mistral_layer())
+    assert not summary.converted and "no parent" in summary.skipped["MoeLayer (the model itself)"], str(summary)
