@@ -11,11 +11,15 @@ model's own code:
     tokens over capacity become dropped pairs, id −1, so any capacity lowers exactly),
   - JetMoE (`JetMoeMoE`: per-expert stacked linears run by splitting the tokens with a host-synced
     `tolist()`; its top-k → softmax gating is re-done on the gate's own linear, without the sync),
-  - a user's block holding a router `nn.Linear(H, E)`, an `nn.ModuleList` / `nn.ModuleDict` of E expert
-    MLPs (Linear → act → Linear, or a GLU with gate/up Linears) and a `top_k` attribute, looping over the
-    experts in Python. Its router Linear is kept; how the block turns logits into weights is not readable
-    from Python, so convert keeps the one of a few common rules (softmax → top-k, with or without
-    renormalising; top-k → softmax) that reproduces the block on a random probe, and skips it otherwise;
+  - a user's block, recognised by structure whatever its names (Mistral's `MoeLayer`, litgpt's `LLaMAMoE`,
+    transformers 4.x Mixtral): a router — an `nn.Linear(H, E)` anywhere in the block or a weight [E, H] of
+    its own — and an `nn.ModuleList` / `nn.ModuleDict` of E alike expert MLPs (Linear → act → Linear, or a
+    GLU with gate/up Linears, biases or not). Top-k and the routing rule are not read from attributes: the
+    block is run once with instrumented experts (expert e returns the unit vector e), which shows each
+    token's weight for each expert however the block dispatches and combines; K and the rule (softmax or
+    sigmoid scores, top-k, ± renormalising, times a constant) follow from that and the router's logits. The
+    replacement keeps the block's router and is swapped in only after its output and gradients (input,
+    router, every expert weight) match the block's on a probe; otherwise the block stays, with the reason;
   - an experts container with its own forward called as `experts(x, top_k_index, top_k_weights)` the way
     transformers' experts are (checked on a random probe too).
 
