@@ -407,3 +407,19 @@ def test_every_moe_looking_module_is_reported():
     assert not summary.converted and "stacked parameters (w_in, w_out)" in summary.skipped["0"], str(summary)
     summary = convert(mistral_layer())
     assert not summary.converted and "no parent" in summary.skipped["MoeLayer (the model itself)"], str(summary)
+
+
+@pytest.mark.parametrize("name", ["mistral", "renamed_cfg_k"])
+def test_converted_block_compiles_to_one_fused_node_per_layer(name):
+    from moefuse import Backend
+
+    model, x = build(name)
+    with torch.no_grad():
+        ref = model(x)
+        convert(model)
+        backend = Backend({"inner": "eager"})
+        out = torch.compile(model, backend=backend)(x)
+    lowered = backend.explanation.lowered
+    assert len(lowered) == 2 and all(r.by_convert for r in lowered), str(backend.explanation)
+    assert len(backend.explanation.reports) == 1 and lowered[0].spec.top_k == BLOCKS[name][2]
+    assert rel_err(out, ref) <= 1e-4
