@@ -256,12 +256,14 @@ _PROBE_SHAPES = {2: (16,), 3: (2, 8)}  # input rank → leading dims of a probe 
 @dataclass(frozen=True)
 class _Routing:
     """How a block routes, as its probe showed: K, the rule, a constant factor on the weights, and whether the
-    block also returns its router's logits (transformers 4.x Mixtral: (y, logits [T, E]))."""
+    block also returns its router's logits (transformers 4.x Mixtral: (y, logits [T, E])), and whether it
+    computes otherwise in training (noise, dropout)."""
 
     top_k: int
     rule: str
     scale: float = 1.0
     returns_logits: bool = False
+    train_differs: bool = False  # the block computes otherwise in training: the replacement refuses to train
 
 
 class _RoutedBlock(nn.Module):
@@ -285,8 +287,16 @@ class _RoutedBlock(nn.Module):
                 f"this {self.source} was converted for inputs of rank {' or '.join(map(str, self.ranks))}, the "
                 f"only ones on which it matched the original block; got x of shape {tuple(x.shape)}: call it as "
                 "the model did, or keep the block unconverted")
+        if self.training and self.routing.train_differs:
+            raise MoefuseError(
+                f"this {self.source} computes otherwise in training than in eval (noise on its router's input, a "
+                "dropout of its own: seen on a probe); its fused replacement computes the eval form only: set the "
+                "block's training-only noise and dropout to 0 before moefuse.convert to train it converted")
         flat = x.reshape(-1, x.shape[-1])
-        logits = self.router(flat) if self.router is not None else nn.functional.linear(flat, self.router_weight)
+        if self.router is not None:  # a router kept in another dtype than the experts (fp32 gate): cast as the block
+            logits = self.router(flat.to(self.router.weight.dtype))
+        else:
+            logits = nn.functional.linear(flat.to(self.router_weight.dtype), self.router_weight)
         ids, w = _RULES[self.rule](logits.float(), self.top_k)
         if self.routing.scale != 1.0:
             w = w * self.routing.scale
@@ -295,6 +305,7 @@ class _RoutedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         scale = f", scale={self.routing.scale:g}" if self.routing.scale != 1.0 else ""
+        scale += ", eval form only" if self.routing.train_differs else ""
         return f"from={self.source}, rule={self.rule!r}, top_k={self.top_k}{scale}, ranks={self.ranks}"
 
 
@@ -341,7 +352,7 @@ def _user_block(m: nn.Module):
         if reads != h:
             raise ValueError(f"the router {routers[0][0]!r} reads {reads} features, the experts {h}: not a router "
                              "of these experts")
-        routing, ranks = _probe_block(m, experts, router, h)
+        routing, ranks = _probe_block(m, experts, router, fused.w1)
         fused._moefuse_router = f"{source}: {routing.rule}, top-{routing.top_k} (probed) → moefuse.convert"
         new = _RoutedBlock(router, fused, routing, ranks, type(m).__name__)
         for rank in ranks:
@@ -380,11 +391,12 @@ def _probe_input(h: int, rank: int, like: torch.Tensor, seed: int) -> torch.Tens
     return x.to(like.device, like.dtype)
 
 
-def _probe_block(m: nn.Module, experts: list[nn.Module], router, h: int) -> tuple[_Routing, tuple[int, ...]]:
+def _probe_block(m: nn.Module, experts: list[nn.Module], router, like: torch.Tensor) -> tuple[_Routing, tuple[int, ...]]:
     """(the block's routing, the input ranks it takes), found by running it with instrumented experts: expert e
     returns the unit vector e (in groups of H when E > H), so the block's output minus its output with every
     expert returning zero is each token's routing weight of each expert, however the block dispatches and
-    combines. Raises ValueError when the block does not run on any probe or routes in no known way."""
+    combines. Probes are in the experts' dtype (`like`). Raises ValueError when the block does not run on any
+    probe or routes in no known way."""
     was = m.training
     m.train(False)  # dropout, jitter noise
     found: dict[int, _Routing] = {}
@@ -392,13 +404,14 @@ def _probe_block(m: nn.Module, experts: list[nn.Module], router, h: int) -> tupl
     try:
         with torch.no_grad():
             for rank in _PROBE_SHAPES:
-                x = _probe_input(h, rank, router if isinstance(router, nn.Parameter) else router.weight, seed=0)
+                x = _probe_input(like.shape[-1], rank, like, seed=0)
                 try:
                     weights, logits, returns_logits = _observe(m, experts, router, x)
                 except _ProbeError as exc:
                     failures.append(str(exc))
                     continue
-                found[rank] = _infer_routing(weights, logits, returns_logits, x.dtype)
+                found[rank] = _infer_routing(weights, logits, returns_logits, x.dtype,
+                                             _differs_in_training(m, experts, x))
     finally:
         m.train(was)
     if not found:
@@ -406,6 +419,25 @@ def _probe_block(m: nn.Module, experts: list[nn.Module], router, h: int) -> tupl
     if len(set(found.values())) > 1:
         raise ValueError(f"the block routes differently for inputs of ranks {sorted(found)} ({list(found.values())})")
     return next(iter(found.values())), tuple(sorted(found))
+
+
+def _differs_in_training(m: nn.Module, experts: list[nn.Module], x: torch.Tensor) -> bool:
+    """Whether the block itself, its experts aside, computes otherwise in training on the probe x (transformers
+    4.x Mixtral's jitter noise on the router's input, a dropout of the block's): the replacement computes the
+    eval form only. The global RNG is left as it was."""
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    want = first(m(x))
+    with torch.random.fork_rng(devices=[x.device.index or 0] if x.device.type == "cuda" else []):
+        m.train(True)
+        for e in experts:  # the experts' own dropout is FusedExperts' to refuse
+            e.train(False)
+        try:
+            got = first(m(x))
+        finally:
+            m.train(False)
+    return not _matches(want, got)
 
 
 class _ProbeError(Exception):
@@ -449,7 +481,7 @@ def _observe(m: nn.Module, experts: list[nn.Module], router, x: torch.Tensor):
         if router_hook is not None:
             router_hook.remove()
     if isinstance(router, nn.Parameter):
-        scores = nn.functional.linear(x.reshape(t, h), router)
+        scores = nn.functional.linear(x.reshape(t, h).to(router.dtype), router)
     elif len(logits) != 1 or logits[0].numel() != t * e:
         raise ValueError(f"the router ran {len(logits)} times on one call of the block (once, on every token, "
                          "is the form convert serves)")
@@ -471,8 +503,8 @@ def _shape_of(out) -> str:
     return type(out).__name__
 
 
-def _infer_routing(weights: torch.Tensor, logits: torch.Tensor, returns_logits: bool,
-                   dtype: torch.dtype) -> _Routing:
+def _infer_routing(weights: torch.Tensor, logits: torch.Tensor, returns_logits: bool, dtype: torch.dtype,
+                   train_differs: bool) -> _Routing:
     """The rule of `_RULES` (times a constant) that gives each token the weights [T, E] observed (0: the
     expert was not reached) from its router's logits [T, E]."""
     reached = weights != 0
@@ -503,17 +535,16 @@ def _infer_routing(weights: torch.Tensor, logits: torch.Tensor, returns_logits: 
     if err > _PROBE_TOLERANCE.get(dtype, _PROBE_TOLERANCE[torch.float32]):  # the block rounds to its dtype
         raise ValueError(f"the routing weights are none of {list(_RULES)} (times a constant) on the probe "
                          f"(closest: {name}, off by {err:.2g} of the largest weight)")
-    return _Routing(k, name, round(scale, 6), returns_logits)
+    return _Routing(k, name, round(scale, 6), returns_logits, train_differs)
 
 
 def _check_forward_and_grads(old: nn.Module, new: _RoutedBlock, router, layout: dict, rank: int) -> None:
     """`new` computes `old`'s output and, for a random output gradient, its gradients of the input, the router
     and every expert weight (mapped to the stacked layout), at the probe tolerance of the weights' dtype.
     Raises ValueError naming what differs."""
-    w_like = router if isinstance(router, nn.Parameter) else router.weight
-    x = _probe_input(new.experts.w2.shape[1], rank, w_like, seed=1).requires_grad_()
+    x = _probe_input(new.experts.w2.shape[1], rank, new.experts.w1, seed=1).requires_grad_()
     was = old.training
-    old.train(False)
+    old.train(False), new.train(False)  # the mode `convert` gives it is the block's, set when it is swapped in
     try:
         with torch.enable_grad():
             want, got = old(x), new(x)
@@ -525,35 +556,39 @@ def _check_forward_and_grads(old: nn.Module, new: _RoutedBlock, router, layout: 
                          f"(rule {new.rule}, top-{new.top_k}): the block computes more than routed experts")
     if isinstance(want, tuple) and not _matches(want[1].float(), got[1].float()):
         raise ValueError("the router logits it returns are not its router's on the probe")
-    routers = [p for p in ([router] if isinstance(router, nn.Parameter) else router.parameters()) if p.requires_grad]
+    routers = [("the router", router)] if isinstance(router, nn.Parameter) else \
+        [(f"the router's {n}", p) for n, p in router.named_parameters()]
+    routers = [(n, p) for n, p in routers if p.requires_grad]
     stacked = {n: getattr(new.experts, n) for n in layout if getattr(new.experts, n) is not None
                and getattr(new.experts, n).requires_grad}
     olds = list({id(p): p for n in stacked for ps in layout[n] for p in ps}.values())
     g = torch.randn(want_y.shape, generator=torch.Generator().manual_seed(2)).to(want_y.dtype)
-    og = torch.autograd.grad(want_y, [x, *routers, *olds], g, allow_unused=True)
-    ng = torch.autograd.grad(got_y, [x, *routers, *stacked.values()], g, allow_unused=True)
+    og = torch.autograd.grad(want_y, [x, *(p for _, p in routers), *olds], g, allow_unused=True)
+    ng = torch.autograd.grad(got_y, [x, *(p for _, p in routers), *stacked.values()], g, allow_unused=True)
     nr = 1 + len(routers)
 
     def zero(grad, like):
         return torch.zeros_like(like) if grad is None else grad
 
     by_param = {id(p): zero(gr, p) for p, gr in zip(olds, og[nr:])}
-    pairs = [("the input", og[0], ng[0])] + [("the router", zero(a, p), zero(b, p))
-                                             for p, a, b in zip(routers, og[1:nr], ng[1:nr])]
+    pairs = [("the input", og[0], ng[0])] + [(n, zero(a, p), zero(b, p))
+                                             for (n, p), a, b in zip(routers, og[1:nr], ng[1:nr])]
     for (n, w), b in zip(stacked.items(), ng[nr:]):
         a = torch.stack([torch.cat([by_param[id(p)] for p in ps]) for ps in layout[n]])
         pairs.append((f"the experts' {n}", a, zero(b, w)))
-    bad = [what for what, a, b in pairs if a is None or b is None or not _matches(a, b)]
+    low = new.experts.w1.dtype  # every gradient went through the experts' dtype
+    bad = [what for what, a, b in pairs if a is None or b is None or not _matches(a, b, low)]
     if bad:
         raise ValueError(f"its fused replacement's gradients of {', '.join(bad)} differ on a probe x "
                          f"{list(x.shape)} (the forward matches)")
 
 
-def _matches(want, got) -> bool:
-    """`got` is `want` up to the probe tolerance of `want`'s dtype (see `_PROBE_TOLERANCE`)."""
+def _matches(want, got, dtype: torch.dtype | None = None) -> bool:
+    """`got` is `want` up to the probe tolerance of `dtype`, by default `want`'s (see `_PROBE_TOLERANCE`); an
+    fp32 router's gradient that went through bf16 experts is compared at bf16's."""
     if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or want.shape != got.shape:
         return False
-    tol = _PROBE_TOLERANCE.get(want.dtype, _PROBE_TOLERANCE[torch.float32])
+    tol = _PROBE_TOLERANCE.get(dtype or want.dtype, _PROBE_TOLERANCE[torch.float32])
     return ((want.float() - got.float()).abs().max() <= tol * want.float().abs().max().clamp_min(1e-6)).item()
 
 
@@ -798,8 +833,9 @@ def convert(model: torch.nn.Module) -> ConvertSummary:
         raise ConversionError(f"moefuse.convert takes a torch.nn.Module, got {type(model).__name__}",
                               "pass the model itself (not its state_dict, a path or a compiled wrapper's output)")
     summary = ConvertSummary()
-    swaps = _plan_modules(model, summary)
-    prepared = _plan_interface_experts(model, summary)
+    with torch.random.fork_rng(devices=[]):  # probes and dynamo's captures leave the user's CPU RNG as it was
+        swaps = _plan_modules(model, summary)
+        prepared = _plan_interface_experts(model, summary)
     # Commit: nothing above changed the model; nothing below can fail on a model's contents.
     for name, new, training in swaps:
         parent, _, child = name.rpartition(".")

@@ -85,12 +85,14 @@ class Top2MLP(nn.Module):
 class MixtralStyleBlock(nn.Module):
     def __init__(self, h=32, i=16, e=4, k=2):
         super().__init__()
-        self.num_experts, self.top_k = e, k
+        self.num_experts, self.top_k, self.jitter_noise = e, k, 0.0
         self.gate = nn.Linear(h, e, bias=False)
         self.experts = nn.ModuleList(Top2MLP(h, i) for _ in range(e))
 
     def forward(self, hidden_states):
         batch, seq, hidden = hidden_states.shape
+        if self.training and self.jitter_noise > 0:
+            hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         hidden_states = hidden_states.view(-1, hidden)
         router_logits = self.gate(hidden_states)
         routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
@@ -343,7 +345,7 @@ class Variant(nn.Module):
 
 @pytest.mark.parametrize("how, reason", [
     ("squared", "routing weights are none of"),
-    ("detached", "gradients of the input, the router differ"),
+    ("detached", "gradients of the input, the router's weight differ"),
     ("shared", "output differs"),
 ])
 def test_block_that_is_not_served_is_reported_and_left_alone(how, reason):
@@ -423,3 +425,49 @@ def test_converted_block_compiles_to_one_fused_node_per_layer(name):
     assert len(lowered) == 2 and all(r.by_convert for r in lowered), str(backend.explanation)
     assert len(backend.explanation.reports) == 1 and lowered[0].spec.top_k == BLOCKS[name][2]
     assert rel_err(out, ref) <= 1e-4
+
+
+def test_block_that_computes_otherwise_in_training_refuses_to_train():
+    """Mixtral 4.x's jitter noise: converted for inference (eval numbers), a clear error in training."""
+    from moefuse.errors import MoefuseError
+
+    torch.manual_seed(0)
+    block = MixtralStyleBlock()
+    block.jitter_noise = 0.1
+    model = nn.Sequential(block)
+    x = torch.randn(2, 5, 32)
+    rng = torch.get_rng_state()
+    summary = convert(model)
+    assert summary.converted == ["0"] and torch.equal(torch.get_rng_state(), rng), str(summary)
+    with torch.no_grad():
+        assert rel_err(model.eval()(x)[0], block.eval()(x)[0]) <= 1e-4
+    with pytest.raises(MoefuseError, match="computes otherwise in training"):
+        model.train()(x)
+
+
+class Fp32RouterBlock(nn.Module):
+    """bf16 experts, an fp32 router fed x.float() (as models keep the gate in fp32)."""
+
+    def __init__(self, h=32, e=4):
+        super().__init__()
+        self.gate = nn.Linear(h, e, bias=True)
+        self.experts = nn.ModuleList(Top2MLP(h, 16).to(torch.bfloat16) for _ in range(e))
+
+    def forward(self, x):
+        w, ids = self.gate(x.float()).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(x)
+        for j, expert in enumerate(self.experts):
+            tok, slot = torch.where(ids == j)
+            out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None].to(x.dtype))
+        return out
+
+
+def test_fp32_router_beside_bf16_experts():
+    torch.manual_seed(0)
+    model = nn.Sequential(Fp32RouterBlock())
+    x = torch.randn(11, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        summary = convert(model)
+        assert summary.converted == ["0"], str(summary)
+        assert rel_err(model(x), ref) <= 6e-2
