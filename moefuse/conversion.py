@@ -601,6 +601,8 @@ class _RowsOf(nn.Module):
         self.weight, self.start, self.stop = linear.weight, start, stop
 
     def forward(self, up):
+        if (self.start, self.stop) == (0, up.shape[-1]):  # the only up Linear: no slice for the reader to lift
+            return up
         return up[..., self.start:self.stop]
 
 
@@ -617,7 +619,7 @@ class _Output(nn.Module):
 
 def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts, layout: dict | None = None) -> FusedExperts:
     """Stack experts that are each an MLP — Linear(H→I) → act → Linear(I→H), or a GLU whose two H→I Linears
-    are combined by the activation — into a `FusedExperts`; the activation is captured from the first
+    (or one H→2I Linear) are combined by the activation — into a `FusedExperts`; the activation is captured from the first
     expert's own forward with its Linears replaced by readers of the stacked up-projection. Raises `Reject`
     (or ValueError for a structure that is not such an MLP)."""
     first = experts[0]
@@ -627,15 +629,19 @@ def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts, layout
     _check_alike(experts, [n for n, _ in linears])
     down_name = _called_last(first, linears)
     ups = [n for n, _ in linears if n != down_name]
-    i = first.get_submodule(down_name).in_features
-    shapes = {(first.get_submodule(n).in_features, first.get_submodule(n).out_features) for n in ups}
-    if shapes != {(first.get_submodule(down_name).out_features, i)}:
-        raise ValueError(f"the up-projection Linears {ups} do not all map the hidden size to the width {i} "
-                         f"the down-projection {down_name!r} reads")
+    h = first.get_submodule(down_name).out_features
+    if {first.get_submodule(n).in_features for n in ups} != {h}:
+        raise ValueError(f"the up-projection Linears {ups} do not all read the hidden size {h} the down-projection "
+                         f"{down_name!r} writes")
+    # the ups' rows, stacked in registration order: [gate; up] Linears of I rows each, or one Linear of 2·I rows
+    # that the activation splits (xformers' w12), or a plain MLP's I rows; the activation read says which
     probe = copy.copy(first)  # shallow: the same parameters, its own child table
     probe._modules = dict(first._modules)
-    for j, n in enumerate(ups):
-        probe._modules[n] = _RowsOf(first.get_submodule(n), j * i, (j + 1) * i)
+    rows = 0
+    for n in ups:
+        width = first.get_submodule(n).out_features
+        probe._modules[n] = _RowsOf(first.get_submodule(n), rows, rows + width)
+        rows += width
     probe._modules[down_name] = _Output(first.get_submodule(down_name))
     dropout = 0.0
     for n, c in first.named_children():
@@ -643,7 +649,7 @@ def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts, layout
             dropout = max(dropout, c.p)
             probe._modules[n] = nn.Identity()
     probe.training = False
-    activation = capture_activation(probe, i * len(ups))
+    activation = capture_activation(probe, rows)
 
     # stacked name → per expert, the parameters concatenated into its slice (the probe maps gradients so too)
     parts = {"w1": [[e.get_submodule(n).weight for n in ups] for e in experts],
