@@ -12,9 +12,10 @@ model's own code:
   - JetMoE (`JetMoeMoE`: per-expert stacked linears run by splitting the tokens with a host-synced
     `tolist()`; its top-k → softmax gating is re-done on the gate's own linear, without the sync),
   - a user's block, recognised by structure whatever its names (Mistral's `MoeLayer`, litgpt's `LLaMAMoE`,
-    transformers 4.x Mixtral): a router — an `nn.Linear(H, E)` anywhere in the block or a weight [E, H] of
-    its own — and an `nn.ModuleList` / `nn.ModuleDict` of E alike expert MLPs (Linear → act → Linear, or a
-    GLU with gate/up Linears, biases or not). Top-k and the routing rule are not read from attributes: the
+    transformers 4.x Mixtral, DeepSeek-MoE): a router — an `nn.Linear(H, E)` or a weight [E, H] anywhere in
+    the block — and an `nn.ModuleList` / `nn.ModuleDict` of E alike expert MLPs (Linear → act → Linear, or a
+    GLU with gate/up Linears, biases or not), and optionally a shared expert (a child whose output on x the
+    block adds). Top-k and the routing rule are not read from attributes: the
     block is run once with instrumented experts (expert e returns the unit vector e), which shows each
     token's weight for each expert however the block dispatches and combines; K and the rule (softmax or
     sigmoid scores, top-k, ± renormalising, times a constant) follow from that and the router's logits. The
@@ -37,6 +38,7 @@ The converted model also runs without compiling (the op's CPU path or its Triton
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -264,6 +266,7 @@ class _Routing:
     scale: float = 1.0
     returns_logits: bool = False
     train_differs: bool = False  # the block computes otherwise in training: the replacement refuses to train
+    shared: str | None = None  # the block's child whose output on x it adds to the routed experts' (a shared expert)
 
 
 class _RoutedBlock(nn.Module):
@@ -272,8 +275,13 @@ class _RoutedBlock(nn.Module):
     the ranks on which it was checked against the block are taken."""
 
     def __init__(self, router: nn.Linear | nn.Parameter, experts: FusedExperts, routing: _Routing,
-                 ranks: tuple[int, ...], source: str):
+                 ranks: tuple[int, ...], source: str, shared: nn.Module | None = None):
         super().__init__()
+        # the block's own shared expert, added as the block added it, under the block's name for it
+        self.shared_name = None if shared is None else \
+            (routing.shared if routing.shared not in ("router", "router_weight", "experts") else "shared")
+        if shared is not None:
+            self.add_module(self.shared_name, shared)
         if isinstance(router, nn.Linear):
             self.router, self.router_weight = router, None
         else:
@@ -301,6 +309,8 @@ class _RoutedBlock(nn.Module):
         if self.routing.scale != 1.0:
             w = w * self.routing.scale
         y = self.experts(flat, ids, w.to(flat.dtype)).reshape(x.shape)
+        if self.shared_name is not None:
+            y = y + getattr(self, self.shared_name)(x)
         return (y, logits) if self.routing.returns_logits else y
 
     def extra_repr(self) -> str:
@@ -328,8 +338,9 @@ def _user_block(m: nn.Module):
         widths = {ch.in_features for ch in _expert_list(c)[0].children() if isinstance(ch, nn.Linear)}
         routers = [(p, r) for p, r in m.named_modules() if isinstance(r, nn.Linear) and r.out_features == e
                    and r.in_features in widths and not (p == name or p.startswith(name + "."))]
-        routers += [(p, w) for p, w in m.named_parameters(recurse=False)
-                    if w.dim() == 2 and w.shape[0] == e and w.shape[1] in widths]
+        routers += [(p, w) for p, w in m.named_parameters() if w.dim() == 2 and w.shape[0] == e
+                    and w.shape[1] in widths and not p.startswith(name + ".")
+                    and not isinstance(m.get_submodule(p.rpartition(".")[0]), nn.Linear)]
         if routers:
             found.append((name, c, routers))
     if not found:
@@ -352,9 +363,11 @@ def _user_block(m: nn.Module):
         if reads != h:
             raise ValueError(f"the router {routers[0][0]!r} reads {reads} features, the experts {h}: not a router "
                              "of these experts")
-        routing, ranks = _probe_block(m, experts, router, fused.w1)
+        kept = {name, routers[0][0].partition(".")[0]}  # the expert list and the child holding the router
+        routing, ranks = _probe_block(m, experts, router, fused.w1, kept)
         fused._moefuse_router = f"{source}: {routing.rule}, top-{routing.top_k} (probed) → moefuse.convert"
-        new = _RoutedBlock(router, fused, routing, ranks, type(m).__name__)
+        shared = None if routing.shared is None else m.get_submodule(routing.shared)
+        new = _RoutedBlock(router, fused, routing, ranks, type(m).__name__, shared)
         for rank in ranks:
             _check_forward_and_grads(m, new, router, layout, rank)
         return new
@@ -391,11 +404,13 @@ def _probe_input(h: int, rank: int, like: torch.Tensor, seed: int) -> torch.Tens
     return x.to(like.device, like.dtype)
 
 
-def _probe_block(m: nn.Module, experts: list[nn.Module], router, like: torch.Tensor) -> tuple[_Routing, tuple[int, ...]]:
+def _probe_block(m: nn.Module, experts: list[nn.Module], router, like: torch.Tensor,
+                 kept: set[str]) -> tuple[_Routing, tuple[int, ...]]:
     """(the block's routing, the input ranks it takes), found by running it with instrumented experts: expert e
     returns the unit vector e (in groups of H when E > H), so the block's output minus its output with every
     expert returning zero is each token's routing weight of each expert, however the block dispatches and
-    combines. Probes are in the experts' dtype (`like`). Raises ValueError when the block does not run on any
+    combines; what the block outputs with every expert returning zero must be 0 or one of its children (not
+    those in `kept`) applied to x: a shared expert. Probes are in the experts' dtype (`like`). Raises ValueError when the block does not run on any
     probe or routes in no known way."""
     was = m.training
     m.train(False)  # dropout, jitter noise
@@ -406,12 +421,12 @@ def _probe_block(m: nn.Module, experts: list[nn.Module], router, like: torch.Ten
             for rank in _PROBE_SHAPES:
                 x = _probe_input(like.shape[-1], rank, like, seed=0)
                 try:
-                    weights, logits, returns_logits = _observe(m, experts, router, x)
+                    weights, logits, returns_logits, base = _observe(m, experts, router, x)
                 except _ProbeError as exc:
                     failures.append(str(exc))
                     continue
-                found[rank] = _infer_routing(weights, logits, returns_logits, x.dtype,
-                                             _differs_in_training(m, experts, x))
+                routing = _infer_routing(weights, logits, returns_logits, x.dtype, _differs_in_training(m, experts, x))
+                found[rank] = dataclasses.replace(routing, shared=_shared_term(m, kept, x, base))
     finally:
         m.train(was)
     if not found:
@@ -440,12 +455,31 @@ def _differs_in_training(m: nn.Module, experts: list[nn.Module], x: torch.Tensor
     return not _matches(want, got)
 
 
+def _shared_term(m: nn.Module, kept: set[str], x: torch.Tensor, base: torch.Tensor) -> str | None:
+    """None when the block's output without its routed experts is 0; else the name of its child c (a shared
+    expert) with c(x) = that output. Raises ValueError when it is neither."""
+    if not bool(base.any()):
+        return None
+    for name, c in m.named_children():
+        if name in kept or not any(True for _ in c.parameters()):
+            continue
+        try:
+            out = c(x)
+        except Exception:  # noqa: BLE001 - a child that does not take x is not a term on x
+            continue
+        if _matches(base, out):
+            return name
+    raise ValueError("the block adds a term beside its routed experts that is none of its children applied to its "
+                     "input (a gated shared expert, a residual?): not reproduced at module level")
+
+
 class _ProbeError(Exception):
     """The block does not run on this probe input (another rank, say): not a reason to skip it yet."""
 
 
 def _observe(m: nn.Module, experts: list[nn.Module], router, x: torch.Tensor):
-    """(weights [T, E] fp32, router logits [T, E] fp32, whether `m` returned (y, logits)) on the probe x."""
+    """(weights [T, E] fp32, router logits [T, E] fp32, whether `m` returned (y, logits), its output with every
+    expert returning zero) on the probe x."""
     e, h = len(experts), x.shape[-1]
     t = x.numel() // h
     logits: list[torch.Tensor] = []
@@ -492,7 +526,7 @@ def _observe(m: nn.Module, experts: list[nn.Module], router, x: torch.Tensor):
                            or base_out[1].shape != (t, e)):
         raise ValueError(f"the block returns {_shape_of(base_out)}: only y, or (y, router logits [T, E]), is "
                          "reproduced")
-    return weights, scores.float(), returns_logits
+    return weights, scores.float(), returns_logits, base
 
 
 def _shape_of(out) -> str:
@@ -558,6 +592,8 @@ def _check_forward_and_grads(old: nn.Module, new: _RoutedBlock, router, layout: 
         raise ValueError("the router logits it returns are not its router's on the probe")
     routers = [("the router", router)] if isinstance(router, nn.Parameter) else \
         [(f"the router's {n}", p) for n, p in router.named_parameters()]
+    if new.shared_name is not None:
+        routers += [(f"the shared expert's {n}", p) for n, p in new.get_submodule(new.shared_name).named_parameters()]
     routers = [(n, p) for n, p in routers if p.requires_grad]
     stacked = {n: getattr(new.experts, n) for n in layout if getattr(new.experts, n) is not None
                and getattr(new.experts, n).requires_grad}

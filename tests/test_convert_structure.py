@@ -318,8 +318,8 @@ def test_mixtral_style_block_returns_its_router_logits():
 
 
 class Variant(nn.Module):
-    """A block whose routing convert must not take: squared weights (no known rule), detached weights (the
-    forward matches, the router's gradient does not), a shared expert added (more than routed experts)."""
+    """A block convert must not take: squared weights (no known rule), detached weights (the forward matches,
+    the router's gradient does not), a gated shared expert added (a term that is none of its children on x)."""
 
     def __init__(self, how, h=32, e=4):
         super().__init__()
@@ -338,15 +338,15 @@ class Variant(nn.Module):
         for j, expert in enumerate(self.experts):
             tok, slot = torch.where(ids == j)
             out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
-        if self.how == "shared":
-            out = out + self.shared(x)
+        if self.how == "gated_shared":  # Qwen2-MoE's per-token gate on the shared expert: not a child on x
+            out = out + torch.sigmoid(x[..., :1]) * self.shared(x)
         return out
 
 
 @pytest.mark.parametrize("how, reason", [
     ("squared", "routing weights are none of"),
     ("detached", "gradients of the input, the router's weight differ"),
-    ("shared", "output differs"),
+    ("gated_shared", "adds a term beside its routed experts"),
 ])
 def test_block_that_is_not_served_is_reported_and_left_alone(how, reason):
     torch.manual_seed(0)
@@ -503,3 +503,69 @@ def test_expert_with_one_gate_up_linear():
         act = model[0].experts._moefuse_activation
         assert (act.expr, act.slices) == ("x0*x1*sigmoid(x0)", ((0, 1), (16, 1)))
         assert rel_err(model(x), ref) <= 1e-4
+
+
+# In the style of DeepSeek-MoE's remote code (written here): a gate module holding a raw weight, scores in
+# fp32, softmax → top-k, a sort-based dispatch (argsort the flat ids, bincount, one slice per expert), a
+# shared expert added to the routed output.
+class DsMLP(nn.Module):
+    def __init__(self, h, i):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(h, i, bias=False), nn.Linear(h, i, bias=False), \
+            nn.Linear(i, h, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DsGate(nn.Module):
+    def __init__(self, h, e, k):
+        super().__init__()
+        self.top_k, self.weight = k, nn.Parameter(torch.randn(e, h) / h ** 0.5)
+
+    def forward(self, x):
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        w, ids = torch.topk(scores, self.top_k, dim=-1, sorted=False)
+        return ids, w
+
+
+class DsMoE(nn.Module):
+    def __init__(self, h=32, i=16, e=6, k=2):
+        super().__init__()
+        self.experts = nn.ModuleList(DsMLP(h, i) for _ in range(e))
+        self.gate = DsGate(h, e, k)
+        self.shared_experts = DsMLP(h, 2 * i)
+
+    def forward(self, hidden_states):
+        identity, shape = hidden_states, hidden_states.shape
+        x = hidden_states.view(-1, shape[-1])
+        ids, w = self.gate(x)
+        flat = ids.view(-1)
+        order = flat.argsort()
+        counts = flat.bincount(minlength=len(self.experts)).tolist()
+        sorted_tokens = x[order // ids.shape[1]]
+        outs, start = [], 0
+        for j, n in enumerate(counts):
+            outs.append(self.experts[j](sorted_tokens[start:start + n]))
+            start += n
+        cache = torch.empty_like(torch.cat(outs))
+        cache[order] = torch.cat(outs)
+        y = (cache.view(*ids.shape, -1) * w.unsqueeze(-1).to(cache.dtype)).sum(dim=1)
+        return y.view(shape) + self.shared_experts(identity)
+
+
+def test_deepseek_style_block_with_gate_weight_sort_dispatch_and_shared_expert():
+    torch.manual_seed(0)
+    model = nn.Sequential(DsMoE())
+    x = torch.randn(2, 7, 32)
+    ref, ref_g = grads(model, x)
+    summary = convert(model)
+    assert summary.converted == ["0"], str(summary)
+    block = model[0]
+    assert (block.top_k, block.rule, block.routing.shared) == (2, "softmax → top-k", "shared_experts")
+    assert block.router_weight is not None
+    out, got_g = grads(model, x)
+    assert rel_err(out, ref) <= 1e-4 and rel_err(got_g["x"], ref_g["x"]) <= 1e-4
+    assert rel_err(got_g["0.router_weight"], ref_g["0.gate.weight"]) <= 1e-4
+    shared = [n for n in ref_g if n.startswith("0.shared_experts.")]
+    assert shared and all(rel_err(got_g[n], ref_g[n]) <= 1e-4 for n in shared)
