@@ -257,9 +257,9 @@ _PROBE_SHAPES = {2: (16,), 3: (2, 8)}  # input rank → leading dims of a probe 
 
 @dataclass(frozen=True)
 class _Routing:
-    """How a block routes, as its probe showed: K, the rule, a constant factor on the weights, and whether the
-    block also returns its router's logits (transformers 4.x Mixtral: (y, logits [T, E])), and whether it
-    computes otherwise in training (noise, dropout)."""
+    """How a block routes, as its probe showed: K, the rule, a constant factor on the weights, whether the block
+    also returns its router's logits (transformers 4.x Mixtral: (y, logits [T, E])), whether it computes
+    otherwise in training (noise, dropout), and the shared expert it adds."""
 
     top_k: int
     rule: str
