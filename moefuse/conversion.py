@@ -410,8 +410,8 @@ def _probe_block(m: nn.Module, experts: list[nn.Module], router, like: torch.Ten
     returns the unit vector e (in groups of H when E > H), so the block's output minus its output with every
     expert returning zero is each token's routing weight of each expert, however the block dispatches and
     combines; what the block outputs with every expert returning zero must be 0 or one of its children (not
-    those in `kept`) applied to x: a shared expert. Probes are in the experts' dtype (`like`). Raises ValueError when the block does not run on any
-    probe or routes in no known way."""
+    those in `kept`) applied to x: a shared expert. Probes are in the experts' dtype (`like`). Raises
+    ValueError when the block does not run on any probe or routes in no known way."""
     was = m.training
     m.train(False)  # dropout, jitter noise
     found: dict[int, _Routing] = {}
@@ -655,9 +655,10 @@ class _Output(nn.Module):
 
 def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts, layout: dict | None = None) -> FusedExperts:
     """Stack experts that are each an MLP — Linear(H→I) → act → Linear(I→H), or a GLU whose two H→I Linears
-    (or one H→2I Linear) are combined by the activation — into a `FusedExperts`; the activation is captured from the first
-    expert's own forward with its Linears replaced by readers of the stacked up-projection. Raises `Reject`
-    (or ValueError for a structure that is not such an MLP)."""
+    (or one H→2I Linear) are combined by the activation — into a `FusedExperts`; the activation is captured
+    from the first expert's own forward with its Linears replaced by readers of the stacked up-projection.
+    `layout`, when given, receives the stacking: stacked name → per expert, the parameters concatenated into
+    its slice. Raises `Reject` (or ValueError for a structure that is not such an MLP)."""
     first = experts[0]
     linears = [(n, c) for n, c in first.named_children() if isinstance(c, nn.Linear)]
     if len(linears) not in (2, 3) or any(type(e) is not type(first) for e in experts):

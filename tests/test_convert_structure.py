@@ -75,7 +75,8 @@ def mistral_layer(h=32, i=16, e=8, k=2):
 class Top2MLP(nn.Module):
     def __init__(self, h, i):
         super().__init__()
-        self.w1, self.w2, self.w3 = nn.Linear(h, i, bias=False), nn.Linear(i, h, bias=False), nn.Linear(h, i, bias=False)
+        self.w1, self.w2 = nn.Linear(h, i, bias=False), nn.Linear(i, h, bias=False)
+        self.w3 = nn.Linear(h, i, bias=False)
         self.act_fn = nn.SiLU()
 
     def forward(self, x):
