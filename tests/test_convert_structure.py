@@ -202,6 +202,9 @@ class Stack(nn.Module):
 
 
 # per block: (factory, input shape, K, activation expr, w1 Linears per expert (gate/up order), down Linear)
+# and the routing rule the probe must find (× the constant, for the renamed block's cfg.scale)
+RULES = {"mistral": ("top-k → softmax", 1.0), "mixtral_4x": ("softmax → top-k → renormalise", 1.0),
+         "litgpt": ("top-k → softmax", 1.0), "renamed_cfg_k": ("sigmoid → top-k", 2.5)}
 BLOCKS = {
     "mistral": (mistral_layer, (13, 32), 2, "x0*x1*sigmoid(x0)", ("w1", "w3"), "w2"),
     "mixtral_4x": (MixtralStyleBlock, (2, 7, 32), 2, "x0*x1*sigmoid(x0)", ("w1", "w3"), "w2"),
@@ -266,6 +269,7 @@ def test_block_converted_with_eager_forward_and_gradients_fp32(name):
     assert summary.converted == ["blocks.0", "blocks.1"] and not summary.skipped, str(summary)
     block = model.blocks[0]
     assert block.top_k == k and type(block).__name__ == "_RoutedBlock"
+    assert (block.rule, block.routing.scale) == RULES[name]
     if act is not None:
         assert block.experts._moefuse_activation.expr == act
     before = moe_op.counters["fwd_train_cpu"], moe_op.counters["bwd_cpu"]
