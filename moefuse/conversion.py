@@ -11,11 +11,16 @@ model's own code:
     tokens over capacity become dropped pairs, id −1, so any capacity lowers exactly),
   - JetMoE (`JetMoeMoE`: per-expert stacked linears run by splitting the tokens with a host-synced
     `tolist()`; its top-k → softmax gating is re-done on the gate's own linear, without the sync),
-  - a user's block holding a router `nn.Linear(H, E)`, an `nn.ModuleList` / `nn.ModuleDict` of E expert
-    MLPs (Linear → act → Linear, or a GLU with gate/up Linears) and a `top_k` attribute, looping over the
-    experts in Python. Its router Linear is kept; how the block turns logits into weights is not readable
-    from Python, so convert keeps the one of a few common rules (softmax → top-k, with or without
-    renormalising; top-k → softmax) that reproduces the block on a random probe, and skips it otherwise;
+  - a user's block, recognised by structure whatever its names (Mistral's `MoeLayer`, litgpt's `LLaMAMoE`,
+    transformers 4.x Mixtral, DeepSeek-MoE): a router — an `nn.Linear(H, E)` or a weight [E, H] anywhere in
+    the block — and an `nn.ModuleList` / `nn.ModuleDict` of E alike expert MLPs (Linear → act → Linear, or a
+    GLU with gate/up Linears, biases or not), and optionally a shared expert (a child whose output on x the
+    block adds). Top-k and the routing rule are not read from attributes: the
+    block is run once with instrumented experts (expert e returns the unit vector e), which shows each
+    token's weight for each expert however the block dispatches and combines; K and the rule (softmax or
+    sigmoid scores, top-k, ± renormalising, times a constant) follow from that and the router's logits. The
+    replacement keeps the block's router and is swapped in only after its output and gradients (input,
+    router, every expert weight) match the block's on a probe; otherwise the block stays, with the reason;
   - an experts container with its own forward called as `experts(x, top_k_index, top_k_weights)` the way
     transformers' experts are (checked on a random probe too).
 
@@ -33,6 +38,7 @@ The converted model also runs without compiling (the op's CPU path or its Triton
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -207,94 +213,418 @@ class _JetMoeBlock(nn.Module):
         return self.experts(x, top_k_indices, top_k_gates).view(b, s, h) + self.bias
 
 
-# How a user's block may turn its router's logits [T, E] into (ids [T, K], weights [T, K]). Python code does
-# not say which one a block uses: `convert` keeps the rule that reproduces the block on a random probe.
-def _softmax_topk(logits, k, dtype):
-    w, ids = torch.softmax(logits, dim=-1, dtype=torch.float32).topk(k, dim=-1)
-    return ids, w.to(dtype)
+# --------------------------------------------------------------------------------------------------------
+# A user's MoE block, recognised by structure: a router (an `nn.Linear(H, E)` anywhere in the block, or a
+# weight parameter [E, H] of its own) and an `nn.ModuleList` / `nn.ModuleDict` of E alike expert MLPs, whatever
+# the names. Top-k and the routing rule are not read from attributes (a block may keep K in `self.args`, in a
+# config, or in a literal): they are found by probing the block with instrumented experts, then the
+# replacement is checked against the block, forward and gradients.
+# --------------------------------------------------------------------------------------------------------
+
+# How a block may turn its router's logits [T, E] (fp32 here) into (ids [T, K], weights [T, K]). The experts a
+# token reaches are the top-k of the logits for each (softmax and sigmoid keep the order); the rules differ in
+# the weights. A constant factor on the weights (a routed scaling factor) is found by the probe.
+def _softmax_topk(logits, k):
+    w, ids = torch.softmax(logits, dim=-1).topk(k, dim=-1)
+    return ids, w
 
 
-def _softmax_topk_renorm(logits, k, dtype):
-    w, ids = torch.softmax(logits, dim=-1, dtype=torch.float32).topk(k, dim=-1)
-    return ids, (w / w.sum(dim=-1, keepdim=True)).to(dtype)
+def _softmax_topk_renorm(logits, k):
+    ids, w = _softmax_topk(logits, k)
+    return ids, w / w.sum(dim=-1, keepdim=True)
 
 
-def _topk_softmax(logits, k, dtype):
+def _topk_softmax(logits, k):
     w, ids = logits.topk(k, dim=-1)
-    return ids, torch.softmax(w, dim=-1, dtype=torch.float32).to(dtype)
+    return ids, torch.softmax(w, dim=-1)
+
+
+def _sigmoid_topk(logits, k):
+    w, ids = torch.sigmoid(logits).topk(k, dim=-1)
+    return ids, w
+
+
+def _sigmoid_topk_renorm(logits, k):
+    ids, w = _sigmoid_topk(logits, k)
+    return ids, w / w.sum(dim=-1, keepdim=True)
 
 
 _RULES = {"softmax → top-k": _softmax_topk, "softmax → top-k → renormalise": _softmax_topk_renorm,
-          "top-k → softmax": _topk_softmax}
-_TOP_K_NAMES = ("top_k", "num_experts_per_tok", "topk", "k", "num_selected")
+          "top-k → softmax": _topk_softmax, "sigmoid → top-k": _sigmoid_topk,
+          "sigmoid → top-k → renormalise": _sigmoid_topk_renorm}
+_PROBE_SHAPES = {2: (16,), 3: (2, 8)}  # input rank → leading dims of a probe x [..., H]: a block takes one or both
+
+
+@dataclass(frozen=True)
+class _Routing:
+    """How a block routes, as its probe showed: K, the rule, a constant factor on the weights, whether the block
+    also returns its router's logits (transformers 4.x Mixtral: (y, logits [T, E])), whether it computes
+    otherwise in training (noise, dropout), and the shared expert it adds."""
+
+    top_k: int
+    rule: str
+    scale: float = 1.0
+    returns_logits: bool = False
+    train_differs: bool = False  # the block computes otherwise in training: the replacement refuses to train
+    shared: str | None = None  # the block's child whose output on x it adds to the routed experts' (a shared expert)
 
 
 class _RoutedBlock(nn.Module):
-    """A user's MoE block (a router `nn.Linear` and an `nn.ModuleList` of expert MLPs, looped over in Python)
-    with its experts fused: (x [..., H]) → [..., H]. Calls the block's own router Linear, then its rule."""
+    """A user's MoE block with its experts fused: (x [..., H]) → [..., H] (and the router's logits [T, E] where
+    the block returned them). Calls the block's own router (Linear or weight), then its rule. Only inputs of
+    the ranks on which it was checked against the block are taken."""
 
-    def __init__(self, router: nn.Linear, experts: FusedExperts, rule: str, top_k: int):
+    def __init__(self, router: nn.Linear | nn.Parameter, experts: FusedExperts, routing: _Routing,
+                 ranks: tuple[int, ...], source: str, shared: nn.Module | None = None):
         super().__init__()
-        self.router, self.experts, self.rule, self.top_k = router, experts, rule, top_k
+        # the block's own shared expert, added as the block added it, under the block's name for it
+        self.shared_name = None if shared is None else \
+            (routing.shared if routing.shared not in ("router", "router_weight", "experts") else "shared")
+        if shared is not None:
+            self.add_module(self.shared_name, shared)
+        if isinstance(router, nn.Linear):
+            self.router, self.router_weight = router, None
+        else:
+            self.router, self.router_weight = None, router
+        self.experts, self.routing, self.ranks, self.source = experts, routing, ranks, source
+        self.rule, self.top_k = routing.rule, routing.top_k  # read by moefuse-convert's report
 
     def forward(self, x):
+        if x.dim() not in self.ranks:
+            raise MoefuseError(
+                f"this {self.source} was converted for inputs of rank {' or '.join(map(str, self.ranks))}, the "
+                f"only ones on which it matched the original block; got x of shape {tuple(x.shape)}: call it as "
+                "the model did, or keep the block unconverted")
+        if self.training and self.routing.train_differs:
+            raise MoefuseError(
+                f"this {self.source} computes otherwise in training than in eval (noise on its router's input, a "
+                "dropout of its own: seen on a probe); its fused replacement computes the eval form only: set the "
+                "block's training-only noise and dropout to 0 before moefuse.convert to train it converted")
         flat = x.reshape(-1, x.shape[-1])
-        ids, weights = _RULES[self.rule](self.router(flat), self.top_k, flat.dtype)
-        return self.experts(flat, ids, weights).reshape(x.shape)
+        if self.router is not None:  # a router kept in another dtype than the experts (fp32 gate): cast as the block
+            logits = self.router(flat.to(self.router.weight.dtype))
+        else:
+            logits = nn.functional.linear(flat.to(self.router_weight.dtype), self.router_weight)
+        ids, w = _RULES[self.rule](logits.float(), self.top_k)
+        if self.routing.scale != 1.0:
+            w = w * self.routing.scale
+        y = self.experts(flat, ids, w.to(flat.dtype)).reshape(x.shape)
+        if self.shared_name is not None:
+            y = y + getattr(self, self.shared_name)(x)
+        return (y, logits) if self.routing.returns_logits else y
 
     def extra_repr(self) -> str:
-        return f"rule={self.rule!r}, top_k={self.top_k}"
+        scale = f", scale={self.routing.scale:g}" if self.routing.scale != 1.0 else ""
+        scale += ", eval form only" if self.routing.train_differs else ""
+        return f"from={self.source}, rule={self.rule!r}, top_k={self.top_k}{scale}, ranks={self.ranks}"
+
+
+def _expert_list(c: nn.Module) -> list[nn.Module]:
+    return list(c) if isinstance(c, nn.ModuleList) else [c[k] for k in c]
 
 
 def _user_block(m: nn.Module):
-    """A builder for a block holding one router `nn.Linear(H, E)`, a plain `nn.ModuleList`/`nn.ModuleDict` of
-    E ≥ 2 experts and an int top-k attribute; None when `m` is not such a block."""
-    containers = [c for c in m.children() if isinstance(c, (nn.ModuleList, nn.ModuleDict))
-                  and type(c).forward is nn.Module.forward and len(c) >= 2]
-    if len(containers) != 1:
-        return None
-    experts = list(containers[0]) if isinstance(containers[0], nn.ModuleList) else [containers[0][k] for k in containers[0]]
-    routers = [c for c in m.children() if isinstance(c, nn.Linear) and c.out_features == len(experts)]
-    k = next((getattr(m, a) for a in _TOP_K_NAMES if isinstance(getattr(m, a, None), int)), None)
-    if len(routers) != 1 or k is None or not 1 <= k <= len(experts):
+    """A builder for `m` when it looks like an MoE block (a plain ModuleList/ModuleDict of E ≥ 2 modules of one
+    class, each holding Linears of its own, and a router of E outputs beside it reading one of their widths);
+    None when it does not. The builder raises ValueError (the reason it is skipped) for a block that looks so
+    but is not served."""
+    lists = [(n, c) for n, c in m.named_children() if isinstance(c, (nn.ModuleList, nn.ModuleDict))
+             and type(c).forward is nn.Module.forward and len(c) >= 2
+             and len({type(e) for e in _expert_list(c)}) == 1
+             and sum(isinstance(ch, nn.Linear) for ch in _expert_list(c)[0].children()) >= 2]
+    found = []
+    for name, c in lists:
+        e = len(c)
+        widths = {ch.in_features for ch in _expert_list(c)[0].children() if isinstance(ch, nn.Linear)}
+        routers = [(p, r) for p, r in m.named_modules() if isinstance(r, nn.Linear) and r.out_features == e
+                   and r.in_features in widths and not (p == name or p.startswith(name + "."))]
+        routers += [(p, w) for p, w in m.named_parameters() if w.dim() == 2 and w.shape[0] == e
+                    and w.shape[1] in widths and not p.startswith(name + ".")
+                    and not isinstance(m.get_submodule(p.rpartition(".")[0]), nn.Linear)]
+        if routers:
+            found.append((name, c, routers))
+    if not found:
         return None
 
     def build():
-        fused = _mlp_experts(experts, "")
-        new = None
-        for rule in _RULES:
-            fused._moefuse_router = f"{type(m).__name__}'s router Linear → {rule} (probed) → moefuse.convert"
-            candidate = _RoutedBlock(routers[0], fused, rule, k)
-            if _same_on_probe(m, candidate, routers[0]):
-                new = candidate
-                break
-        if new is None:
-            raise ValueError(f"{type(m).__name__}'s routing is none of {list(_RULES)} on a random probe (or the "
-                             "block computes more than routed experts): left as it is")
+        if len(found) > 1:
+            raise ValueError(f"several expert lists with a router beside them ({', '.join(n for n, _, _ in found)}): "
+                             "cannot tell which one the block routes to")
+        name, c, routers = found[0]
+        if len(routers) > 1:
+            raise ValueError(f"several candidate routers of {len(c)} outputs ({', '.join(p for p, _ in routers)}): "
+                             "cannot tell which one routes the tokens")
+        router = routers[0][1]
+        experts = _expert_list(c)
+        source = f"{type(m).__name__} (router {routers[0][0]!r}, experts {name!r})"
+        fused = _mlp_experts(experts, "", layout=(layout := {}))
+        h = fused.w2.shape[1]
+        reads = router.shape[-1] if isinstance(router, nn.Parameter) else router.in_features
+        if reads != h:
+            raise ValueError(f"the router {routers[0][0]!r} reads {reads} features, the experts {h}: not a router "
+                             "of these experts")
+        kept = {name, routers[0][0].partition(".")[0]}  # the expert list and the child holding the router
+        routing, ranks = _probe_block(m, experts, router, fused.w1, kept)
+        fused._moefuse_router = f"{source}: {routing.rule}, top-{routing.top_k} (probed) → moefuse.convert"
+        shared = None if routing.shared is None else m.get_submodule(routing.shared)
+        new = _RoutedBlock(router, fused, routing, ranks, type(m).__name__, shared)
+        for rank in ranks:
+            _check_forward_and_grads(m, new, router, layout, rank)
         return new
     return build
 
 
-def _same_on_probe(old: nn.Module, new: nn.Module, router: nn.Linear) -> bool:
-    w = router.weight
-    x = torch.randn(2, 5, router.in_features, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
-    was = old.training
-    old.train(False)
+def _stacked_user_block(m: nn.Module):
+    """A builder that says why for a block of user code holding its experts as stacked parameters [E, ·, ·]
+    beside a router of E outputs (not a form known by name): it is reported, not converted."""
+    if is_interface_experts(m):
+        return None
+    stacked: dict[int, list[str]] = {}
+    for n, p in m.named_parameters(recurse=False):
+        if p.dim() == 3:
+            stacked.setdefault(p.shape[0], []).append(n)
+    for e, names in stacked.items():
+        if e < 2 or len(names) < 2:
+            continue
+        router = [p for p, r in m.named_modules() if isinstance(r, nn.Linear) and r.out_features == e]
+        router += [n for n, p in m.named_parameters(recurse=False) if p.dim() == 2 and p.shape[0] == e]
+        if router:
+            def build(names=names, router=router[0]):
+                raise ValueError(
+                    f"experts held as stacked parameters ({', '.join(names)}) beside the router {router!r} in user "
+                    "code: which is the gate, the up and the down projection (and the activation) is not readable "
+                    "at module level; compile with backend='moefuse' instead, whose graph pass reads the experts' "
+                    "products from the graph (moefuse.explain says whether it lowers them)")
+            return build
+    return None
+
+
+def _probe_input(h: int, rank: int, like: torch.Tensor, seed: int) -> torch.Tensor:
+    x = torch.randn(*_PROBE_SHAPES[rank], h, generator=torch.Generator().manual_seed(seed))
+    return x.to(like.device, like.dtype)
+
+
+def _probe_block(m: nn.Module, experts: list[nn.Module], router, like: torch.Tensor,
+                 kept: set[str]) -> tuple[_Routing, tuple[int, ...]]:
+    """(the block's routing, the input ranks it takes), found by running it with instrumented experts: expert e
+    returns the unit vector e (in groups of H when E > H), so the block's output minus its output with every
+    expert returning zero is each token's routing weight of each expert, however the block dispatches and
+    combines; what the block outputs with every expert returning zero must be 0 or one of its children (not
+    those in `kept`) applied to x: a shared expert. Probes are in the experts' dtype (`like`). Raises
+    ValueError when the block does not run on any probe or routes in no known way."""
+    was = m.training
+    m.train(False)  # dropout, jitter noise
+    found: dict[int, _Routing] = {}
+    failures: list[str] = []
     try:
         with torch.no_grad():
+            for rank in _PROBE_SHAPES:
+                x = _probe_input(like.shape[-1], rank, like, seed=0)
+                try:
+                    weights, logits, returns_logits, base = _observe(m, experts, router, x)
+                except _ProbeError as exc:
+                    failures.append(str(exc))
+                    continue
+                routing = _infer_routing(weights, logits, returns_logits, x.dtype, _differs_in_training(m, experts, x))
+                found[rank] = dataclasses.replace(routing, shared=_shared_term(m, kept, x, base))
+    finally:
+        m.train(was)
+    if not found:
+        raise ValueError(failures[0])
+    if len(set(found.values())) > 1:
+        raise ValueError(f"the block routes differently for inputs of ranks {sorted(found)} ({list(found.values())})")
+    return next(iter(found.values())), tuple(sorted(found))
+
+
+def _differs_in_training(m: nn.Module, experts: list[nn.Module], x: torch.Tensor) -> bool:
+    """Whether the block itself, its experts aside, computes otherwise in training on the probe x (transformers
+    4.x Mixtral's jitter noise on the router's input, a dropout of the block's): the replacement computes the
+    eval form only. The global RNG is left as it was."""
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    want = first(m(x))
+    with torch.random.fork_rng(devices=[x.device.index or 0] if x.device.type == "cuda" else []):
+        m.train(True)
+        for e in experts:  # the experts' own dropout is FusedExperts' to refuse
+            e.train(False)
+        try:
+            got = first(m(x))
+        finally:
+            m.train(False)
+    return not _matches(want, got)
+
+
+def _shared_term(m: nn.Module, kept: set[str], x: torch.Tensor, base: torch.Tensor) -> str | None:
+    """None when the block's output without its routed experts is 0; else the name of its child c (a shared
+    expert) with c(x) = that output. Raises ValueError when it is neither."""
+    if not bool(base.any()):
+        return None
+    for name, c in m.named_children():
+        if name in kept or not any(True for _ in c.parameters()):
+            continue
+        try:
+            out = c(x)
+        except Exception:  # noqa: BLE001 - a child that does not take x is not a term on x
+            continue
+        if _matches(base, out):
+            return name
+    raise ValueError("the block adds a term beside its routed experts that is none of its children applied to its "
+                     "input (a gated shared expert, a residual?): not reproduced at module level")
+
+
+class _ProbeError(Exception):
+    """The block does not run on this probe input (another rank, say): not a reason to skip it yet."""
+
+
+def _observe(m: nn.Module, experts: list[nn.Module], router, x: torch.Tensor):
+    """(weights [T, E] fp32, router logits [T, E] fp32, whether `m` returned (y, logits), its output with every
+    expert returning zero) on the probe x."""
+    e, h = len(experts), x.shape[-1]
+    t = x.numel() // h
+    logits: list[torch.Tensor] = []
+    router_hook = None if isinstance(router, nn.Parameter) else \
+        router.register_forward_hook(lambda mod, args, out: logits.append(out))
+
+    def run(basis: torch.Tensor):
+        hooks = [ex.register_forward_hook(lambda mod, args, out, r=basis[j]: torch.zeros_like(out) + r)
+                 for j, ex in enumerate(experts)]
+        logits.clear()
+        try:
+            out = m(x)
+        except Exception as exc:  # noqa: BLE001 - a block that does not take this input: tried at another rank
+            raise _ProbeError(f"calling it as block(x {list(x.shape)}) raised {type(exc).__name__}: {exc}") from exc
+        finally:
+            for hk in hooks:
+                hk.remove()
+        y = out[0] if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) else out
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            raise _ProbeError(f"block(x {list(x.shape)}) returned {_shape_of(out)}, not one tensor of x's shape")
+        return out, y
+
+    try:
+        base_out, base = run(torch.zeros(e, h, dtype=x.dtype, device=x.device))
+        weights = torch.zeros(t, e, dtype=torch.float32, device=x.device)
+        for lo in range(0, e, h):  # one unit vector per expert, H experts at a time
+            basis = torch.zeros(e, h, dtype=x.dtype, device=x.device)
+            hi = min(e, lo + h)
+            basis[torch.arange(lo, hi), torch.arange(hi - lo)] = 1
+            _, y = run(basis)
+            weights[:, lo:hi] = (y.float() - base.float()).reshape(t, h)[:, :hi - lo]
+    finally:
+        if router_hook is not None:
+            router_hook.remove()
+    if isinstance(router, nn.Parameter):
+        scores = nn.functional.linear(x.reshape(t, h).to(router.dtype), router)
+    elif len(logits) != 1 or logits[0].numel() != t * e:
+        raise ValueError(f"the router ran {len(logits)} times on one call of the block (once, on every token, "
+                         "is the form convert serves)")
+    else:
+        scores = logits[0].reshape(t, e)
+    returns_logits = isinstance(base_out, tuple)
+    if returns_logits and (len(base_out) != 2 or not isinstance(base_out[1], torch.Tensor)
+                           or base_out[1].shape != (t, e)):
+        raise ValueError(f"the block returns {_shape_of(base_out)}: only y, or (y, router logits [T, E]), is "
+                         "reproduced")
+    return weights, scores.float(), returns_logits, base
+
+
+def _shape_of(out) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor {list(out.shape)}"
+    if isinstance(out, tuple):
+        return "(" + ", ".join(_shape_of(o) for o in out) + ")"
+    return type(out).__name__
+
+
+def _infer_routing(weights: torch.Tensor, logits: torch.Tensor, returns_logits: bool, dtype: torch.dtype,
+                   train_differs: bool) -> _Routing:
+    """The rule of `_RULES` (times a constant) that gives each token the weights [T, E] observed (0: the
+    expert was not reached) from its router's logits [T, E]."""
+    reached = weights != 0
+    counts = reached.sum(-1)
+    k = int(counts.max())
+    if k == 0:
+        raise ValueError("no expert's output reaches the block's output on the probe")
+    if not bool((counts == k).all()):
+        raise ValueError(f"tokens reach between {int(counts.min())} and {k} experts on the probe: not a fixed "
+                         "top-k (a capacity limit, a threshold?)")
+    top = weights.abs().max()
+    best = None
+    for name, rule in _RULES.items():
+        ids, w = rule(logits, k)
+        dense = torch.zeros_like(weights).scatter(1, ids, w)
+        if not torch.equal(dense != 0, reached):
+            continue
+        scale = float((weights * dense).sum() / (dense * dense).sum())
+        if abs(scale - 1) <= 1e-3:
+            scale = 1.0
+        err = float((weights - scale * dense).abs().max() / top)
+        if best is None or err < best[0]:
+            best = (err, name, scale)
+    if best is None:
+        raise ValueError(f"the {k} experts each token reaches are not the top-{k} of its router's logits on the "
+                         "probe (grouped or biased expert selection is not served at module level)")
+    err, name, scale = best
+    if err > _PROBE_TOLERANCE.get(dtype, _PROBE_TOLERANCE[torch.float32]):  # the block rounds to its dtype
+        raise ValueError(f"the routing weights are none of {list(_RULES)} (times a constant) on the probe "
+                         f"(closest: {name}, off by {err:.2g} of the largest weight)")
+    return _Routing(k, name, round(scale, 6), returns_logits, train_differs)
+
+
+def _check_forward_and_grads(old: nn.Module, new: _RoutedBlock, router, layout: dict, rank: int) -> None:
+    """`new` computes `old`'s output and, for a random output gradient, its gradients of the input, the router
+    and every expert weight (mapped to the stacked layout), at the probe tolerance of the weights' dtype.
+    Raises ValueError naming what differs."""
+    x = _probe_input(new.experts.w2.shape[1], rank, new.experts.w1, seed=1).requires_grad_()
+    was = old.training
+    old.train(False), new.train(False)  # the mode `convert` gives it is the block's, set when it is swapped in
+    try:
+        with torch.enable_grad():
             want, got = old(x), new(x)
-    except Exception:  # noqa: BLE001 - a block that does not take [B, S, H] is not this form
-        return False
     finally:
         old.train(was)
-    return _matches(want, got)
+    want_y, got_y = (want[0], got[0]) if isinstance(want, tuple) else (want, got)
+    if not _matches(want_y, got_y):
+        raise ValueError(f"its fused replacement's output differs on a probe x {list(x.shape)} "
+                         f"(rule {new.rule}, top-{new.top_k}): the block computes more than routed experts")
+    if isinstance(want, tuple) and not _matches(want[1].float(), got[1].float()):
+        raise ValueError("the router logits it returns are not its router's on the probe")
+    routers = [("the router", router)] if isinstance(router, nn.Parameter) else \
+        [(f"the router's {n}", p) for n, p in router.named_parameters()]
+    if new.shared_name is not None:
+        routers += [(f"the shared expert's {n}", p) for n, p in new.get_submodule(new.shared_name).named_parameters()]
+    routers = [(n, p) for n, p in routers if p.requires_grad]
+    stacked = {n: getattr(new.experts, n) for n in layout if getattr(new.experts, n) is not None
+               and getattr(new.experts, n).requires_grad}
+    olds = list({id(p): p for n in stacked for ps in layout[n] for p in ps}.values())
+    g = torch.randn(want_y.shape, generator=torch.Generator().manual_seed(2)).to(want_y.dtype)
+    og = torch.autograd.grad(want_y, [x, *(p for _, p in routers), *olds], g, allow_unused=True)
+    ng = torch.autograd.grad(got_y, [x, *(p for _, p in routers), *stacked.values()], g, allow_unused=True)
+    nr = 1 + len(routers)
+
+    def zero(grad, like):
+        return torch.zeros_like(like) if grad is None else grad
+
+    by_param = {id(p): zero(gr, p) for p, gr in zip(olds, og[nr:])}
+    pairs = [("the input", og[0], ng[0])] + [(n, zero(a, p), zero(b, p))
+                                             for (n, p), a, b in zip(routers, og[1:nr], ng[1:nr])]
+    for (n, w), b in zip(stacked.items(), ng[nr:]):
+        a = torch.stack([torch.cat([by_param[id(p)] for p in ps]) for ps in layout[n]])
+        pairs.append((f"the experts' {n}", a, zero(b, w)))
+    low = new.experts.w1.dtype  # every gradient went through the experts' dtype
+    bad = [what for what, a, b in pairs if a is None or b is None or not _matches(a, b, low)]
+    if bad:
+        raise ValueError(f"its fused replacement's gradients of {', '.join(bad)} differ on a probe x "
+                         f"{list(x.shape)} (the forward matches)")
 
 
-def _matches(want, got) -> bool:
-    """`got` is `want` up to the probe tolerance of `want`'s dtype (see `_PROBE_TOLERANCE`)."""
+def _matches(want, got, dtype: torch.dtype | None = None) -> bool:
+    """`got` is `want` up to the probe tolerance of `dtype`, by default `want`'s (see `_PROBE_TOLERANCE`); an
+    fp32 router's gradient that went through bf16 experts is compared at bf16's."""
     if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or want.shape != got.shape:
         return False
-    tol = _PROBE_TOLERANCE.get(want.dtype, _PROBE_TOLERANCE[torch.float32])
+    tol = _PROBE_TOLERANCE.get(dtype or want.dtype, _PROBE_TOLERANCE[torch.float32])
     return ((want.float() - got.float()).abs().max() <= tol * want.float().abs().max().clamp_min(1e-6)).item()
 
 
@@ -307,6 +637,8 @@ class _RowsOf(nn.Module):
         self.weight, self.start, self.stop = linear.weight, start, stop
 
     def forward(self, up):
+        if (self.start, self.stop) == (0, up.shape[-1]):  # the only up Linear: no slice for the reader to lift
+            return up
         return up[..., self.start:self.stop]
 
 
@@ -321,11 +653,12 @@ class _Output(nn.Module):
         return a
 
 
-def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts) -> FusedExperts:
+def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts, layout: dict | None = None) -> FusedExperts:
     """Stack experts that are each an MLP — Linear(H→I) → act → Linear(I→H), or a GLU whose two H→I Linears
-    are combined by the activation — into a `FusedExperts`; the activation is captured from the first
-    expert's own forward with its Linears replaced by readers of the stacked up-projection. Raises `Reject`
-    (or ValueError for a structure that is not such an MLP)."""
+    (or one H→2I Linear) are combined by the activation — into a `FusedExperts`; the activation is captured
+    from the first expert's own forward with its Linears replaced by readers of the stacked up-projection.
+    `layout`, when given, receives the stacking: stacked name → per expert, the parameters concatenated into
+    its slice. Raises `Reject` (or ValueError for a structure that is not such an MLP)."""
     first = experts[0]
     linears = [(n, c) for n, c in first.named_children() if isinstance(c, nn.Linear)]
     if len(linears) not in (2, 3) or any(type(e) is not type(first) for e in experts):
@@ -333,15 +666,19 @@ def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts) -> Fus
     _check_alike(experts, [n for n, _ in linears])
     down_name = _called_last(first, linears)
     ups = [n for n, _ in linears if n != down_name]
-    i = first.get_submodule(down_name).in_features
-    shapes = {(first.get_submodule(n).in_features, first.get_submodule(n).out_features) for n in ups}
-    if shapes != {(first.get_submodule(down_name).out_features, i)}:
-        raise ValueError(f"the up-projection Linears {ups} do not all map the hidden size to the width {i} "
-                         f"the down-projection {down_name!r} reads")
+    h = first.get_submodule(down_name).out_features
+    if {first.get_submodule(n).in_features for n in ups} != {h}:
+        raise ValueError(f"the up-projection Linears {ups} do not all read the hidden size {h} the down-projection "
+                         f"{down_name!r} writes")
+    # the ups' rows, stacked in registration order: [gate; up] Linears of I rows each, or one Linear of 2·I rows
+    # that the activation splits (xformers' w12), or a plain MLP's I rows; the activation read says which
     probe = copy.copy(first)  # shallow: the same parameters, its own child table
     probe._modules = dict(first._modules)
-    for j, n in enumerate(ups):
-        probe._modules[n] = _RowsOf(first.get_submodule(n), j * i, (j + 1) * i)
+    rows = 0
+    for n in ups:
+        width = first.get_submodule(n).out_features
+        probe._modules[n] = _RowsOf(first.get_submodule(n), rows, rows + width)
+        rows += width
     probe._modules[down_name] = _Output(first.get_submodule(down_name))
     dropout = 0.0
     for n, c in first.named_children():
@@ -349,17 +686,19 @@ def _mlp_experts(experts: list[nn.Module], router: str, cls=FusedExperts) -> Fus
             dropout = max(dropout, c.p)
             probe._modules[n] = nn.Identity()
     probe.training = False
-    activation = capture_activation(probe, i * len(ups))
+    activation = capture_activation(probe, rows)
 
-    def stacked(get):
-        parts = [get(e) for e in experts]
-        return None if parts[0] is None else torch.stack(parts)
-
-    w1 = stacked(lambda e: torch.cat([e.get_submodule(n).weight for n in ups]))
-    has_b1 = first.get_submodule(ups[0]).bias is not None
-    b1 = stacked(lambda e: torch.cat([e.get_submodule(n).bias for n in ups])) if has_b1 else None
-    w2 = stacked(lambda e: e.get_submodule(down_name).weight)
-    b2 = stacked(lambda e: e.get_submodule(down_name).bias)
+    # stacked name → per expert, the parameters concatenated into its slice (the probe maps gradients so too)
+    parts = {"w1": [[e.get_submodule(n).weight for n in ups] for e in experts],
+             "w2": [[e.get_submodule(down_name).weight] for e in experts]}
+    if first.get_submodule(ups[0]).bias is not None:
+        parts["b1"] = [[e.get_submodule(n).bias for n in ups] for e in experts]
+    if first.get_submodule(down_name).bias is not None:
+        parts["b2"] = [[e.get_submodule(down_name).bias] for e in experts]
+    if layout is not None:
+        layout.update(parts)
+    w1, w2, b1, b2 = (torch.stack([torch.cat(ps) for ps in parts[n]]) if n in parts else None
+                      for n in ("w1", "w2", "b1", "b2"))
     trained = any(p.requires_grad for e in experts for p in e.parameters())
     return cls(w1, w2, b1, b2, activation=activation, router=router, dropout=dropout, requires_grad=trained)
 
@@ -450,7 +789,7 @@ def _module_form(m: nn.Module):
             _check_block(m, new, w1)
             return new
         return build
-    block = _user_block(m)
+    block = _user_block(m) or _stacked_user_block(m)
     if block is not None:
         return block
     if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and type(m).forward is not nn.Module.forward:
@@ -537,8 +876,9 @@ def convert(model: torch.nn.Module) -> ConvertSummary:
         raise ConversionError(f"moefuse.convert takes a torch.nn.Module, got {type(model).__name__}",
                               "pass the model itself (not its state_dict, a path or a compiled wrapper's output)")
     summary = ConvertSummary()
-    swaps = _plan_modules(model, summary)
-    prepared = _plan_interface_experts(model, summary)
+    with torch.random.fork_rng(devices=[]):  # probes and dynamo's captures leave the user's CPU RNG as it was
+        swaps = _plan_modules(model, summary)
+        prepared = _plan_interface_experts(model, summary)
     # Commit: nothing above changed the model; nothing below can fail on a model's contents.
     for name, new, training in swaps:
         parent, _, child = name.rpartition(".")
@@ -570,10 +910,15 @@ def _plan_modules(model: nn.Module, summary: ConvertSummary) -> list[tuple[str, 
     containers) that converts; the others go to `summary.skipped` with why. The model is not changed."""
     swaps: list[tuple[str, nn.Module, bool]] = []
     for name, m in list(model.named_modules()):
-        if not name or any(name.startswith(done + ".") for done, _, _ in swaps):
-            continue  # the root has no parent to swap it in; inside a module being replaced: goes with it
+        if any(name.startswith(done + ".") for done, _, _ in swaps):
+            continue  # inside a module being replaced: goes with it
         build = _module_form(m)
         if build is None:
+            continue
+        if not name:
+            summary.skipped[f"{type(m).__name__} (the model itself)"] = (
+                "an MoE block passed as the model has no parent to swap its replacement into: convert the model "
+                "that holds it")
             continue
         try:
             with torch.no_grad():

@@ -227,8 +227,11 @@ class UserMoE(torch.nn.Module):
         b, s, h = x.shape
         x = x.reshape(-1, h)
         logits = self.router(x)
-        if self.routing == "sigmoid":  # a rule convert does not know: must be skipped, not guessed
+        if self.routing == "sigmoid":
             w, ids = torch.sigmoid(logits).topk(self.top_k, dim=-1)
+        elif self.routing == "squared":  # a rule convert does not know: must be skipped, not guessed
+            w, ids = logits.softmax(dim=-1).topk(self.top_k, dim=-1)
+            w = w * w
         else:
             w, ids = logits.softmax(dim=-1).topk(self.top_k, dim=-1)
             if self.routing == "renorm":
@@ -254,7 +257,8 @@ class UserModel(torch.nn.Module):
 @pytest.mark.parametrize("expert,routing,rule,act", [
     (UserGLU, "renorm", "softmax → top-k → renormalise", "x0*x1*sigmoid(x0)"),
     (UserMLP, "plain", "softmax → top-k", "x0*(erf(sqrt(2)*x0/2) + 1)/2"),
-], ids=["glu_renorm", "mlp_bias_gelu"])
+    (UserGLU, "sigmoid", "sigmoid → top-k", "x0*x1*sigmoid(x0)"),  # was skipped as unknown: now probed
+], ids=["glu_renorm", "mlp_bias_gelu", "glu_sigmoid"])
 def test_user_modulelist_moe_convert_then_compile(expert, routing, rule, act):
     torch.manual_seed(0)
     model = UserModel(expert, routing)
@@ -283,7 +287,7 @@ def test_user_modulelist_moe_convert_then_compile(expert, routing, rule, act):
 
 def test_user_moe_with_unknown_routing_is_skipped():
     torch.manual_seed(0)
-    model = UserModel(UserGLU, "sigmoid")
+    model = UserModel(UserGLU, "squared")
     x = torch.randn(1, 4, 32)
     with torch.no_grad():
         ref = model(x)
