@@ -54,4 +54,35 @@ def explain(model, *args, options: dict | None = None, **kwargs):
         torch.compile(model, backend=backend)(*args, **kwargs)
     finally:
         torch._dynamo.reset()
+    _check_convert_hints(model, backend.explanation)
     return backend.explanation
+
+
+# Rejections whose fix may be moefuse.convert: each gets a hint checked against the model itself.
+_CONVERTIBLE = ("EXPERTS_OUTSIDE_GRAPH", "UNSUPPORTED_FORM")
+
+
+def _check_convert_hints(model, explanation) -> None:
+    """Replace the generic hint of each rejection convert might fix by what `moefuse.convert(model)` would really
+    do to that module (a dry run: every replacement built and probed, the model unchanged)."""
+    rejected = [r for r in explanation.rejected if r.reason.name in _CONVERTIBLE and type(r).__name__ == "Rejection"]
+    if not rejected:
+        return
+    from moefuse.conversion import plan
+
+    summary = plan(model)
+
+    def related(a: str, b: str) -> bool:  # the block and its experts module, either way round
+        a, b = ("" if a == "<top>" else a), ("" if b == "<top>" else b)
+        return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.") or not a or not b
+
+    for r in rejected:
+        hit = next((m for m in summary.converted if related(r.module, m)), None)
+        if hit is not None:
+            r.checked_hint = f"moefuse.convert(model) converts {hit or 'the model'} (checked on a probe): call it " \
+                             "before compiling"
+            continue
+        why = next((f"{m or 'the model'}: {w}" for m, w in summary.skipped.items() if related(r.module, m)), None)
+        r.checked_hint = (f"moefuse.convert(model) does not convert it ({why})" if why else
+                          "moefuse.convert(model) finds nothing to convert here; please file an issue with the "
+                          "layer's code")

@@ -895,6 +895,17 @@ def convert(model: torch.nn.Module) -> ConvertSummary:
     return summary
 
 
+def plan(model: torch.nn.Module) -> ConvertSummary:
+    """What `convert(model)` would convert and skip, with every replacement built and checked on its probe, but
+    the model left as it is (`moefuse.explain` uses it so that a hint naming convert is true)."""
+    summary = ConvertSummary()
+    with torch.random.fork_rng(devices=[]):
+        swaps = _plan_modules(model, summary)
+        prepared = _plan_interface_experts(model, summary)
+    summary.converted += [name for name, _, _ in swaps] + [name for name, _, _ in prepared]
+    return summary
+
+
 def _why(exc: Exception) -> str:
     """The reason a module is skipped, from what building its replacement raised."""
     if isinstance(exc, Reject):

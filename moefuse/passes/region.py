@@ -36,9 +36,11 @@ class Reason(enum.Enum):
 
 
 _HINTS = {
-    Reason.UNSUPPORTED_FORM: "this layer runs unchanged; please file an issue with the layer's code",
-    Reason.EXPERTS_OUTSIDE_GRAPH: "call moefuse.convert(model) before compiling, or load the model with "
-                                  "experts_implementation='grouped_mm'",
+    Reason.UNSUPPORTED_FORM: "this layer runs unchanged; moefuse.explain(model, inputs) says whether "
+                             "moefuse.convert(model) converts its module; else please file an issue with its code",
+    Reason.EXPERTS_OUTSIDE_GRAPH: "a transformers model: load it with experts_implementation='grouped_mm'; any "
+                                  "model: moefuse.explain(model, inputs) says whether moefuse.convert(model) "
+                                  "converts this module",
     Reason.NO_TOKENS: "file an issue with the printed graph",
     Reason.NO_ROUTING_IDS: "file an issue with the printed graph",
     Reason.NO_ROUTING_WEIGHTS: "file an issue with the printed graph",
@@ -63,10 +65,17 @@ class Rejection:
     node: str  # the FX node the problem was found at
     module: str  # module path of the MoE block, as far as known
     detail: str = ""
+    # A hint checked against the model itself (`moefuse.explain` asks moefuse.convert whether it converts the
+    # module), shown instead of the reason's generic one
+    checked_hint: str = ""
+
+    @property
+    def hint(self) -> str:
+        return self.checked_hint or self.reason.hint
 
     def __str__(self) -> str:
         detail = f": {self.detail}" if self.detail else ""
-        return f"[{self.reason.name}] {self.module} at node {self.node!r}: {self.reason.value}{detail} (hint: {self.reason.hint})"
+        return f"[{self.reason.name}] {self.module} at node {self.node!r}: {self.reason.value}{detail} (hint: {self.hint})"
 
 
 class Reject(Exception):
