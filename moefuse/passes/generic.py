@@ -1,17 +1,18 @@
 """generic: an MoE region from the roles of its expert contractions, whatever the code's spelling.
 
-The front ends in `detect` each know one form; this one knows what every form shares, so code from any
-codebase is matched by meaning:
+Every form (sorted rows + grouped mm, per-pair gathered weights, every expert on every token) shares these
+boundaries, so code from any codebase is matched by meaning:
   1. experts — a *down* contraction whose rows are computed elementwise (the activation) from one or two *up*
      contractions of the same E experts (`contraction.expert_contractions` says which weight dim each
      contracts, so the einsum letters, transposes and `W[ids]` gathers of the spelling do not matter);
      two up contractions are gate and up held as separate weights (w1, w3);
-  2. routing — the top-k (or argmax / max) over the E experts that precedes the experts: its indices are the
-     ids, K its k; the routing weights are the last [T, K] float value before the dispatch (not computed
-     from a sort, the experts or the ids' permutation) that reaches the output;
-  3. tokens — the last [T, H] float value the up contractions read that is not computed from the ids;
-  4. output — the first [T, H] value after the down contraction that is not merely an elementwise function of
-     its expert-ordered rows and closes the region (it reads only tokens, routing, weights, biases, sizes).
+  2. routing — the last top-k (or argmax / max / descending sort cut to K) over the E experts before them: its
+     indices are the ids, K its k (top-1 picks joined by cat count as one; so do int [.., K] ids passed in);
+  3. tokens — the last [T, H] value the up contractions read through float values (the router's input is
+     reached only through the int ids, so it is never mistaken for them);
+  4. output — the first [T, H] value after the down contraction that is not merely an elementwise image of
+     its expert-ordered rows; the routing weights are the last [T·K] float value carried from the router's
+     scores before the dispatch (not through an index, a sort, a shape-only factory or a scatter by the ids).
 What happens between these boundaries (sort and counts by any spelling, padding, the un-permute, where the
 weights multiply, how the K rows are summed) is the region's business: the compiler's verification runs it
 against the fused op before any rewrite. Structure the probes could miss is refused here: capacity limits
