@@ -230,7 +230,7 @@ def test_half_precision_check_is_derived():
     from moefuse.passes.region import Reject
     from moefuse.tolerance import UNIT_ROUNDOFF
 
-    region = SimpleNamespace(output=SimpleNamespace(name="y"))
+    region = SimpleNamespace(output=SimpleNamespace(name="y"), spec=SimpleNamespace(dtype="float16"))
     wide = torch.linspace(-1, 1, 64)
     u = UNIT_ROUNDOFF[torch.float16]
     for eager_err in (0.03, 1e-3):  # a captured region with a large error, and one with a small one
