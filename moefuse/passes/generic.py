@@ -201,14 +201,11 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
     ids, k = _routing(down, e)
     t = (fu.numel(ids) or 0) // k
     from_ids = fu.descendants([ids])
-    # what the up products read through float values: the tokens' path, not the routing's (indices are int)
-    reads, stack = set(), [u.operand for u in ups]
-    while stack:
-        n = stack.pop()
-        if n not in reads:
-            reads.add(n)
-            stack.extend(a for a in n.all_input_nodes if fu.is_float(a))
-    x = _latest((n for n in reads if fu.is_float(n) and n not in from_ids and (fu.shape(n) or (0,))[-1] == h
+    # what the up products read through float values: the tokens' path, not the routing's (indices are int);
+    # the tokens are read by every up product (gate and up may each make their own view of them)
+    per_up = [_float_sources(u.operand) for u in ups]
+    reads, common = set().union(*per_up), set.intersection(*per_up)
+    x = _latest((n for n in common if fu.is_float(n) and n not in from_ids and (fu.shape(n) or (0,))[-1] == h
                  and fu.numel(n) == t * h and n.op != "get_attr"), order)
     if x is None:
         raise Reject(Reason.NO_TOKENS, ups[0].node, f"no [T={t}, H={h}] token matrix feeds the up projections")
@@ -247,6 +244,17 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
 
 
 _LOGITS = {"F.linear", "torch.matmul", "operator.matmul", "torch.mm", "torch.addmm", "torch.einsum", "torch.bmm"}
+
+
+def _float_sources(node: fx.Node) -> set[fx.Node]:
+    """`node` and every value it is computed from through float values."""
+    found, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in found:
+            found.add(n)
+            stack.extend(a for a in n.all_input_nodes if fu.is_float(a))
+    return found
 
 
 def _scores_of(ids: fx.Node) -> set[fx.Node]:

@@ -25,7 +25,8 @@ _BMM = ("torch.bmm", "torch.matmul", "operator.matmul")
 
 
 def find(graph: fx.Graph):
-    """Every expert on every token as one batched matmul per projection: [E, T, in] @ W[E, in, out] (Llama4)."""
+    """Every expert on every token as one batched matmul per projection, [E, T, in] @ W[E, in, out], whose up
+    projection reads the tokens times their scores (Llama4); other dense forms are `generic`'s."""
     pending = None
     for n in graph.nodes:
         if fu.op_name(n) not in _BMM or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
@@ -34,6 +35,8 @@ def find(graph: fx.Graph):
             continue
         if fu.peel_casts(n.args[1]).op not in ("placeholder", "get_attr"):
             continue  # expert weights are parameters; a computed operand is attention's q·kᵀ or p·v
+        if pending is None and fu.op_name(fu.peel_layout(n.args[0])) not in ("operator.mul", "torch.mul", "method:mul"):
+            continue  # an up projection of plain tokens: not this form
         # in graph order an up projection is followed by its down projection, which depends on it
         if pending is not None and pending in fu.ancestors([n]):
             yield "dense_bmm", pending, [pending, n]
