@@ -240,7 +240,8 @@ def _router_description(ids: fx.Node, weights: fx.Node) -> str:
     return "→".join(reversed(steps)) or "unknown"
 
 
-_LOGITS = {"F.linear", "torch.matmul", "operator.matmul", "torch.mm", "torch.addmm"}
+# Ops that make router logits from tokens (the router's scores are computed back to here, never further)
+LOGITS = {"F.linear", "torch.matmul", "operator.matmul", "torch.mm", "torch.addmm", "torch.einsum", "torch.bmm"}
 
 
 def _router_scores(ids: fx.Node, t: int, e: int, k: int) -> tuple[fx.Node | None, str]:
@@ -260,7 +261,7 @@ def _router_scores(ids: fx.Node, t: int, e: int, k: int) -> tuple[fx.Node | None
         return None, f"top-k was taken over a tensor of shape {fu.shape(scores)}, not the [T, E] = [{t}, {e}] scores"
     if kk != k or dim not in (-1, 1) or largest is not True:
         return None, f"top-k(k={kk}, dim={dim}, largest={largest}) is not the largest {k} over the experts"
-    if fu.op_name(fu.peel_casts(scores)) in _LOGITS:
+    if fu.op_name(fu.peel_casts(scores)) in LOGITS:
         return None, "top-k ranks the raw router logits: rounding needs probabilities to weight the pairs it adds"
     return scores, ""
 

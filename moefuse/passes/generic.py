@@ -243,9 +243,6 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
     raise first_reject or Reject(Reason.NO_COMBINE, down.node, f"no [T={t}, H={h}] output after the experts")
 
 
-_LOGITS = {"F.linear", "torch.matmul", "operator.matmul", "torch.mm", "torch.addmm", "torch.einsum", "torch.bmm"}
-
-
 def _float_sources(node: fx.Node) -> set[fx.Node]:
     """`node` and every value it is computed from through float values."""
     found, stack = set(), [node]
@@ -280,7 +277,7 @@ def _scores_of(ids: fx.Node) -> set[fx.Node]:
         if n in found:
             continue
         found.add(n)
-        if fu.op_name(n) not in _LOGITS:
+        if fu.op_name(n) not in asm.LOGITS:
             stack.extend(a for a in n.all_input_nodes if fu.is_float(a))
     return found
 
