@@ -15,7 +15,8 @@ class Reason(enum.Enum):
     """Why a candidate MoE region was left untouched. Each value carries the hint shown to the user."""
 
     UNSUPPORTED_FORM = "the expert matmuls are not in a form moefuse recognises yet"
-    EXPERTS_OUTSIDE_GRAPH = "top-k routing leaves the graph: the experts run in code dynamo did not capture (an eager loop)"
+    EXPERTS_OUTSIDE_GRAPH = ("top-k routing leaves the graph: the experts run in code dynamo did not capture (an eager "
+                             "loop) or in a later graph (after a graph break)")
     NO_TOKENS = "could not find the token matrix the experts read"
     NO_ROUTING_IDS = "could not find the top-k expert ids that drive the dispatch"
     NO_ROUTING_WEIGHTS = "could not find the routing weights applied in the combine"
