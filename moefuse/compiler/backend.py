@@ -87,7 +87,8 @@ def run_pipeline(gm: fx.GraphModule, options: Options, report: CompileReport) ->
         node = rewrite(gm, region, rounding, options.tile_m)
         report.lowered.append(Lowered(region.module, node.name, region.spec, error, kernels_for(region.spec, device),
                                       training=region.needs_grad, rounding=rounding,
-                                      tile_m=options.tile_m if rounding != "off" else None, rounding_skipped=skipped))
+                                      tile_m=options.tile_m if rounding != "off" else None, rounding_skipped=skipped,
+                                      stacked_per_call=region.per_expert))
     return gm
 
 

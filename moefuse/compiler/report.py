@@ -95,6 +95,8 @@ class Lowered:
     rounding_skipped: str = ""  # token rounding was asked for but not applied here: why (the layer is exact)
     # moefuse::ep_moe (moefuse.parallelize_experts): (world, first, end), this rank runs experts [first, end)
     expert_parallel: tuple[int, int, int] | None = None
+    # the experts are separate modules (a per-expert loop): their weights are stacked for the op on every call
+    stacked_per_call: bool = False
 
     def __str__(self) -> str:
         check = ("by moefuse.parallelize_experts" if self.expert_parallel else
@@ -106,6 +108,10 @@ class Lowered:
             world, first, end = self.expert_parallel
             lines.append(f"           expert parallel: world {world}, experts [{first}, {end}) local; tokens by "
                          "all-to-all, one row per token and rank (traffic: moefuse.parallel.stats)")
+        if self.stacked_per_call:
+            lines.append(f"           experts held as {self.spec.num_experts} separate modules (a per-expert loop): "
+                         "their weights are stacked for the op on every call, a copy of every expert weight; "
+                         "moefuse.convert(model) stacks them once instead")
         if self.rounding != "off":
             lines.append(f"           TOKEN ROUNDING {self.rounding!r} to multiples of M={self.tile_m}: routing changed, "
                          "outputs differ from exact top-K (meant for training; evaluate with token_rounding='off'); "

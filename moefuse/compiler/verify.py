@@ -72,10 +72,9 @@ def _probe_inputs(region: Region, skewed: bool, gen: torch.Generator) -> list:
     else:
         values[region.topk_ids] = ids.reshape(fu.shape(region.topk_ids)).contiguous()
         values[region.topk_weights] = wts.reshape(fu.shape(region.topk_weights)).contiguous()
-    values[region.w1] = randn(region.w1, spec.hidden ** -0.5)
-    values[region.w2] = randn(region.w2, spec.intermediate ** -0.5)
-    if region.w3 is not None:
-        values[region.w3] = randn(region.w3, spec.hidden ** -0.5)
+    for w, scale in ((region.w1, spec.hidden), (region.w2, spec.intermediate), (region.w3, spec.hidden)):
+        for n in fu.nodes_of(w):  # one stacked parameter, or one per expert
+            values[n] = randn(n, scale ** -0.5)
     for b in (region.b1, region.b2):
         if b is not None:
             values[b] = randn(b, 0.1)
@@ -150,7 +149,8 @@ def _fused(region: Region, value: dict, train: bool):
     the shared expert on a side stream on CUDA, the final add)."""
     x, ids, wts = region.op_operands(value[region.x], value[region.topk_ids], value[region.topk_weights])
     x = x.to(getattr(torch, region.spec.dtype))
-    w1, w2, w3 = region.op_weights(value[region.w1], value[region.w2], value.get(region.w3))
+    w1, w2, w3 = region.op_weights(*(None if w is None else [value[n] for n in w] if isinstance(w, list) else value[w]
+                                     for w in (region.w1, region.w2, region.w3)))
     sh = region.shared
     shared_w = [value.get(n) for n in (sh.w1, sh.w2, sh.gate, sh.w3)] if sh is not None else []
     if sh is not None and region.weight_on_input:  # x above is scaled for the routed experts only
@@ -166,7 +166,8 @@ def _fused(region: Region, value: dict, train: bool):
 def _differentiable(region: Region) -> list[fx.Node]:
     """The region inputs gradients flow to in training: tokens (and the tensor the shared expert reads them
     as), routing weights, expert and shared weights."""
-    nodes = [region.x, region.topk_weights, region.w1, region.w2, region.w3, region.b1, region.b2]
+    nodes = [region.x, region.topk_weights, *fu.nodes_of(region.w1), *fu.nodes_of(region.w2),
+             *fu.nodes_of(region.w3), region.b1, region.b2]
     if region.shared is not None:
         sh = region.shared
         nodes += [sh.x, sh.w1, sh.w2, sh.gate, sh.w3]

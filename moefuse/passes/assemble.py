@@ -59,6 +59,8 @@ class Dispatch:
     w3: fx.Node | None = None  # the second up weight when gate and up are held apart (`MoESpec.w3`)
     w3_transposed: bool = False
     dtype: torch.dtype | None = None  # what the expert products compute in, when not w1's dtype (casts inside)
+    # The per-expert selections of a loop over experts (`ids == e`, `where`): exact routing, not masking
+    selection: frozenset = frozenset()
 
 
 _PARTS = ("method:chunk", "torch.chunk", "method:split", "torch.split", "torch.functional.split")
@@ -195,18 +197,24 @@ def _size_checks(inside: set[fx.Node]) -> set[fx.Node]:
     `nonzero`'s count): `sym_size` of a region value, comparisons of it and the `_assert_scalar` they end in.
     They read only sizes of values the region computes, and go with it."""
     found: set[fx.Node] = set()
-    for n in inside:
-        for u in n.users:
-            if u in inside or u in found or fu.op_name(u) not in ("aten::sym_size", "aten::sym_size.int"):
-                continue
-            tail, stack = {u}, [u]
-            while stack:
-                for v in stack.pop().users:
-                    if v not in tail:
-                        tail.add(v)
-                        stack.append(v)
-            if all(not isinstance(fu.value(v), torch.Tensor) for v in tail):
-                found |= tail
+    sizes = [u for n in inside for u in n.users if u not in inside]
+    # parts of a tuple the region makes (`where(mask)[0]`) read only for their size go with it too
+    sizes += [v for u in list(sizes) if fu.op_name(u) == "getitem" and not isinstance(fu.value(u.args[0]), torch.Tensor)
+              for v in u.users]
+    for u in sizes:
+        if u in inside or u in found or fu.op_name(u) not in ("aten::sym_size", "aten::sym_size.int"):
+            continue
+        tail, stack = {u}, [u]
+        while stack:
+            for v in stack.pop().users:
+                if v not in tail:
+                    tail.add(v)
+                    stack.append(v)
+        if all(not isinstance(fu.value(v), torch.Tensor) for v in tail):
+            found |= tail
+            part = u.args[0]
+            if fu.op_name(part) == "getitem" and part not in inside and all(w in found for w in part.users):
+                found.add(part)
     return found
 
 
@@ -279,9 +287,9 @@ def assemble(d: Dispatch, mms: list[fx.Node], ids: fx.Node, weights: fx.Node, ou
     (tokens, routing, expert weights) to `output`, with its biases, a shared expert added to its output when
     one is there and fits, and its spec. Raises `Reject`."""
     module = _module_of(ids, output)
-    boundary = [d.x, ids, weights, d.w1, d.w2] + ([d.w3] if d.w3 is not None else [])
+    boundary = [d.x, ids, weights, *fu.nodes_of(d.w1), *fu.nodes_of(d.w2), *fu.nodes_of(d.w3)]
     routed_output = output
-    dtype = d.dtype or fu.tensor(d.w1).dtype
+    dtype = d.dtype or fu.tensor(fu.nodes_of(d.w1)[0]).dtype
     shared = _shared_expert(output, d.x, h, dtype)
     if shared is not None:
         branch, shared_spec, layer_output = shared
@@ -301,7 +309,7 @@ def assemble(d: Dispatch, mms: list[fx.Node], ids: fx.Node, weights: fx.Node, ou
     shared_weights = shared[0].inputs[1:] if shared is not None else []
     needs_grad = torch.is_grad_enabled() and any(
         getattr(fu.tensor(v), "requires_grad", False)
-        for v in (output, d.x, weights, d.w1, d.w2, d.w3, b1, b2, *shared_weights) if v is not None
+        for v in (output, d.x, weights, *boundary[3:], b1, b2, *shared_weights) if v is not None
     )
     spec = MoESpec(
         num_experts=e, top_k=k, hidden=h, intermediate=i, up_rows=n1, activation=activation,
@@ -327,7 +335,7 @@ def _region_nodes(output: fx.Node, boundary: list[fx.Node], d: Dispatch, mms: li
     inside = set(nodes)
     _capacity(nodes)
     for n in nodes:
-        if fu.op_name(n) in _MASKING and isinstance(fu.value(n), torch.Tensor):
+        if fu.op_name(n) in _MASKING and isinstance(fu.value(n), torch.Tensor) and n not in d.selection:
             raise Reject(Reason.UNSUPPORTED_OP, n, f"{fu.op_name(n)} masks or reroutes pairs inside the expert path")
         for inp in n.all_input_nodes:
             if inp in inside or inp in boundary or inp in extra or inp in (b1, b2):

@@ -20,7 +20,7 @@ import logging
 import torch
 import torch.fx as fx
 
-from moefuse.passes import assemble, generic, input_weighted
+from moefuse.passes import assemble, generic, input_weighted, loops
 from moefuse.passes import fxutil as fu
 from moefuse.passes.region import Reason, Region, Reject, Rejection
 
@@ -41,6 +41,9 @@ def _candidates(graph: fx.Graph, claimed: set[fx.Node]):
             yield form, mms, lambda anchor=anchor, mms=mms, match=match: match(anchor, mms)
     for ups, down in generic.find(graph, claimed):
         yield "expert roles", [u.node for u in ups] + [down.node], lambda ups=ups, down=down: generic.match(ups, down)
+    for ids, experts, selecting in loops.find(graph, claimed):
+        linears = [n for e in sorted(experts) for n in experts[e]]
+        yield "per-expert loop", linears, lambda ids=ids, experts=experts, sel=selecting: loops.match(ids, experts, sel)
 
 
 def detect(gm: fx.GraphModule) -> tuple[list[Region], list[Rejection]]:

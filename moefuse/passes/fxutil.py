@@ -41,16 +41,25 @@ def tensor(node) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
-def hint(s) -> int:
-    """A concrete int for a possibly symbolic size (its hint: the value seen while tracing)."""
+def hint(s) -> int | None:
+    """A concrete int for a possibly symbolic size (its hint: the value seen while tracing); None for an
+    unbacked size with no hint (the row count of a `nonzero`, captured with capture_dynamic_output_shape_ops)."""
     if isinstance(s, int):
         return s
     if isinstance(s, torch.SymInt):
         h = s.node.hint
         if h is None:
-            h = s.node.shape_env.size_hint(s.node.expr)
+            try:
+                h = s.node.shape_env.size_hint(s.node.expr)
+            except Exception:  # noqa: BLE001 — GuardOnDataDependentSymNode: no value to give
+                return None
         return int(h)
     return int(s)
+
+
+def nodes_of(value) -> list:
+    """A weight operand as a list of nodes: one stacked parameter, or one 2-D parameter per expert."""
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def shape(node) -> tuple[int, ...] | None:
@@ -60,7 +69,7 @@ def shape(node) -> tuple[int, ...] | None:
 
 def numel(node) -> int | None:
     s = shape(node)
-    if s is None:
+    if s is None or None in s:
         return None
     n = 1
     for d in s:

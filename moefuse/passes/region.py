@@ -146,9 +146,16 @@ class Region:
     w3_transposed: bool = False
 
     @property
+    def per_expert(self) -> bool:
+        """The experts are separate modules (a per-expert loop in the graph): w1, w2, w3 are lists of E 2-D
+        parameters [out, in], stacked into the op's [E, out, in] operands on every call."""
+        return isinstance(self.w1, list)
+
+    @property
     def inputs(self) -> list[fx.Node]:
         """The values outside the region that it reads, in a fixed order (the probe's placeholders)."""
-        nodes = [self.x, self.topk_ids, self.topk_weights, self.w1, self.w2, self.b1, self.b2, self.w3]
+        nodes = [self.x, self.topk_ids, self.topk_weights, *fu.nodes_of(self.w1), *fu.nodes_of(self.w2), self.b1,
+                 self.b2, *fu.nodes_of(self.w3)]
         shared = [n for n in self.shared.inputs if n is not self.x] if self.shared is not None else []
         return [n for n in nodes if n is not None] + self.extra_inputs + shared
 
@@ -183,6 +190,8 @@ class Region:
             if node is None:
                 out.append(None)
                 continue
+            if isinstance(node, list):  # one parameter per expert: stacked (a copy, on every call)
+                w, node = torch.stack(list(w)), node[0]
             if transposed:
                 w = w.transpose(-2, -1)
             if node.meta["example_value"].dtype != dtype:

@@ -36,13 +36,25 @@ def rewrite(gm: fx.GraphModule, region: Region, rounding: str = "off", tile_m: i
     applies only when detection found the router's scores (`region.scores`); the caller reports which."""
     graph, out = gm.graph, region.output
     spec = region.spec
-    with graph.inserting_before(out):
-        x, ids, weights = (p.node for p in region.op_operands(*(fx.Proxy(n) for n in (
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    operands = [region.x, region.topk_ids, region.topk_weights]
+    # Before the output, unless the output is a buffer made before the routing and filled by the region's in-place
+    # updates (a per-expert loop's `results = zeros_like(x)`): then after the region's last node.
+    where = (graph.inserting_before(out) if max(order[n] for n in operands) < order[out]
+             else graph.inserting_after(region.nodes[-1]))
+    tracer = fx.proxy.GraphAppendingTracer(graph)  # one tracer, so ops may combine the proxies (torch.stack)
+
+    def proxy(n):
+        return fx.Proxy(n, tracer)
+
+    with where:
+        x, ids, weights = (p.node for p in region.op_operands(*(proxy(n) for n in (
             region.x, region.topk_ids, region.topk_weights))))
         if x is not region.x or str(region.x.meta["example_value"].dtype).removeprefix("torch.") != spec.dtype:
             x = graph.call_method("to", (x, getattr(torch, spec.dtype)))
         w1, w2, w3 = (None if p is None else p.node for p in region.op_weights(
-            *(None if n is None else fx.Proxy(n) for n in (region.w1, region.w2, region.w3))))
+            *(None if n is None else [proxy(m) for m in n] if isinstance(n, list) else proxy(n)
+              for n in (region.w1, region.w2, region.w3))))
         sh = region.shared
         # the shared expert's weights ride along as the op's trailing arguments (its output is added inside)
         shared_args = (sh.w1, sh.w2, sh.gate, sh.w3) if sh is not None else ()
