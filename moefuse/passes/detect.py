@@ -6,6 +6,7 @@ The passes package, by role:
                     contracts read by its role, whatever the spelling (einsum, bmm, matmul, grouped mm, W[ids])
   generic.py        a layer from those roles: up/down products, top-k routing, tokens, output (most forms)
   input_weighted.py Llama4's form, whose routing weights scale the expert input as a dense [T, E] matrix
+  loops.py          per-expert loops over separately held experts, unrolled into the graph by dynamo
   assemble.py       what every form builds its Region from: activation, closed region, biases, shared
                     expert, capacity check, spec
   detect.py         this file: runs the forms, keeps one reason per candidate, reports top-k routing no region
