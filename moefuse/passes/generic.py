@@ -223,7 +223,7 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
     # closes only because it takes in more of the model (`out + a.mean()`) is not this layer.
     first_reject = None
     for out in sorted(fu.descendants([down.node]), key=order.__getitem__)[:64]:
-        if out in pure or not fu.is_float(out) or fu.shape(out) not in ((t, h), fu.shape(x)):
+        if out in pure or not fu.is_float(out) or fu.shape(out) not in ((t, h), fu.shape(x)) or _blank(out):
             continue
         anc = fu.ancestors([out])
         asm._capacity(sorted(anc & from_ids, key=order.__getitem__))  # before the weights: a capacity's masks use them
@@ -252,6 +252,12 @@ def _float_sources(node: fx.Node) -> set[fx.Node]:
             found.add(n)
             stack.extend(a for a in n.all_input_nodes if fu.is_float(a))
     return found
+
+
+def _blank(node: fx.Node) -> bool:
+    """A buffer made from a shape (`zeros_like(y)`) that nothing fills in place: the layer's output is what is
+    computed into it (`index_copy`, `scatter`), not the buffer (K = 1 gives it the output's shape)."""
+    return fu.op_name(node) in fu.SHAPE_ONLY and not any(fu.is_mutation(u) and u.args[0] is node for u in node.users)
 
 
 def _scores_of(ids: fx.Node) -> set[fx.Node]:
