@@ -124,8 +124,8 @@ def _routing(down: Contraction, e: int) -> tuple[fx.Node, int]:
             joins = [u for u in cur.users if fu.op_name(u) in _JOIN and fu.is_int(u)]
             views = [u for u in cur.users if fu.is_view(u) and fu.is_int(u)]
             if len(joins) == 1:
-                cur = best = joins[0], fu.shape(joins[0])[-1]
-                cur = cur[0]
+                cur = joins[0]
+                best = cur, fu.shape(cur)[-1]
             elif len(views) == 1 and not joins:
                 cur = views[0]
             else:
