@@ -144,6 +144,16 @@ def activation_between(up: fx.Node, down_in: fx.Node) -> tuple[Activation, int]:
     return activation, lengths.pop()
 
 
+def activation_of_pair(ups: list[fx.Node], down_in: fx.Node, i: int) -> Activation:
+    """The activation from two up outputs [.., I] (gate and up held as separate weights: x_j reads up output j,
+    the rows [j·I, (j+1)·I) of the virtual [w1; w3]) to the down input. Raises `Reject`."""
+    try:
+        lifted = lift_activation(down_in, dict(zip(ups, _expr.variables(2))))
+    except UnsupportedActivation as exc:
+        raise Reject(Reason.UNSUPPORTED_ACTIVATION, exc.node, str(exc)) from exc
+    return Activation(_expr.to_str(lifted), ((0, 1), (i, 1)))
+
+
 _captures = itertools.count()
 
 
@@ -464,9 +474,8 @@ def _shared_expert(routed: fx.Node, x: fx.Node, h: int, dtype: torch.dtype):
             i = fu.shape(ups[0])[-1]
             if fu.shape(ups[1])[-1] != i:
                 return None
-            lifted = lift_activation(a, {ups[0]: _expr.variables(2)[0], ups[1]: _expr.variables(2)[1]})
-            activation = Activation(_expr.to_str(lifted), ((0, 1), (i, 1)))
-    except (Reject, UnsupportedActivation) as exc:
+            activation = activation_of_pair(ups, a, i)
+    except Reject as exc:
         log.info("shared expert beside %s: activation not liftable: %s", routed.name, exc)
         return None
     weights = [fu.arg(n, 1, "weight") for n in ups]

@@ -79,12 +79,6 @@ def detect(gm: fx.GraphModule) -> tuple[list[Region], list[Rejection]]:
     return regions, rejections
 
 
-_EQ = {"operator.eq", "method:eq", "torch.eq"}
-
-
-_NONZERO = {"torch.where", "torch.nonzero", "method:nonzero", "torch.argwhere"}
-
-
 def _unclaimed_routing(graph: fx.Graph, claimed: set[fx.Node], candidates: set[fx.Node]) -> list[Rejection]:
     """A line for every top-k over experts that no region took and no candidate above reported, so no MoE-shaped
     code goes unmentioned. What its ids drive says why: a capacity mask (a cumsum of expert positions compared
@@ -114,7 +108,7 @@ def _unclaimed_routing(graph: fx.Graph, claimed: set[fx.Node], candidates: set[f
         if output in {u for r in reach for u in r.users}:
             rejections.append(Rejection(Reason.EXPERTS_OUTSIDE_GRAPH, n.name, module,
                                         "the top-k ids are returned from this graph, to code after it"))
-        elif sum(fu.op_name(m) in _EQ for m in driven) >= 2 and any(fu.op_name(m) in _NONZERO for m in driven):
+        elif sum(fu.op_name(m) in loops.EQ for m in driven) >= 2 and any(fu.op_name(m) in loops.SELECT for m in driven):
             rejections.append(Rejection(Reason.UNSUPPORTED_FORM, n.name, module,
                                         "a per-expert loop (ids == e, then where/nonzero) over experts held as "
                                         "separate modules is not lowered in the graph"))

@@ -25,14 +25,11 @@ import logging
 import torch
 import torch.fx as fx
 
-from moefuse import expr as _expr
 from moefuse.passes import assemble as asm
 from moefuse.passes import fxutil as fu
 from moefuse.passes.activation import _RULES as _ELEMENTWISE_RULES
-from moefuse.passes.activation import UnsupportedActivation, lift_activation
 from moefuse.passes.contraction import Contraction, expert_contractions
 from moefuse.passes.region import Reason, Region, Reject
-from moefuse.spec import Activation
 
 log = logging.getLogger("moefuse.detect")
 
@@ -67,23 +64,28 @@ def blocks(contractions: list[Contraction]) -> list[tuple[list[Contraction], Con
     by_node = {c.node: c for c in contractions}
     found = []
     for down in contractions:
-        ups, seen, stack = [], set(), [down.operand]
-        while stack:
-            n = stack.pop()
-            if n in seen or not isinstance(n, fx.Node):
-                continue
-            seen.add(n)
-            c = by_node.get(n)
-            if c is not None:
-                if c.num_experts == down.num_experts and c is not down:
-                    ups.append(c)
-                continue
-            if _elementwise_or_layout(n):
-                stack.extend(n.all_input_nodes)
+        products = {n for n, c in by_node.items() if c.num_experts == down.num_experts and c is not down}
+        ups = [by_node[n] for n in feeding(down.operand, products)]
         if ups:
-            order = {n: i for i, n in enumerate(down.node.graph.nodes)}
-            found.append((sorted(ups, key=lambda c: order[c.node]), down))
+            found.append((ups, down))
     return found
+
+
+def feeding(start: fx.Node, products: set[fx.Node]) -> list[fx.Node]:
+    """The nodes of `products` that `start` is computed from through elementwise and layout steps only (the up
+    products an activation combines), in graph order."""
+    found, seen, stack = [], set(), [start]
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n in products:
+            found.append(n)
+        elif _elementwise_or_layout(n):
+            stack.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(start.graph.nodes)}
+    return sorted(found, key=order.__getitem__)
 
 
 def _forward(node: fx.Node) -> fx.Node:
@@ -189,11 +191,7 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
         i = ups[0].out_features
         if ups[1].out_features != i:
             raise Reject(Reason.SHAPE, ups[1].node, f"gate and up projections of widths {i}, {ups[1].out_features}")
-        try:
-            lifted = lift_activation(down_in, dict(zip(up_outs, _expr.variables(2))))
-        except UnsupportedActivation as exc:
-            raise Reject(Reason.UNSUPPORTED_ACTIVATION, exc.node, str(exc)) from exc
-        activation, n1 = Activation(_expr.to_str(lifted), ((0, 1), (i, 1))), 2 * i
+        activation, n1 = asm.activation_of_pair(up_outs, down_in, i), 2 * i
     if down.in_features != i:
         raise Reject(Reason.SHAPE, down.node, f"the down projection reads {down.in_features} features, the "
                                               f"activation gives {i}")
@@ -203,12 +201,7 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
     from_ids = fu.descendants([ids])
     # what the up products read through float values: the tokens' path, not the routing's (indices are int);
     # the tokens are read by every up product (gate and up may each make their own view of them)
-    per_up = [_float_sources(u.operand) for u in ups]
-    reads, common = set().union(*per_up), set.intersection(*per_up)
-    x = _latest((n for n in common if fu.is_float(n) and n not in from_ids and (fu.shape(n) or (0,))[-1] == h
-                 and fu.numel(n) == t * h and n.op != "get_attr"), order)
-    if x is None:
-        raise Reject(Reason.NO_TOKENS, ups[0].node, f"no [T={t}, H={h}] token matrix feeds the up projections")
+    x, reads = tokens([u.operand for u in ups], from_ids, t, h, order)
     # ---- output and routing weights ----
     expert_path = fu.descendants([u.node for u in ups])
     after_sort = fu.descendants(n for n in from_ids if fu.op_name(n) in _SORT)  # this layer's sort
@@ -227,9 +220,7 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
             continue
         anc = fu.ancestors([out])
         asm._capacity(sorted(anc & from_ids, key=order.__getitem__))  # before the weights: a capacity's masks use them
-        weights = _latest((n for n in anc if fu.is_float(n) and fu.numel(n) == t * k and n not in expert_path
-                           and n not in after_sort and n not in by_expert and n not in reads - from_ids
-                           and _carries(n, scores)), order)
+        weights = routing_weights(anc - after_sort - by_expert, t * k, expert_path | (reads - from_ids), scores, order)
         if weights is None:
             first_reject = first_reject or Reject(Reason.NO_ROUTING_WEIGHTS, out, f"no [T={t}, K={k}] routing weights "
                                                                                   "reach the combine")
@@ -241,6 +232,27 @@ def match(ups: list[Contraction], down: Contraction) -> Region:
             out = next(iter(out.users))
         return _region(ups, down, x, ids, weights, out, activation, e, k, h, i, n1)
     raise first_reject or Reject(Reason.NO_COMBINE, down.node, f"no [T={t}, H={h}] output after the experts")
+
+
+def tokens(up_operands: list[fx.Node], from_ids: set[fx.Node], t: int, h: int, order: dict):
+    """(x, what the up products read): the last [T, H] value every up product reads through float values (the
+    tokens' path, not the routing's: indices are int; gate and up may each make their own view of x) that is
+    not computed from the ids. Raises `Reject`."""
+    per_up = [_float_sources(op) for op in up_operands]
+    common = set.intersection(*per_up)
+    x = _latest((n for n in common if fu.is_float(n) and n not in from_ids and (fu.shape(n) or (None,))[-1] == h
+                 and fu.numel(n) == t * h and n.op != "get_attr"), order)
+    if x is None:
+        raise Reject(Reason.NO_TOKENS, up_operands[0], f"no [T={t}, H={h}] token matrix feeds the up projections")
+    return x, set().union(*per_up)
+
+
+def routing_weights(candidates: set[fx.Node], size: int, excluded: set[fx.Node], scores: set[fx.Node],
+                    order: dict) -> fx.Node | None:
+    """The last float value of `size` (T·K) elements among `candidates`, outside `excluded`, carried from the
+    router's `scores`."""
+    return _latest((n for n in candidates if fu.is_float(n) and fu.numel(n) == size and n not in excluded
+                    and _carries(n, scores)), order)
 
 
 def _float_sources(node: fx.Node) -> set[fx.Node]:

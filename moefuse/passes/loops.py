@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moefuse import expr as _expr
 from moefuse.passes import assemble as asm
 from moefuse.passes import fxutil as fu
 from moefuse.passes import generic
-from moefuse.passes.activation import UnsupportedActivation, lift_activation
 from moefuse.passes.region import Reason, Region, Reject
-from moefuse.spec import Activation
 
-_EQ = {"operator.eq", "method:eq", "torch.eq"}
+EQ = {"operator.eq", "method:eq", "torch.eq"}
 _ONE_HOT = {"F.one_hot", "torch.nn.functional.one_hot"}
-_SELECT = {"torch.where", "torch.nonzero", "method:nonzero", "torch.argwhere"}
+SELECT = {"torch.where", "torch.nonzero", "method:nonzero", "torch.argwhere"}
 
 
 def _linear_weight(node: fx.Node) -> fx.Node | None:
@@ -53,7 +50,7 @@ def _selection(node: fx.Node) -> tuple[fx.Node, int, set[fx.Node]] | None:
                     continue
                 seen.add(a)
                 name = fu.op_name(a)
-                if name in _EQ and len(a.args) == 2:
+                if name in EQ and len(a.args) == 2:
                     ids, e = (a.args if isinstance(a.args[1], int) else a.args[::-1])
                     if isinstance(ids, fx.Node) and isinstance(e, int) and fu.is_int(ids):
                         return fu.peel_layout(ids), e, {a}
@@ -62,7 +59,7 @@ def _selection(node: fx.Node) -> tuple[fx.Node, int, set[fx.Node]] | None:
                                               "torch.transpose", "method:t"})
                     if fu.op_name(src) in _ONE_HOT and isinstance(src.args[0], fx.Node):
                         return fu.peel_layout(src.args[0]), a.args[1], {a, src}
-                    if fu.op_name(src) in _EQ and len(src.args) == 2:  # (ids[..., None] == arange(E))[..., e]
+                    if fu.op_name(src) in EQ and len(src.args) == 2:  # (ids[..., None] == arange(E))[..., e]
                         ids, rng = sorted(src.args, key=lambda v: fu.op_name(fu.peel_layout(v)) == "torch.arange")
                         if fu.op_name(fu.peel_layout(rng)) == "torch.arange" and fu.is_int(ids):
                             return fu.peel_layout(ids), a.args[1], {a, src}
@@ -90,36 +87,16 @@ def find(graph: fx.Graph, claimed: set[fx.Node]):
 
 def _expert_mlp(linears: list[fx.Node], e: int):
     """(ups, down, activation, I) of one expert's linears."""
-    by_node = set(linears)
-    downs = []
-    for lin in linears:
-        ups, seen, stack = [], set(), [lin.args[0]]
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if n in by_node and n is not lin:
-                ups.append(n)
-            elif generic._elementwise_or_layout(n):
-                stack.extend(n.all_input_nodes)
-        if ups:
-            downs.append((lin, ups))
+    downs = [(lin, ups) for lin in linears if (ups := generic.feeding(lin.args[0], set(linears) - {lin}))]
     if len(downs) != 1 or len(downs[0][1]) + 1 != len(linears) or len(linears) not in (2, 3):
         raise Reject(Reason.UNSUPPORTED_FORM, linears[0], f"expert {e}'s {len(linears)} linears are not up "
                                                           "projection(s) feeding one down projection")
     down, ups = downs[0]
-    order = {n: i for i, n in enumerate(down.graph.nodes)}
-    ups = sorted(ups, key=order.__getitem__)
     if len(ups) == 1:
         activation, i = asm.activation_between(ups[0], down.args[0])
     else:
         i = fu.shape(_linear_weight(ups[0]))[0]
-        try:
-            lifted = lift_activation(down.args[0], dict(zip(ups, _expr.variables(2))))
-        except UnsupportedActivation as exc:
-            raise Reject(Reason.UNSUPPORTED_ACTIVATION, exc.node, str(exc)) from exc
-        activation = Activation(_expr.to_str(lifted), ((0, 1), (i, 1)))
+        activation = asm.activation_of_pair(ups, down.args[0], i)
     return ups, down, activation, i
 
 
@@ -144,25 +121,17 @@ def match(ids: fx.Node, experts: dict[int, list[fx.Node]], selecting: set[fx.Nod
     if not fu.is_int(ids) or t == 0:
         raise Reject(Reason.NO_ROUTING_IDS, ids, "the loop's selections do not compare [T, K] expert ids")
     from_ids = fu.descendants([ids])
-    per_up = [generic._float_sources(u.args[0]) for ups, _, _, _ in mlps for u in ups]
-    common = set.intersection(*per_up)
-    x = generic._latest((n for n in common if fu.is_float(n) and n not in from_ids and fu.shape(n) is not None
-                         and fu.shape(n)[-1] == h and fu.numel(n) == t * h and n.op != "get_attr"), order)
-    if x is None:
-        raise Reject(Reason.NO_TOKENS, ups0[0], f"no [T={t}, H={h}] token matrix feeds the experts")
+    x, reads = generic.tokens([u.args[0] for ups, _, _, _ in mlps for u in ups], from_ids, t, h, order)
     downs = [down for _, down, _, _ in mlps]
     after_all = set.intersection(*(fu.descendants([d]) for d in downs))
     scores = generic._scores_of(ids)
     expert_path = fu.descendants([u for ups, _, _, _ in mlps for u in ups])
-    reads = set().union(*per_up)
     for out in sorted(after_all, key=order.__getitem__)[:64]:
         if not fu.is_float(out) or fu.shape(out) not in ((t, h), fu.shape(x)):
             continue
         anc = fu.ancestors([out]) | fu.ancestors([n for n in graph.nodes if fu.is_mutation(n) and n.args
                                                    and n.args[0] is out])
-        weights = generic._latest((n for n in anc if fu.is_float(n) and fu.numel(n) == t * k
-                                   and n not in expert_path and n not in reads - from_ids and n not in from_ids
-                                   and generic._carries(n, scores)), order)
+        weights = generic.routing_weights(anc, t * k, expert_path | reads | from_ids, scores, order)
         if weights is None:
             continue
         weights_of = [[_linear_weight(n) for n in role] for role in zip(*[[*ups, down] for ups, down, _, _ in mlps])]
@@ -171,7 +140,7 @@ def match(ids: fx.Node, experts: dict[int, list[fx.Node]], selecting: set[fx.Nod
         dispatch = asm.Dispatch("per-expert loop", x, ids, w1, w2, False, False, up_out=ups0[0],
                                 down_in=down0.args[0], down_out=down0, w3=w3,
                                 selection=frozenset(selecting | {u for s in selecting for u in fu.descendants([s])
-                                                                 if fu.op_name(u) in _SELECT}))
+                                                                 if fu.op_name(u) in SELECT}))
         n1 = 2 * i if w3 is not None else fu.shape(w1[0])[0]
         return asm.assemble(dispatch, [ups0[0], down0], ids, weights, out, activation, e_count, k, h, i, n1, t)
     raise Reject(Reason.NO_ROUTING_WEIGHTS, downs[-1], f"no [T={t}, K={k}] routing weights reach the loop's output")
