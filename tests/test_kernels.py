@@ -481,11 +481,12 @@ def test_op_runs_the_generated_epilogue(name):
     assert_matches_reference(y, torch.float32, x, ids, w, w1, w2, b1, b2, act, spec.activation.slices, case.I)
 
 
-def test_cpu_path_uses_grouped_mm_where_torch_takes_it(monkeypatch):
-    # The fast CPU plan (one grouped_mm per projection) on aligned operands, the per-expert loop elsewhere:
-    # same numbers either way (the edge cases above run both: H=1-style odd strides fall back).
+def test_cpu_torch_plan_uses_grouped_mm_where_torch_takes_it(monkeypatch):
+    # The torch plan (where the generated C++ cannot run) makes one grouped_mm per projection on aligned
+    # operands, the per-expert loop elsewhere: same numbers either way.
     from moefuse.runtime import cpu
 
+    monkeypatch.setenv("MOEFUSE_CPU_KERNELS", "0")
     calls = []
     real = torch.nn.functional.grouped_mm
     monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -49,7 +49,8 @@ from sympy.printing.str import StrPrinter
 
 from moefuse import expr as E
 
-__all__ = ["triton_source", "triton_grad_source", "load_activation", "load_activation_grad", "cache_dir", "HELPERS"]
+__all__ = ["triton_source", "triton_grad_source", "c_source", "load_activation", "load_activation_grad", "cache_dir",
+           "HELPERS"]
 
 _MAX_INT_POWER = 64  # x**n is n-1 multiplies; beyond this nobody meant an activation
 
@@ -291,33 +292,37 @@ def triton_grad_source(expr: sympy.Expr, n_inputs: int, name: str = "activation_
                           "the activation expression and its partial derivatives (value, d/dx0, ...)")
 
 
-def _module_source(expr: sympy.Expr, outputs: tuple[sympy.Expr, ...], n_inputs: int, name: str, what: str) -> str:
-    """The module of one @triton.jit function of x0 … x{n_inputs-1} returning `outputs` (one value, or a tuple),
-    each a function of the activation `expr`."""
+def _printed(expr: sympy.Expr, outputs: tuple[sympy.Expr, ...], n_inputs: int, name: str, printer_cls, backend: str):
+    """(canonical text, printer holding the body's bindings and helpers, printed outputs) of one function of
+    x0 … x{n_inputs-1} returning `outputs`, each a function of the activation `expr`, common subexpressions
+    bound once."""
     try:
         text = E.to_str(expr)
     except E.ParseError as e:
-        raise E.UnsupportedExpression(str(expr), e.reason, "triton") from None
+        raise E.UnsupportedExpression(str(expr), e.reason, backend) from None
     if n_inputs < 1:
         raise ValueError(f"an activation has at least one input, got n_inputs={n_inputs}")
     params = [str(v) for v in E.variables(n_inputs)]
     extra = sorted(str(s) for s in expr.free_symbols if str(s) not in params)
     if extra:
         raise E.ExprError(f"activation {text} reads {extra} but the function has only {n_inputs} input(s)")
-    if not name.isidentifier() or name in HELPERS or name in params:
+    if not name.isidentifier() or name in printer_cls.HELPERS or name in params:
         raise ValueError(f"function name {name!r} must be an identifier other than {params} and the helpers")
 
     temps = _cse_symbols()
     bindings, bodies = sympy.cse(list(outputs), symbols=temps, order="canonical")
-    printer = _TritonPrinter(text, temps)
+    printer = printer_cls(text, temps)
     for tmp, value in bindings:
         printer.assign(str(tmp), value)
-    results = []
-    for body in bodies:
-        result = printer._print(body)
-        if not body.free_symbols:
-            result = f"tl.zeros_like(x0) + {result}"  # the kernel stores a tile, not a scalar
-        results.append(result)
+    results = [printer.result(body) for body in bodies]
+    return text, printer, results
+
+
+def _module_source(expr: sympy.Expr, outputs: tuple[sympy.Expr, ...], n_inputs: int, name: str, what: str) -> str:
+    """The module of one @triton.jit function of x0 … x{n_inputs-1} returning `outputs` (one value, or a tuple),
+    each a function of the activation `expr`."""
+    text, printer, results = _printed(expr, outputs, n_inputs, name, _TritonPrinter, "triton")
+    params = [str(v) for v in E.variables(n_inputs)]
     lines = [*printer.lines, f"    return {', '.join(results)}"]
 
     helpers, seen = [], set()
@@ -345,6 +350,114 @@ def _module_source(expr: sympy.Expr, outputs: tuple[sympy.Expr, ...], n_inputs: 
         f"def {name}({', '.join(params)}):",
         *lines,
         "",
+    ])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# C, for the CPU kernels (moefuse/kernels/cpu_moe.cpp)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _CPrinter(_TritonPrinter):
+    """sympy -> C expression text over `float`s, for the CPU kernels' epilogues. The structure (constant
+    folding, products for integer powers, NaN-propagating Max/Min) is the Triton printer's; the spellings are
+    the helpers defined in cpu_moe.cpp (`mf_exp`, `mf_tanh`, …), which are vectorizable scalar code."""
+
+    HELPERS = frozenset({"mf_exp", "mf_expm1", "mf_sigmoid", "mf_tanh", "mf_max", "mf_min", "mf_sign",
+                         "mf_heaviside", "mf_log", "mf_log1p", "mf_erf", "mf_pow"})
+    _NAMES = {"tl.sigmoid": "mf_sigmoid", "tl.exp": "mf_exp", "tl.log": "mf_log", "tl.erf": "mf_erf",
+              "tl.abs": "std::fabs", "_tanh": "mf_tanh", "_log1p": "mf_log1p", "_expm1": "mf_expm1",
+              "_sign": "mf_sign", "_heaviside": "mf_heaviside"}
+
+    def assign(self, name: str, e) -> None:
+        rhs = self._print(e)
+        self.lines.append(f"  const float {name} = {rhs};")
+
+    def result(self, body) -> str:
+        return self._print(body)
+
+    def _unsupported(self, e, hint: str = ""):
+        raise E.UnsupportedExpression(self.expr_text, e, "c", hint)
+
+    def _literal(self, e) -> str:
+        value = repr(float(super()._literal(e)))
+        return f"{value}f" if any(c in value for c in ".e") else f"{value}.0f"
+
+    def _call(self, name: str, *args) -> str:
+        return f"{self._NAMES.get(name, name)}({', '.join(self._print(a) for a in args)})"
+
+    def _lattice(self, fn: str, e) -> str:
+        fn = {"tl.maximum": "mf_max", "tl.minimum": "mf_min"}[fn]
+        args = sorted(e.args, key=lambda a: a.is_number)
+        out = self._print(args[-1])
+        for a in reversed(args[:-1]):
+            out = f"{fn}({self._print(a)}, {out})"
+        return out
+
+    def _print_Piecewise(self, e):
+        if e.args[-1].cond is not sympy.true:
+            self._unsupported(e, "a Piecewise needs a final (value, True) branch")
+        out = self._print(e.args[-1].expr)
+        for pair in reversed(e.args[:-1]):
+            out = f"(({self._print(pair.cond)}) ? ({self._print(pair.expr)}) : ({out}))"
+        return out
+
+    def _print_And(self, e):
+        return " && ".join(f"({self._print(a)})" for a in e.args)
+
+    def _print_Or(self, e):
+        return " || ".join(f"({self._print(a)})" for a in e.args)
+
+    def _print_Not(self, e):
+        return f"!({self._print(e.args[0])})"
+
+    def _print_Pow(self, expr, rational=False):
+        text = super()._print_Pow(expr, rational)
+        if "tl.exp2(" in text:  # a real exponent or a constant base: powf, NaN for a negative base as in torch
+            base, exp = expr.base, expr.exp
+            return f"mf_pow({self._print(base)}, {self._print(exp)})"
+        return text.replace("tl.sqrt_rn(", "std::sqrt(").replace("1.0/", "1.0f/")
+
+
+_TritonPrinter.HELPERS = frozenset(HELPERS)
+
+
+def _triton_result(self, body) -> str:
+    result = self._print(body)
+    return f"tl.zeros_like(x0) + {result}" if not body.free_symbols else result  # the kernel stores a tile
+
+
+_TritonPrinter.result = _triton_result
+
+
+def c_source(expr_str: str, n_inputs: int) -> str:
+    """C functions of the activation `expr_str` for the CPU kernels, every input and result a float:
+
+        static inline float mf_act(float x0, float x1)                  the activation
+        static inline void mf_act_grad(float x0, float x1, float* d0, float* d1)
+                                                                        its partial derivatives
+
+    Both take two inputs; with one (n_inputs = 1) x1 is ignored and *d1 set to 0."""
+    expr = E.parse(expr_str)
+    params = "float x0, float x1"
+    text, act, (value,) = _printed(expr, (expr,), n_inputs, "mf_act", _CPrinter, "c")
+    grads = E.gradient(expr, n_inputs)
+    _, grad, results = _printed(expr, tuple(grads), n_inputs, "mf_act_grad", _CPrinter, "c")
+    if n_inputs == 1:
+        results = [*results, "0.0f"]
+    return "\n".join([
+        f"// The activation {text} and its partial derivatives, printed by moefuse.kernels.codegen.",
+        f"static inline float mf_act({params}) {{",
+        "  (void)x0; (void)x1;",
+        *act.lines,
+        f"  return {value};",
+        "}",
+        f"static inline void mf_act_grad({params}, float* d0, float* d1) {{",
+        "  (void)x0; (void)x1;",
+        *grad.lines,
+        f"  *d0 = {results[0]};",
+        f"  *d1 = {results[1]};",
+        "}",
     ])
 
 

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import torch
 
 from moefuse import expr as _expr
+from moefuse.kernels import cpu as _kernels
 from moefuse.spec import MoESpec
 
 
@@ -195,8 +196,17 @@ class _Pairs(NamedTuple):
 
 
 def _forward(spec: MoESpec, x, pairs: _Pairs, w1, w2, b1, b2, save_h: bool, out_dtype, w3=None):
-    T, S = pairs.num_tokens, pairs.expert.numel()
     out_dtype = out_dtype or getattr(torch, spec.out_dtype)
+    if _kernels.unavailable(spec, x, w1, w2, w3, out_dtype) is None:
+        y, h = _kernels.forward(spec, x, pairs.expert, pairs.weight, None if pairs.top_k else pairs.token,
+                                pairs.top_k or 0, w1, w2, b1, b2, w3, save_h, out_dtype)
+        return (y, h) if save_h else y
+    return _torch_forward(spec, x, pairs, w1, w2, b1, b2, save_h, out_dtype, w3)
+
+
+def _torch_forward(spec: MoESpec, x, pairs: _Pairs, w1, w2, b1, b2, save_h: bool, out_dtype, w3=None):
+    """The torch plan of `_forward` (module docstring), where the generated kernels cannot run."""
+    T, S = pairs.num_tokens, pairs.expert.numel()
     math = _math_dtype(x.dtype)
     h = x.new_zeros((S, spec.up_rows)) if save_h else None
     if T == 0:
@@ -294,11 +304,24 @@ def moe_pairs_backward_cpu(
 def _backward(spec: MoESpec, dy, x, pairs: _Pairs, w1, w2, b1, b2, h, w3=None):
     """The gradients of `_forward`, the weights' as [S] in pair order."""
     T, S = pairs.num_tokens, pairs.expert.numel()
-    E, H, N1 = spec.num_experts, spec.hidden, spec.up_rows
+    H, N1 = spec.hidden, spec.up_rows
     if tuple(h.shape) != (S, N1):
         raise ValueError(f"h: expected shape {(S, N1)} (pairs, up_rows), got {tuple(h.shape)}")
     if tuple(dy.shape) != (T, H):
         raise ValueError(f"dy: expected shape {(T, H)}, got {tuple(dy.shape)}")
+    if _kernels.backward_unavailable(spec, x, w1, w2, w3) is None:
+        dx, dw, dw1, dw2, db1, db2, dw3 = _kernels.backward(
+            spec, dy, x, pairs.expert, pairs.weight, None if pairs.top_k else pairs.token, pairs.top_k or 0,
+            w1, w2, b1, b2, h, w3)
+        return (dx, dw.to(pairs.weight.dtype), dw1, dw2, db1.to(b1.dtype) if db1 is not None else None,
+                db2.to(b2.dtype) if db2 is not None else None, dw3)
+    return _torch_backward(spec, dy, x, pairs, w1, w2, b1, b2, h, w3)
+
+
+def _torch_backward(spec: MoESpec, dy, x, pairs: _Pairs, w1, w2, b1, b2, h, w3=None):
+    """The torch plan of `_backward` (module docstring), where the generated kernels cannot run."""
+    T, S = pairs.num_tokens, pairs.expert.numel()
+    E, H, N1 = spec.num_experts, spec.hidden, spec.up_rows
     math = _math_dtype(x.dtype)
     act = _activation(spec)
     act_grads = _activation_grads(spec.activation.expr, spec.activation.num_inputs)

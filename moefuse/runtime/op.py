@@ -14,7 +14,8 @@ Dispatch, decided per call:
   - CUDA tensors → the Triton kernels, generated for the spec and cached;
   - CPU tensors with TRITON_INTERPRET=1 in the environment → the same Triton kernels on the interpreter
     (this is how the kernels are tested without a GPU);
-  - other CPU tensors → `runtime.cpu`, an exact torch implementation of the same plan.
+  - other CPU tensors → `runtime.cpu`: C++ kernels generated for the spec (`kernels.cpu`), or where they cannot
+    run (no compiler, fp16, an odd weight layout) an exact torch implementation of the same plan.
 The training pair `moefuse::moe_fwd` / `moefuse::moe_bwd` (`runtime.autograd`) dispatches the same way.
 """
 from __future__ import annotations
@@ -115,7 +116,9 @@ def kernels_for(spec: MoESpec, device: torch.device) -> list[str]:
     """What will run a layer on `device`, for the report. On the Triton path this generates (and caches) the
     layer's activation epilogue now, so a codegen problem shows at compile time rather than at first call."""
     if not _use_triton(torch.empty(0, device=device)):
-        return ["cpu: torch plan (stable argsort routing, grouped_mm over the expert-sorted rows, fp32 activation, fp32 bmm combine)"]
+        from moefuse.kernels.cpu import describe
+
+        return describe(spec)
     from moefuse.kernels.codegen import load_activation
 
     path = load_activation(spec.activation.expr, spec.activation.num_inputs).fn.__code__.co_filename
