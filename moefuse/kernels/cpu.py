@@ -65,6 +65,7 @@ _I, _P = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "mf_workspace_bytes": [_I, _I, _I, _I],
     "mf_isa": [],
+    "mf_eval_act": [_I, _P, _P, _P, _P, _P],
     "mf_forward": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P, _I, _P,
                    _P, _I],
     "mf_backward": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P,
@@ -125,6 +126,17 @@ def describe(spec: MoESpec) -> list[str]:
     ]
 
 
+def eval_activation(spec: MoESpec, x0: torch.Tensor, x1: torch.Tensor | None = None):
+    """(act, ∂act/∂x0, ∂act/∂x1) of the spec's printed C activation at fp32 points (x1 ignored with one input):
+    what the kernels' epilogues compute, for tests."""
+    lib = library(spec, torch.float32)
+    x0 = x0.to(torch.float32).contiguous()
+    x1 = (x1 if x1 is not None else torch.zeros_like(x0)).to(torch.float32).contiguous()
+    out = [torch.empty_like(x0) for _ in range(3)]
+    lib.mf_eval_act(x0.numel(), x0.data_ptr(), x1.data_ptr(), *(o.data_ptr() for o in out))
+    return tuple(out)
+
+
 def _in_stride(w: torch.Tensor) -> int | None:
     """The stride along `in` the kernels read `w` [E, out, in] with: 1 for rows of [E, out, in] storage, the
     `in` stride for [E, in, out] storage (unit stride along out), None for other layouts."""
@@ -159,6 +171,10 @@ def unavailable(spec: MoESpec, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tens
         return str(e)
     return None
 
+
+# Calls that ran on the generated kernels, so tests can assert the path really ran (the runtime's counters in
+# `moefuse.runtime.op` count the op, whichever path it took).
+counters = {"forward": 0, "backward": 0}
 
 _local = threading.local()
 
@@ -202,6 +218,7 @@ def forward(spec: MoESpec, x: torch.Tensor, expert: torch.Tensor, weight: torch.
     y = torch.empty((T, spec.hidden), dtype=out_dtype)
     h = torch.empty((S, spec.up_rows), dtype=x.dtype) if save_h else None
     ws = _workspace(lib.mf_workspace_bytes(T, S, E, 0))
+    counters["forward"] += 1
     lib.mf_forward(
         T, S, E, top_k, x.data_ptr(), expert.data_ptr(), _ptr(token), weight.data_ptr(),
         w1.data_ptr(), w1.stride(0), w1.stride(1), _in_stride(w1),
@@ -247,6 +264,7 @@ def backward(spec: MoESpec, dy: torch.Tensor, x: torch.Tensor, expert: torch.Ten
     db2 = torch.empty((E, spec.hidden), dtype=torch.float32) if b2 is not None else None
     b2 = _bias(b2)
     ws = _workspace(lib.mf_workspace_bytes(T, S, E, 1))
+    counters["backward"] += 1
     status = lib.mf_backward(
         T, S, E, top_k, dy.data_ptr(), x.data_ptr(), expert.data_ptr(), _ptr(token), weight.data_ptr(),
         w1.data_ptr(), w1.stride(0), w1.stride(1), _in_stride(w1),

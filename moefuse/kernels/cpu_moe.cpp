@@ -583,6 +583,16 @@ int64_t mf_workspace_bytes(int64_t T, int64_t S, int64_t E, int64_t backward) {
 // What this build runs: 1 = AVX-512, 2 = AVX-512 with vdpbf16ps, 0 = portable vector code.
 int64_t mf_isa() { return MF_AVX512 ? (MF_BF16DOT ? 2 : 1) : 0; }
 
+// The printed activation and its partial derivatives at n points (fp32 arrays), for the tests of the printer
+// and of the mf_* helpers.
+int64_t mf_eval_act(int64_t n, const float* x0, const float* x1, float* a, float* d0, float* d1) {
+  for (int64_t i = 0; i < n; ++i) {
+    a[i] = mf_act(x0[i], x1[i]);
+    mf_act_grad(x0[i], x1[i], d0 + i, d1 + i);
+  }
+  return n;
+}
+
 // y[T, HID] (fp32 if out_f32, else elem). Returns the number of kept pairs; h rows past them are zeroed.
 int64_t mf_forward(int64_t T, int64_t S, int64_t E, int64_t K, const elem* x, const int64_t* ids,
                    const int64_t* pair_token, const float* pw, const elem* w1, int64_t w1_e, int64_t w1_r,
@@ -599,6 +609,14 @@ int64_t mf_forward(int64_t T, int64_t S, int64_t E, int64_t K, const elem* x, co
   const std::vector<int64_t> up = items(rt, cdiv(INTER, UP_COLS));
   const std::vector<int64_t> down = items(rt, cdiv(HID, DN_COLS));
   const int64_t up_blocks = cdiv(INTER, UP_COLS), dn_blocks = cdiv(HID, DN_COLS);
+  std::vector<int64_t> unread;  // up-projection rows no variable reads (never computed)
+  if (h) {
+    std::vector<char> read(UPROWS, 0);
+    for (int j = 0; j < NV; ++j)
+      for (int64_t n = 0; n < INTER; ++n) read[var_row(j, n)] = 1;
+    for (int64_t q = 0; q < UPROWS; ++q)
+      if (!read[q]) unread.push_back(q);
+  }
 #pragma omp parallel num_threads((int)threads)
   {
     std::vector<float> scratch(256 * 64 + MR * 64);
@@ -608,9 +626,14 @@ int64_t mf_forward(int64_t T, int64_t S, int64_t E, int64_t K, const elem* x, co
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < (int64_t)down.size(); ++i)
       down_item(rt, down[i] / dn_blocks, (down[i] % dn_blocks) * DN_COLS, ws.A, W2, b2, ws.ypair, scratch.data());
-    if (h) {
+    if (h) {  // rows of dropped pairs, and up-projection rows the activation never reads, are 0 in H
 #pragma omp for schedule(static)
-      for (int64_t r = kept; r < S; ++r) std::memset(h + r * UPROWS, 0, UPROWS * sizeof(elem));
+      for (int64_t r = 0; r < S; ++r) {
+        if (r >= kept)
+          std::memset(h + r * UPROWS, 0, UPROWS * sizeof(elem));
+        else
+          for (int64_t q : unread) put(h + r * UPROWS + q, 0.0f);
+      }
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
