@@ -118,7 +118,6 @@ typedef bf16 elem;
 typedef float elem;
 #endif
 
-static constexpr int DOT_ROWS = 64;  // an expert with at most this many rows takes the dot-product form
 static constexpr int MR = 12;       // rows of the packed form's register tile
 static constexpr int64_t LMAX = (HID > UPROWS ? HID : UPROWS) + 64;
 
@@ -194,39 +193,53 @@ static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 alignas(64) static const elem ZERO_ROW[LMAX] = {};
 
 // ---- Dot-product form: out[r][w] = Σ_k a[r][k] · b[w][k] ---------------------------------------------------
+// One step of DOT_STEP elements: fp32 FMAs, or vdpbf16ps on bf16 pairs (32 elements per step).
+#if MF_BF16 && MF_BF16DOT
+static constexpr int64_t DOT_STEP = 32;
+typedef __m512i vin;
+static inline vin in_load(const elem* p) { return _mm512_loadu_si512((const void*)p); }
+static inline vf dot_step(vf acc, vin a, vin b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+#else
+static constexpr int64_t DOT_STEP = 16;
+typedef vf vin;
+static inline vin in_load(const elem* p) { return v_load(p); }
+static inline vf dot_step(vf acc, vin a, vin b) { return v_fma(a, b, acc); }
+#endif
+
+static inline void dot_tail(const elem* const* a, int R, const elem* const* b, int W, int64_t k, int64_t L, float* out,
+                            int64_t ldo) {
+  for (int r = 0; r < R; ++r)
+    for (int w = 0; w < W; ++w)
+      for (int64_t kk = k; kk < L; ++kk) out[r * ldo + w] += to_f(a[r][kk]) * to_f(b[w][kk]);
+}
+
+// R rows × W weight rows at once. pf: W rows to prefetch at the same offsets (the next tile's weight rows: each
+// row is a new 4 KiB page for the hardware prefetchers, which stop at page boundaries), or null.
 template <int R, int W>
-static inline void dot_tile(const elem* const* a, const elem* const* b, int64_t L, float* out, int64_t ldo) {
+static inline void dot_tile(const elem* const* a, const elem* const* b, int64_t L, float* out, int64_t ldo,
+                            const elem* const* pf) {
   vf acc[R][W];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
     for (int w = 0; w < W; ++w) acc[r][w] = v_zero();
   int64_t k = 0;
-#if MF_BF16 && MF_BF16DOT
-  for (; k + 32 <= L; k += 32) {
-    __m512i bv[W];
+  for (; k + DOT_STEP <= L; k += DOT_STEP) {
+#if MF_AVX512
+    if (pf)
 #pragma GCC unroll 16
-    for (int w = 0; w < W; ++w) bv[w] = _mm512_loadu_si512((const void*)(b[w] + k));
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      __m512i av = _mm512_loadu_si512((const void*)(a[r] + k));
-#pragma GCC unroll 16
-      for (int w = 0; w < W; ++w) acc[r][w] = _mm512_dpbf16_ps(acc[r][w], (__m512bh)av, (__m512bh)bv[w]);
-    }
-  }
-#else
-  for (; k + 16 <= L; k += 16) {
-    vf bv[W];
-#pragma GCC unroll 16
-    for (int w = 0; w < W; ++w) bv[w] = v_load(b[w] + k);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      vf av = v_load(a[r] + k);
-#pragma GCC unroll 16
-      for (int w = 0; w < W; ++w) acc[r][w] = v_fma(av, bv[w], acc[r][w]);
-    }
-  }
+      for (int w = 0; w < W; ++w) _mm_prefetch((const char*)(pf[w] + k), _MM_HINT_T0);
 #endif
+    vin bv[W];
+#pragma GCC unroll 16
+    for (int w = 0; w < W; ++w) bv[w] = in_load(b[w] + k);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      vin av = in_load(a[r] + k);
+#pragma GCC unroll 16
+      for (int w = 0; w < W; ++w) acc[r][w] = dot_step(acc[r][w], av, bv[w]);
+    }
+  }
   for (int r = 0; r < R; ++r) {
 #if MF_AVX512
     if (W == 4) {  // the four sums of a row at once: lanes paired within 128-bit blocks, then blocks added
@@ -238,16 +251,17 @@ static inline void dot_tile(const elem* const* a, const elem* const* b, int64_t 
     } else
 #endif
       for (int w = 0; w < W; ++w) out[r * ldo + w] = v_sum(acc[r][w]);
-    for (int w = 0; w < W; ++w)
-      for (int64_t kk = k; kk < L; ++kk) out[r * ldo + w] += to_f(a[r][kk]) * to_f(b[w][kk]);
   }
+  dot_tail(a, R, b, W, k, L, out, ldo);
 }
 
+// prefetch: the weights come from memory (the first row group), so fetch each next tile's rows meanwhile.
 template <int R>
-static void dot_rows(const elem* const* a, const elem* const* b, int64_t nb, int64_t L, float* out, int64_t ldo) {
+static inline void dot_rows(const elem* const* a, const elem* const* b, int64_t nb, int64_t L, float* out, int64_t ldo,
+                            bool prefetch) {
   int64_t w = 0;
-  for (; w + 4 <= nb; w += 4) dot_tile<R, 4>(a, b + w, L, out + w, ldo);
-  for (; w < nb; ++w) dot_tile<R, 1>(a, b + w, L, out + w, ldo);
+  for (; w + 4 <= nb; w += 4) dot_tile<R, 4>(a, b + w, L, out + w, ldo, prefetch && w + 8 <= nb ? b + w + 4 : nullptr);
+  for (; w < nb; ++w) dot_tile<R, 1>(a, b + w, L, out + w, ldo, nullptr);
 }
 
 // out[r][w] for r < rows (≤ DOT_ROWS), w < nb: rows 4 at a time, each tile streaming its weight rows.
@@ -255,10 +269,10 @@ static void dot_block(const elem* const* a, int64_t rows, const elem* const* b, 
                       int64_t ldo) {
   for (int64_t r = 0; r < rows; r += 4) {
     switch (std::min<int64_t>(4, rows - r)) {
-      case 4: dot_rows<4>(a + r, b, nb, L, out + r * ldo, ldo); break;
-      case 3: dot_rows<3>(a + r, b, nb, L, out + r * ldo, ldo); break;
-      case 2: dot_rows<2>(a + r, b, nb, L, out + r * ldo, ldo); break;
-      default: dot_rows<1>(a + r, b, nb, L, out + r * ldo, ldo); break;
+      case 4: dot_rows<4>(a + r, b, nb, L, out + r * ldo, ldo, r == 0); break;
+      case 3: dot_rows<3>(a + r, b, nb, L, out + r * ldo, ldo, r == 0); break;
+      case 2: dot_rows<2>(a + r, b, nb, L, out + r * ldo, ldo, r == 0); break;
+      default: dot_rows<1>(a + r, b, nb, L, out + r * ldo, ldo, r == 0); break;
     }
   }
 }
@@ -357,7 +371,7 @@ template <int NVEC>
 static void gemm_rows(const elem* const* a, int64_t rows, const elem* const* b, int64_t ks, int64_t L, float* out,
                       int64_t ldo) {
   constexpr int64_t NC = 16 * NVEC;
-  if (ks == 1 && rows <= DOT_ROWS) {
+  if (ks == 1 && (rows <= DOT_ROWS || MF_BF16DOT)) {  // vdpbf16ps: the dot form beats packing at any row count
     dot_block(a, rows, b, NC, L, out, ldo);
     return;
   }

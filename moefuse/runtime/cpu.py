@@ -1,5 +1,9 @@
-"""The CPU path of `moefuse::moe` and of its training pair: an exact torch implementation of the same plan the
-kernels run, forward and SonicMoE's memory-efficient backward.
+"""The CPU path of `moefuse::moe` and of its training pair, forward and SonicMoE's memory-efficient backward.
+
+Each call runs the C++ kernels generated for the layer (`moefuse.kernels.cpu`) when they can take it (fp32 or
+bf16, weights with a unit stride, a C++ compiler; `kernels.cpu.unavailable` says why not), else the torch plan
+below: an exact torch implementation of the same plan, which also serves float64 (gradcheck) and fp16, and is
+the tests' reference.
 
 Forward plan (identical to the Triton path, so the two can be compared step by step):
   1. routing: pairs p = t·K + k sorted stably by expert → order[S], per-expert counts (ids outside [0, E)
