@@ -251,20 +251,23 @@ def backward(spec: MoESpec, dy: torch.Tensor, x: torch.Tensor, expert: torch.Ten
     when `backward_unavailable` said None."""
     lib = library(spec, x.dtype)
     T, S, E = x.shape[0], expert.numel(), spec.num_experts
-    x = x.detach().contiguous()
-    dy = dy.detach().to(x.dtype).contiguous()
-    h = h.detach().to(x.dtype).contiguous()
+    dtype = x.dtype
+    # fp32 copies of the [T, H] activations, read once per expert row: the GEMMs then broadcast and stream them
+    # without widening (the weights, read once, are widened in the loads)
+    x = x.detach().to(torch.float32).contiguous()
+    dy = dy.detach().to(torch.float32).contiguous()
+    h = h.detach().to(dtype).contiguous()
     expert = expert.reshape(-1).to(torch.int64).contiguous()
     weight = weight.detach().reshape(-1).to(torch.float32).contiguous()
     token = token.to(torch.int64).contiguous() if token is not None else None
     w1, w2 = w1.detach(), w2.detach()
     w3 = w3.detach() if w3 is not None else None
     split = w1.shape[1] if w3 is not None else spec.up_rows
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x, dtype=dtype)
     dpw = torch.empty(S, dtype=torch.float32)
-    dw1 = torch.empty((E, split, spec.hidden), dtype=x.dtype)
-    dw3 = torch.empty((E, spec.up_rows - split, spec.hidden), dtype=x.dtype) if w3 is not None else None
-    dw2 = torch.empty((E, spec.hidden, spec.intermediate), dtype=x.dtype)
+    dw1 = torch.empty((E, split, spec.hidden), dtype=dtype)
+    dw3 = torch.empty((E, spec.up_rows - split, spec.hidden), dtype=dtype) if w3 is not None else None
+    dw2 = torch.empty((E, spec.hidden, spec.intermediate), dtype=dtype)
     db1 = torch.empty((E, spec.up_rows), dtype=torch.float32) if b1 is not None else None
     db2 = torch.empty((E, spec.hidden), dtype=torch.float32) if b2 is not None else None
     b2 = _bias(b2)

@@ -390,12 +390,13 @@ static void gemm_rows(const elem* const* a, int64_t rows, const elem* const* b, 
 }
 
 // ---- Broadcast form over row pointers (the backward's GEMMs) ------------------------------------------------
-// out[m][16·v + i] (+)= Σ_k A(m, k) · brow[k][16·v + i] for m < M, with A(m, k) = a[k][m] (TA: one pointer per
-// k, as for dWᵀ = Σ_rows) or a[m][k] (one pointer per row). Vector v reads lanes[v] ≤ 16 columns (masked loads:
-// nothing past a row's end is read). bf16 is widened to fp32.
-template <int M, int NVEC, bool TA, typename AT>
-static inline void bcast_tile(const AT* const* a, const elem* const* brow, int64_t L, const int* lanes, float* out,
-                              int64_t ldo, bool accumulate) {
+// out[m][16·v + i] (+)= Σ_k A(m, k) · brow[k][col + 16·v + i] for m < M, with A(m, k) = a[k][m] (TA: one pointer
+// per k, as for dWᵀ = Σ_rows) or a[m][k] (one pointer per row). A is fp32 (the backward keeps dy, dH and s·A in
+// fp32), broadcast from memory; B is fp32 or bf16 (widened). Vector v reads lanes[v] ≤ 16 columns (masked
+// loads: nothing past a row's end is read).
+template <int M, int NVEC, bool TA, typename BT>
+static inline void bcast_tile(const float* const* a, int64_t acol, const BT* const* brow, int64_t col, int64_t L,
+                              const int* lanes, float* out, int64_t ldo, bool accumulate) {
   vf acc[M][NVEC];
 #pragma GCC unroll 16
   for (int m = 0; m < M; ++m)
@@ -404,10 +405,10 @@ static inline void bcast_tile(const AT* const* a, const elem* const* brow, int64
   for (int64_t k = 0; k < L; ++k) {
     vf bv[NVEC];
 #pragma GCC unroll 16
-    for (int v = 0; v < NVEC; ++v) bv[v] = v_loadn(brow[k] + 16 * v, lanes[v]);
+    for (int v = 0; v < NVEC; ++v) bv[v] = v_loadn(brow[k] + col + 16 * v, lanes[v]);
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) {
-      vf am = v_set1(to_f(TA ? a[k][m] : a[m][k]));
+      vf am = v_set1(TA ? a[k][acol + m] : a[m][k]);
 #pragma GCC unroll 16
       for (int v = 0; v < NVEC; ++v) acc[m][v] = v_fma(am, bv[v], acc[m][v]);
     }
@@ -416,21 +417,22 @@ static inline void bcast_tile(const AT* const* a, const elem* const* brow, int64
     for (int v = 0; v < NVEC; ++v) v_store(out + m * ldo + 16 * v, acc[m][v]);
 }
 
-static constexpr int BM = 8;  // rows of the broadcast form's tile (× 32 columns)
+// The broadcast form's register tile: BM rows × 16·BNV columns (24 accumulators; per k, BM broadcasts and BNV
+// loads feed BM·BNV FMAs).
+static constexpr int BM = 6, BNV = 4;
 
-// out[m][c] (+)= Σ_k A(m, k) · brow[k][col0 + c] for m < rows ≤ BM, c < cols: 32-column tiles, out of stride ldo.
-template <bool TA, typename AT>
-static void bcast_rows(const AT* const* a, int64_t rows, const elem* const* brow, int64_t L, int64_t col0,
-                       int64_t cols, float* out, int64_t ldo, bool accumulate, std::vector<const elem*>& shifted) {
-  shifted.resize((size_t)L);
-  for (int64_t c0 = 0; c0 < cols; c0 += 32) {
-    for (int64_t k = 0; k < L; ++k) shifted[k] = brow[k] + col0 + c0;
-    int lanes[2] = {(int)std::max<int64_t>(0, std::min<int64_t>(16, cols - c0)),
-                    (int)std::max<int64_t>(0, std::min<int64_t>(16, cols - c0 - 16))};
+// out[m][c] (+)= Σ_k A(m, k) · brow[k][c] for m < rows ≤ BM, c < cols: 16·BNV-column tiles, out of stride ldo
+// (TA: A(m, k) = a[k][acol + m]).
+template <bool TA, typename BT>
+static void bcast_rows(const float* const* a, int64_t acol, int64_t rows, const BT* const* brow, int64_t L, int64_t cols,
+                       float* out, int64_t ldo, bool accumulate) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 16 * BNV) {
+    int lanes[BNV];
+    for (int v = 0; v < BNV; ++v) lanes[v] = (int)std::max<int64_t>(0, std::min<int64_t>(16, cols - c0 - 16 * v));
     float* o = out + c0;
     switch (rows) {
-#define MF_CASE(R) case R: bcast_tile<R, 2, TA, AT>(a, shifted.data(), L, lanes, o, ldo, accumulate); break;
-      MF_CASE(8) MF_CASE(7) MF_CASE(6) MF_CASE(5) MF_CASE(4) MF_CASE(3) MF_CASE(2) MF_CASE(1)
+#define MF_CASE(R) case R: bcast_tile<R, BNV, TA, BT>(a, acol, brow, c0, L, lanes, o, ldo, accumulate); break;
+      MF_CASE(6) MF_CASE(5) MF_CASE(4) MF_CASE(3) MF_CASE(2) MF_CASE(1)
 #undef MF_CASE
       default: break;
     }
@@ -521,19 +523,24 @@ static void up_item(const Routing& rt, int64_t e, int64_t n0, const elem* x, con
         float* v0 = pre + (g * NV) * 16;
         float* v1 = pre + (g * NV + (NV - 1)) * 16;
         const int64_t nb = n0 + g * 16;
-        const int lanes = (int)std::min<int64_t>(16, INTER - nb);
-        if (lanes <= 0) break;
-        for (int j = 0; j < NV; ++j) {
-          float* vj = pre + (g * NV + j) * 16;
-          if (b1)
-            for (int i = 0; i < lanes; ++i) vj[i] += b1[e * UPROWS + var_row(j, nb + i)];
-          if (h)
-            for (int i = 0; i < lanes; ++i) put(h + row * UPROWS + var_row(j, nb + i), vj[i]);
-        }
-        float a[16];
+        // 16 columns, or the tail; the body is inlined twice so that the full case has constant trip counts
+        auto epilogue = [&](const int lanes) {
+          for (int j = 0; j < NV; ++j) {
+            float* vj = pre + (g * NV + j) * 16;
+            if (b1)
+              for (int i = 0; i < lanes; ++i) vj[i] += b1[e * UPROWS + var_row(j, nb + i)];
+            if (h)
+              for (int i = 0; i < lanes; ++i) put(h + row * UPROWS + var_row(j, nb + i), vj[i]);
+          }
+          float a[16];
 #pragma omp simd
-        for (int i = 0; i < 16; ++i) a[i] = mf_act(v0[i], v1[i]);
-        for (int i = 0; i < lanes; ++i) put(A + row * INTER + nb + i, a[i]);
+          for (int i = 0; i < 16; ++i) a[i] = mf_act(v0[i], v1[i]);
+          for (int i = 0; i < lanes; ++i) put(A + row * INTER + nb + i, a[i]);
+        };
+        if (nb + 16 <= INTER)
+          epilogue(16);
+        else if (nb < INTER)
+          epilogue((int)(INTER - nb));
       }
     }
   }
@@ -564,9 +571,9 @@ static void down_item(const Routing& rt, int64_t e, int64_t j0, const elem* A, c
 struct Workspace {
   int32_t *order, *tok_offsets, *tok_pairs, *row_of_pair;
   int64_t* offsets;
-  elem* A;       // forward: A; backward: s·A
+  elem* A;       // forward: A
   float* ypair;  // forward: Y in pair order; backward: dx per pair
-  elem* dH;      // backward only
+  float *sA, *dH;  // backward: s·A and dH, fp32
 };
 
 static inline int64_t align64(int64_t b) { return cdiv(b, 64) * 64; }
@@ -580,9 +587,10 @@ static int64_t carve(char* base, int64_t T, int64_t S, int64_t E, bool backward,
   w.tok_offsets = (int32_t*)take((T + 1) * 4);
   w.tok_pairs = (int32_t*)take(S * 4);
   w.offsets = (int64_t*)take((E + 1) * 8);
-  w.A = (elem*)take(S * INTER * (int64_t)sizeof(elem));
+  w.A = backward ? nullptr : (elem*)take(S * INTER * (int64_t)sizeof(elem));
   w.ypair = (float*)take(S * HID * 4);
-  w.dH = backward ? (elem*)take(S * UPROWS * (int64_t)sizeof(elem)) : nullptr;
+  w.sA = backward ? (float*)take(S * INTER * 4) : nullptr;
+  w.dH = backward ? (float*)take(S * UPROWS * 4) : nullptr;
   if (ws) *ws = w;
   return off;
 }
@@ -669,10 +677,11 @@ int64_t mf_forward(int64_t T, int64_t S, int64_t E, int64_t K, const elem* x, co
   return kept;
 }
 
-// Gradients of mf_forward (file header). dy, x, h and the weights are elem; h is the forward's (expert-sorted
+// Gradients of mf_forward (file header). dy and x are fp32 [T, HID] (x upcast once: it is read per expert row);
+// h and the weights are elem; h is the forward's (expert-sorted
 // rows); dw1 [E, rows of w1, HID], dw3 (with w3), dw2 [E, HID, INTER] contiguous elem; dpw [S], db1 [E, UPROWS],
 // db2 [E, HID] fp32 (db1/db2 may be null). Weights must have unit stride along `in` (w*_k == 1).
-int64_t mf_backward(int64_t T, int64_t S, int64_t E, int64_t K, const elem* dy, const elem* x, const int64_t* ids,
+int64_t mf_backward(int64_t T, int64_t S, int64_t E, int64_t K, const float* dy, const float* x, const int64_t* ids,
                     const int64_t* pair_token, const float* pw, const elem* w1, int64_t w1_e, int64_t w1_r,
                     int64_t w1_k, const elem* w3, int64_t w3_e, int64_t w3_r, int64_t w3_split, const elem* w2,
                     int64_t w2_e, int64_t w2_r, int64_t w2_k, const float* b2, const elem* h, elem* dx, float* dpw,
@@ -690,27 +699,29 @@ int64_t mf_backward(int64_t T, int64_t S, int64_t E, int64_t K, const elem* dy, 
   std::vector<int64_t> rowblocks;
   for (int64_t e = 0; e < E; ++e)
     for (int64_t r = rt.offsets[e]; r < rt.offsets[e + 1]; r += BM) rowblocks.push_back(e << 32 | (r - rt.offsets[e]));
-  const int64_t nb2 = cdiv(HID, BM), nb1 = cdiv(UPROWS, BM);
+  constexpr int64_t P2 = 5 * BM;  // output rows of a phase-2 item
+  const int64_t nb2 = cdiv(HID, P2), nb1 = cdiv(UPROWS, P2);
   for (int64_t p = 0; p < S; ++p)
     if (!rt.kept(p)) dpw[p] = 0.0f;
 #pragma omp parallel num_threads((int)threads)
   {
-    // Tiles are 32 columns wide: rows of `tile` are padded to that (ld*), so a tile never spills into the next row.
-    constexpr int64_t ldi = (INTER + 31) / 32 * 32, ldh = (HID + 31) / 32 * 32;
-    std::vector<float> tile(BM * ((HID > UPROWS ? HID : UPROWS) + 32));
-    std::vector<const elem*> brow, shifted;
-    std::vector<const elem*> arow;
+    // Tiles are 16·BNV columns wide: rows of `tile` are padded to that (ld*), so a tile never spills into the next
+    // row.
+    constexpr int64_t TW = 16 * BNV, ldi = (INTER + TW - 1) / TW * TW, ldh = (HID + TW - 1) / TW * TW;
+    std::vector<float> tile(BM * ((HID > UPROWS ? HID : UPROWS) + TW));
+    std::vector<const elem*> brow;
+    std::vector<const float*> arow, frow;  // A rows; fp32 B rows (s·A or x)
     std::vector<float> dh(UPROWS);  // one row of dH, in fp32 until stored
     // ---- Phase 1: dA' = dy[tok]·W2_e, A, dS, dH = s·dA' ⊙ act'(H), s·A ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < (int64_t)rowblocks.size(); ++it) {
       const int64_t e = rowblocks[it] >> 32, r0 = rt.offsets[e] + (rowblocks[it] & 0xffffffff);
       const int64_t rows = std::min<int64_t>(BM, rt.offsets[e + 1] - r0);
-      const elem* dyr[BM];
+      const float* dyr[BM];
       for (int64_t m = 0; m < rows; ++m) dyr[m] = dy + rt.token(rt.order[r0 + m]) * HID;
       brow.resize(HID);
       for (int64_t k = 0; k < HID; ++k) brow[k] = w2 + e * w2_e + k * w2_r;
-      bcast_rows<false, elem>(dyr, rows, brow.data(), HID, 0, INTER, tile.data(), ldi, false, shifted);
+      bcast_rows<false, elem>(dyr, 0, rows, brow.data(), HID, INTER, tile.data(), ldi, false);
       for (int64_t m = 0; m < rows; ++m) {
         const int64_t r = r0 + m, p = rt.order[r];
         const float s = pw[p];
@@ -718,8 +729,8 @@ int64_t mf_backward(int64_t T, int64_t S, int64_t E, int64_t K, const elem* dy, 
         const elem* hr = h + r * UPROWS;
         float ds = 0.0f;
         std::fill(dh.begin(), dh.end(), 0.0f);
-        for (int64_t n0 = 0; n0 < INTER; n0 += 16) {
-          const int lanes = (int)std::min<int64_t>(16, INTER - n0);
+        // 16 columns at a time, or the tail (inlined twice: the full case has constant trip counts)
+        auto columns = [&](const int64_t n0, const int lanes) {
           float v0[16] = {}, v1[16] = {}, a[16], d0[16], d1[16];
           for (int i = 0; i < lanes; ++i) {
             v0[i] = to_f(hr[var_row(0, n0 + i)]);
@@ -730,57 +741,60 @@ int64_t mf_backward(int64_t T, int64_t S, int64_t E, int64_t K, const elem* dy, 
             a[i] = mf_act(v0[i], v1[i]);
             mf_act_grad(v0[i], v1[i], &d0[i], &d1[i]);
           }
+          float part = 0.0f;
           for (int i = 0; i < lanes; ++i) {
-            ds += da[n0 + i] * a[i];
-            put(ws.A + r * INTER + n0 + i, s * a[i]);
+            part += da[n0 + i] * a[i];
+            ws.sA[r * INTER + n0 + i] = s * a[i];
             dh[var_row(0, n0 + i)] += s * da[n0 + i] * d0[i];  // summed: two variables may read one row
             if (NV == 2) dh[var_row(1, n0 + i)] += s * da[n0 + i] * d1[i];
           }
-        }
-        for (int64_t q = 0; q < UPROWS; ++q) put(ws.dH + r * UPROWS + q, dh[q]);
+          ds += part;
+        };
+        int64_t n0 = 0;
+        for (; n0 + 16 <= INTER; n0 += 16) columns(n0, 16);
+        if (n0 < INTER) columns(n0, (int)(INTER - n0));
+        std::memcpy(ws.dH + r * UPROWS, dh.data(), UPROWS * 4);
         if (b2)
-          for (int64_t j = 0; j < HID; ++j) ds += to_f(dyr[m][j]) * b2[e * HID + j];
+          for (int64_t j = 0; j < HID; ++j) ds += dyr[m][j] * b2[e * HID + j];
         dpw[p] = ds;
       }
     }
-    // ---- Phase 2: dW2_e = dyᵀ·(s·A), db2; dW1_e = dHᵀ·x, db1 (zeros for experts without rows) ----
+    // ---- Phase 2: dW2_e = dyᵀ·(s·A), db2; dW1_e = dHᵀ·x, db1 (zeros for experts without rows). Items: (expert,
+    // block of P2 output rows of dW2, then of dW1), the row pointers built once per item ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < E * (nb2 + nb1); ++it) {
       const int64_t e = it / (nb2 + nb1), blk = it % (nb2 + nb1);
       const int64_t r0 = rt.offsets[e], n = rt.offsets[e + 1] - r0;
       const bool second = blk >= nb2;  // dW1 rows rather than dW2 rows
-      const int64_t o0 = (second ? blk - nb2 : blk) * BM;
-      const int64_t orows = std::min<int64_t>(BM, (second ? UPROWS : HID) - o0);
+      const int64_t b0 = (second ? blk - nb2 : blk) * P2;
+      const int64_t brows = std::min<int64_t>(P2, (second ? UPROWS : HID) - b0);
       const int64_t cols = second ? HID : INTER, ld = second ? ldh : ldi;
       arow.resize((size_t)std::max<int64_t>(n, 1));
-      brow.resize((size_t)std::max<int64_t>(n, 1));
+      frow.resize((size_t)std::max<int64_t>(n, 1));
       for (int64_t k = 0; k < n; ++k) {
-        const int64_t r = r0 + k;
-        if (second) {
-          arow[k] = ws.dH + r * UPROWS + o0;
-          brow[k] = x + rt.token(rt.order[r]) * HID;
-        } else {
-          arow[k] = dy + rt.token(rt.order[r]) * HID + o0;
-          brow[k] = ws.A + r * INTER;
-        }
+        const int64_t r = r0 + k, t = rt.token(rt.order[r]);
+        arow[k] = second ? ws.dH + r * UPROWS : dy + t * HID;
+        frow[k] = second ? x + t * HID : ws.sA + r * INTER;
       }
-      float* acc = tile.data();
-      if (n)
-        bcast_rows<true, elem>(arow.data(), orows, brow.data(), n, 0, cols, acc, ld, false, shifted);
-      else
-        std::memset(acc, 0, sizeof(float) * orows * ld);
-      for (int64_t m = 0; m < orows; ++m) {
-        const int64_t q = o0 + m;
-        elem* dst = second ? (q < split ? dw1 + (e * split + q) * HID : dw3 + (e * (UPROWS - split) + q - split) * HID)
-                           : dw2 + (e * HID + q) * INTER;
-        for (int64_t c = 0; c < cols; ++c) put(dst + c, acc[m * ld + c]);
-        float* db = second ? db1 : db2;
-        if (db) {
-          float sum = 0.0f;
-          for (int64_t k = 0; k < n; ++k)
-            sum += second ? to_f(ws.dH[(r0 + k) * UPROWS + q])
-                          : pw[rt.order[r0 + k]] * to_f(dy[rt.token(rt.order[r0 + k]) * HID + q]);
-          db[e * (second ? UPROWS : HID) + q] = sum;
+      for (int64_t o0 = b0; o0 < b0 + brows; o0 += BM) {
+        const int64_t orows = std::min<int64_t>(BM, b0 + brows - o0);
+        float* acc = tile.data();
+        if (n == 0)
+          std::memset(acc, 0, sizeof(float) * orows * ld);
+        else
+          bcast_rows<true, float>(arow.data(), o0, orows, frow.data(), n, cols, acc, ld, false);
+        for (int64_t m = 0; m < orows; ++m) {
+          const int64_t q = o0 + m;
+          elem* dst = second ? (q < split ? dw1 + (e * split + q) * HID : dw3 + (e * (UPROWS - split) + q - split) * HID)
+                             : dw2 + (e * HID + q) * INTER;
+          for (int64_t c = 0; c < cols; ++c) put(dst + c, acc[m * ld + c]);
+          float* db = second ? db1 : db2;
+          if (db) {
+            float sum = 0.0f;
+            for (int64_t k = 0; k < n; ++k)
+              sum += second ? arow[k][q] : pw[rt.order[r0 + k]] * arow[k][q];
+            db[e * (second ? UPROWS : HID) + q] = sum;
+          }
         }
       }
     }
@@ -789,11 +803,11 @@ int64_t mf_backward(int64_t T, int64_t S, int64_t E, int64_t K, const elem* dy, 
     for (int64_t it = 0; it < (int64_t)rowblocks.size(); ++it) {
       const int64_t e = rowblocks[it] >> 32, r0 = rt.offsets[e] + (rowblocks[it] & 0xffffffff);
       const int64_t rows = std::min<int64_t>(BM, rt.offsets[e + 1] - r0);
-      const elem* dhr[BM];
+      const float* dhr[BM];
       for (int64_t m = 0; m < rows; ++m) dhr[m] = ws.dH + (r0 + m) * UPROWS;
       brow.resize(UPROWS);
       for (int64_t q = 0; q < UPROWS; ++q) brow[q] = W1.row(e, q);
-      bcast_rows<false, elem>(dhr, rows, brow.data(), UPROWS, 0, HID, tile.data(), ldh, false, shifted);
+      bcast_rows<false, elem>(dhr, 0, rows, brow.data(), UPROWS, HID, tile.data(), ldh, false);
       for (int64_t m = 0; m < rows; ++m)
         std::memcpy(ws.ypair + (int64_t)rt.order[r0 + m] * HID, tile.data() + m * ldh, HID * 4);
     }
