@@ -363,7 +363,8 @@ def test_fallback_to_the_torch_plan_says_why(monkeypatch):
 
 def test_no_compiler_falls_back_with_the_reason(monkeypatch):
     spec = make_spec(H=8, I=8)  # a layer built nowhere else, so nothing is cached
-    monkeypatch.setattr(K, "_load", _fail_load)
+    attempts = []
+    monkeypatch.setattr(K, "_load", lambda source: attempts.append(1) or _fail_load(source))
     K._library.cache_clear()
     try:
         x, ids, w, w1, w2, b1, b2, w3 = make_inputs(spec, 9)
@@ -373,6 +374,8 @@ def test_no_compiler_falls_back_with_the_reason(monkeypatch):
         y = R.moe_forward_cpu(spec, x, ids, w, w1, w2)
         y_ref, _ = reference(spec, x, ids, w, w1, w2, b1, b2, w3)
         assert_close64(y, y_ref, "y")
+        R.moe_forward_cpu(spec, x, ids, w, w1, w2)
+        assert len(attempts) == 1  # the failure is remembered: one failed build, not one per call
     finally:
         K._library.cache_clear()
 

@@ -97,16 +97,24 @@ def library(spec: MoESpec, dtype: torch.dtype, portable: bool = False):
     """The loaded kernels of `spec` for `dtype` (compiled on first use, then from Inductor's cache; printing the
     source is memoised too, so a warm call costs a dictionary look-up)."""
     a = spec.activation
-    return _library(spec.hidden, spec.intermediate, spec.up_rows, a.expr, a.slices, dtype, portable)
+    lib = _library(spec.hidden, spec.intermediate, spec.up_rows, a.expr, a.slices, dtype, portable)
+    if isinstance(lib, _Unbuildable):
+        raise lib
+    return lib
 
 
 @functools.lru_cache(maxsize=None)
 def _library(hidden, intermediate, up_rows, expr, slices, dtype, portable):
+    """The library, or the `_Unbuildable` error its build raised: a failure is remembered too, so a machine
+    without a compiler pays for one failed build per layer, not one per call."""
     from moefuse.spec import Activation
 
     layer = MoESpec(num_experts=1, top_k=1, hidden=hidden, intermediate=intermediate, up_rows=up_rows,
                     activation=Activation(expr, slices), dtype=str(dtype).removeprefix("torch."), out_dtype="float32")
-    return _load(layer_source(layer, dtype, portable))
+    try:
+        return _load(layer_source(layer, dtype, portable))
+    except _Unbuildable as e:
+        return e
 
 
 def isa(spec: MoESpec, dtype: torch.dtype) -> str:
