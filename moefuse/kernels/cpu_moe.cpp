@@ -118,7 +118,10 @@ typedef bf16 elem;
 typedef float elem;
 #endif
 
-static constexpr int MR = 12;       // rows of the packed form's register tile
+static constexpr int MR = 12;
+#ifndef DOT_R
+#define DOT_R 6  // rows of the dot form's register tile (× 4 weight rows; 6 measured 5 % faster than 4 at T=64)
+#endif       // rows of the packed form's register tile
 static constexpr int64_t LMAX = (HID > UPROWS ? HID : UPROWS) + 64;
 
 static inline float to_f(float v) { return v; }
@@ -129,15 +132,16 @@ static inline float to_f(bf16 v) {
   return f;
 }
 static inline void put(float* p, float v) { *p = v; }
-static inline void put(bf16* p, float v) {  // round to nearest even; NaN stays a (quiet) NaN
-  uint32_t u;
+static inline void put(bf16* p, float v) {  // round to nearest even; NaN stays a (quiet) NaN. Branch-free, so
+  uint32_t u;                                 // that loops of it vectorize
   std::memcpy(&u, &v, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    *p = (bf16)((u >> 16) | 0x40u);
-    return;
-  }
-  u += 0x7fffu + ((u >> 16) & 1u);
-  *p = (bf16)(u >> 16);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  *p = (bf16)(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : rounded);
+}
+// dst[i] = src[i] for i < n, rounded to the element type.
+template <typename T> static inline void put_n(T* dst, const float* src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) put(dst + i, src[i]);
 }
 
 // ---- 16 fp32 lanes ------------------------------------------------------------------------------------
@@ -264,15 +268,18 @@ static inline void dot_rows(const elem* const* a, const elem* const* b, int64_t 
   for (; w < nb; ++w) dot_tile<R, 1>(a, b + w, L, out + w, ldo, nullptr);
 }
 
-// out[r][w] for r < rows (≤ DOT_ROWS), w < nb: rows 4 at a time, each tile streaming its weight rows.
+// out[r][w] for r < rows, w < nb: DOT_R rows at a time, each tile streaming its weight rows.
 static void dot_block(const elem* const* a, int64_t rows, const elem* const* b, int64_t nb, int64_t L, float* out,
                       int64_t ldo) {
-  for (int64_t r = 0; r < rows; r += 4) {
-    switch (std::min<int64_t>(4, rows - r)) {
-      case 4: dot_rows<4>(a + r, b, nb, L, out + r * ldo, ldo, r == 0); break;
-      case 3: dot_rows<3>(a + r, b, nb, L, out + r * ldo, ldo, r == 0); break;
-      case 2: dot_rows<2>(a + r, b, nb, L, out + r * ldo, ldo, r == 0); break;
-      default: dot_rows<1>(a + r, b, nb, L, out + r * ldo, ldo, r == 0); break;
+  for (int64_t r = 0; r < rows; r += DOT_R) {
+    switch (std::min<int64_t>(DOT_R, rows - r)) {
+#define MF_CASE(R) case R: dot_rows<R>(a + r, b, nb, L, out + r * ldo, ldo, r == 0); break;
+#if DOT_R >= 6
+      MF_CASE(6) MF_CASE(5)
+#endif
+      MF_CASE(4) MF_CASE(3) MF_CASE(2) MF_CASE(1)
+#undef MF_CASE
+      default: break;
     }
   }
 }
@@ -535,7 +542,7 @@ static void up_item(const Routing& rt, int64_t e, int64_t n0, const elem* x, con
           float a[16];
 #pragma omp simd
           for (int i = 0; i < 16; ++i) a[i] = mf_act(v0[i], v1[i]);
-          for (int i = 0; i < lanes; ++i) put(A + row * INTER + nb + i, a[i]);
+          put_n(A + row * INTER + nb, a, lanes);
         };
         if (nb + 16 <= INTER)
           epilogue(16);
@@ -671,7 +678,7 @@ int64_t mf_forward(int64_t T, int64_t S, int64_t E, int64_t K, const elem* x, co
       if (out_f32)
         std::memcpy((float*)y + t * HID, acc, HID * 4);
       else
-        for (int64_t j = 0; j < HID; ++j) put((elem*)y + t * HID + j, acc[j]);
+        put_n((elem*)y + t * HID, acc, HID);
     }
   }
   return kept;
@@ -787,7 +794,7 @@ int64_t mf_backward(int64_t T, int64_t S, int64_t E, int64_t K, const float* dy,
           const int64_t q = o0 + m;
           elem* dst = second ? (q < split ? dw1 + (e * split + q) * HID : dw3 + (e * (UPROWS - split) + q - split) * HID)
                              : dw2 + (e * HID + q) * INTER;
-          for (int64_t c = 0; c < cols; ++c) put(dst + c, acc[m * ld + c]);
+          put_n(dst, acc + m * ld, cols);
           float* db = second ? db1 : db2;
           if (db) {
             float sum = 0.0f;
@@ -821,7 +828,7 @@ int64_t mf_backward(int64_t T, int64_t S, int64_t E, int64_t K, const float* dy,
 #pragma omp simd
         for (int64_t j = 0; j < HID; ++j) acc[j] += xp[j];
       }
-      for (int64_t j = 0; j < HID; ++j) put(dx + t * HID + j, acc[j]);
+      put_n(dx + t * HID, acc, HID);
     }
   }
   return kept;
