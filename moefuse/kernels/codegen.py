@@ -1,4 +1,5 @@
-"""Print an activation expression (`moefuse.expr`) as a `@triton.jit` function, and load it.
+"""Print an activation expression (`moefuse.expr`) as a `@triton.jit` function, and load it; or as C functions
+(`c_source`) for the CPU kernels (`moefuse.kernels.cpu`), by the same printer with C spellings (`_CPrinter`).
 
 `triton_source(expr, n)` is a complete module: the helpers the expression needs, then
 
@@ -233,26 +234,35 @@ class _TritonPrinter(StrPrinter):
     def _print_Heaviside(self, e):
         return self._call("_heaviside", *e.args)
 
-    def _lattice(self, fn: str, e) -> str:
+    # The spellings the C printer changes: NaN-propagating max/min of two values, and a select.
+    _LATTICE = {"max": "tl.maximum", "min": "tl.minimum"}
+
+    def _pair(self, fn: str, a: str, b: str) -> str:
+        return f"{fn}({a}, {b}, {_NAN_ALL})"
+
+    def _select(self, cond: str, a: str, b: str) -> str:
+        return f"tl.where({cond}, {a}, {b})"
+
+    def _lattice(self, kind: str, e) -> str:
         # Variables first, constants last: tl.maximum(x0, 0.0) reads like torch.clamp(x0, min=0)
         args = sorted(e.args, key=lambda a: a.is_number)
         out = self._print(args[-1])
         for a in reversed(args[:-1]):
-            out = f"{fn}({self._print(a)}, {out}, {_NAN_ALL})"
+            out = self._pair(self._LATTICE[kind], self._print(a), out)
         return out
 
     def _print_Max(self, e):
-        return self._lattice("tl.maximum", e)
+        return self._lattice("max", e)
 
     def _print_Min(self, e):
-        return self._lattice("tl.minimum", e)
+        return self._lattice("min", e)
 
     def _print_Piecewise(self, e):
         if e.args[-1].cond is not sympy.true:
             self._unsupported(e, "a Piecewise needs a final (value, True) branch")
         out = self._print(e.args[-1].expr)
         for pair in reversed(e.args[:-1]):
-            out = f"tl.where({self._print(pair.cond)}, {self._print(pair.expr)}, {out})"
+            out = self._select(self._print(pair.cond), self._print(pair.expr), out)
         return out
 
     def _print_BooleanTrue(self, e):
@@ -386,21 +396,13 @@ class _CPrinter(_TritonPrinter):
     def _call(self, name: str, *args) -> str:
         return f"{self._NAMES.get(name, name)}({', '.join(self._print(a) for a in args)})"
 
-    def _lattice(self, fn: str, e) -> str:
-        fn = {"tl.maximum": "mf_max", "tl.minimum": "mf_min"}[fn]
-        args = sorted(e.args, key=lambda a: a.is_number)
-        out = self._print(args[-1])
-        for a in reversed(args[:-1]):
-            out = f"{fn}({self._print(a)}, {out})"
-        return out
+    _LATTICE = {"max": "mf_max", "min": "mf_min"}
 
-    def _print_Piecewise(self, e):
-        if e.args[-1].cond is not sympy.true:
-            self._unsupported(e, "a Piecewise needs a final (value, True) branch")
-        out = self._print(e.args[-1].expr)
-        for pair in reversed(e.args[:-1]):
-            out = f"(({self._print(pair.cond)}) ? ({self._print(pair.expr)}) : ({out}))"
-        return out
+    def _pair(self, fn: str, a: str, b: str) -> str:
+        return f"{fn}({a}, {b})"
+
+    def _select(self, cond: str, a: str, b: str) -> str:
+        return f"(({cond}) ? ({a}) : ({b}))"
 
     def _print_And(self, e):
         return " && ".join(f"({self._print(a)})" for a in e.args)
