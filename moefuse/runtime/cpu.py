@@ -176,20 +176,25 @@ def moe_pairs_forward_cpu(
 
 class _Pairs(NamedTuple):
     """Both routing forms as flat pairs: expert [S], weight [S] and token [S] (int64, in [0, T)) of each pair;
-    top_k is K for a [T, K] top-k (pairs t·K + k: the combine is a batched matmul over K), None for flat pairs
-    (the combine sums each token's pairs with index_add)."""
+    top_k is K for a [T, K] top-k (pairs t·K + k: the combine is a batched matmul over K; token is None there,
+    `tokens()` makes p // K where the torch plan needs it), None for flat pairs (the combine sums each token's
+    pairs with index_add)."""
 
     expert: torch.Tensor
     weight: torch.Tensor
-    token: torch.Tensor
+    token: torch.Tensor | None
     num_tokens: int
     top_k: int | None
+
+    def tokens(self) -> torch.Tensor:
+        if self.token is not None:
+            return self.token
+        return torch.arange(self.expert.numel(), device=self.expert.device) // max(self.top_k, 1)
 
     @classmethod
     def from_top_k(cls, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> _Pairs:
         T, K = topk_ids.shape
-        token = torch.arange(T * K, device=topk_ids.device) // max(K, 1)
-        return cls(topk_ids.reshape(-1), topk_weights.reshape(-1), token, T, K)
+        return cls(topk_ids.reshape(-1), topk_weights.reshape(-1), None, T, K)
 
     @classmethod
     def from_flat(cls, pair_token, pair_expert, pair_weight, num_tokens: int, num_experts: int) -> _Pairs:
@@ -202,8 +207,8 @@ class _Pairs(NamedTuple):
 def _forward(spec: MoESpec, x, pairs: _Pairs, w1, w2, b1, b2, save_h: bool, out_dtype, w3=None):
     out_dtype = out_dtype or getattr(torch, spec.out_dtype)
     if _kernels.unavailable(spec, x, w1, w2, w3, out_dtype) is None:
-        y, h = _kernels.forward(spec, x, pairs.expert, pairs.weight, None if pairs.top_k else pairs.token,
-                                pairs.top_k or 0, w1, w2, b1, b2, w3, save_h, out_dtype)
+        y, h = _kernels.forward(spec, x, pairs.expert, pairs.weight, pairs.token, pairs.top_k or 0, w1, w2, b1, b2,
+                                w3, save_h, out_dtype)
         return (y, h) if save_h else y
     return _torch_forward(spec, x, pairs, w1, w2, b1, b2, save_h, out_dtype, w3)
 
@@ -219,7 +224,7 @@ def _torch_forward(spec: MoESpec, x, pairs: _Pairs, w1, w2, b1, b2, save_h: bool
     act = _activation(spec)
     order, counts = sort_pairs(pairs.expert, spec.num_experts)
     kept = sum(counts)  # rows of pairs that belong to an expert; the rest (dropped ids) stay zero
-    xs = x.index_select(0, pairs.token[order])
+    xs = x.index_select(0, pairs.tokens()[order])
     if w3 is None:
         up = _grouped_linear(xs, w1, b1, counts)
     else:  # the virtual [w1; w3]: two GEMMs into the column halves of H, the weights are never concatenated
@@ -253,7 +258,7 @@ def _sum_by_token(rows: torch.Tensor, weight: torch.Tensor | None, pairs: _Pairs
         return rows.new_zeros((0, H))
     if weight is not None:
         rows = rows * weight.unsqueeze(1)
-    return rows.new_zeros((T, H)).index_add_(0, pairs.token, rows)
+    return rows.new_zeros((T, H)).index_add_(0, pairs.tokens(), rows)
 
 
 def moe_backward_cpu(
@@ -315,7 +320,7 @@ def _backward(spec: MoESpec, dy, x, pairs: _Pairs, w1, w2, b1, b2, h, w3=None):
         raise ValueError(f"dy: expected shape {(T, H)}, got {tuple(dy.shape)}")
     if _kernels.backward_unavailable(spec, x, w1, w2, w3) is None:
         dx, dw, dw1, dw2, db1, db2, dw3 = _kernels.backward(
-            spec, dy, x, pairs.expert, pairs.weight, None if pairs.top_k else pairs.token, pairs.top_k or 0,
+            spec, dy, x, pairs.expert, pairs.weight, pairs.token, pairs.top_k or 0,
             w1, w2, b1, b2, h, w3)
         return (dx, dw.to(pairs.weight.dtype), dw1, dw2, db1.to(b1.dtype) if db1 is not None else None,
                 db2.to(b2.dtype) if db2 is not None else None, dw3)
@@ -330,7 +335,7 @@ def _torch_backward(spec: MoESpec, dy, x, pairs: _Pairs, w1, w2, b1, b2, h, w3=N
     act = _activation(spec)
     act_grads = _activation_grads(spec.activation.expr, spec.activation.num_inputs)
     order, counts = sort_pairs(pairs.expert, E)
-    weights = pairs.weight
+    weights, pair_token = pairs.weight, pairs.tokens()
 
     # Per pair (not per token) so that dx is summed over a token's pairs in a fixed order, like the kernels'
     # gather-sum.
@@ -348,7 +353,7 @@ def _torch_backward(spec: MoESpec, dy, x, pairs: _Pairs, w1, w2, b1, b2, h, w3=N
         if c == 0:
             continue
         rows = order[start : start + c]
-        tokens = pairs.token[rows]
+        tokens = pair_token[rows]
         dy_e = dy[tokens].to(math)  # [c, H]
         s = weights[rows].to(math).unsqueeze(-1)  # [c, 1]
         ins = [v.to(math) for v in expert_slices(h[start : start + c], spec)]
