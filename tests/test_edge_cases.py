@@ -1,7 +1,8 @@
 """Routing edge cases, NaN/Inf, determinism, 64-bit indexing and bad input, through both paths of the op.
 
 Each test runs `moefuse::moe` (or its training pair) on the Triton kernels under the interpreter
-(TRITON_INTERPRET=1) and on the CPU torch plan, checks on `op.counters` that the path it names really ran, and
+(TRITON_INTERPRET=1) and on the CPU path (the generated C++ kernels for fp32/bf16, the torch plan for fp16),
+checks on `op.counters` that the path it names really ran, and
 compares with a plain PyTorch reference (`test_kernels.reference_moe`: a loop over tokens and their slots,
 which is what transformers' eager experts and its grouped_mm compute).
 
@@ -44,7 +45,8 @@ PATHS = ("interpreter", "cpu")
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """The op's path under test: "interpreter" (Triton kernels, TRITON_INTERPRET=1) or "cpu" (torch plan)."""
+    """The op's path under test: "interpreter" (Triton kernels, TRITON_INTERPRET=1) or "cpu" (the generated C++
+    kernels, or the torch plan where they cannot run)."""
     if request.param == "cpu":
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
@@ -307,7 +309,7 @@ def test_meta_tensors_give_shapes_without_running(path):
 
 
 def test_kernels_on_a_cpu_tensor_without_the_interpreter_name_the_fix(monkeypatch):
-    # The op routes CPU tensors to its torch plan; the kernel API itself refuses them with the two ways out.
+    # The op routes CPU tensors to its CPU path; the Triton kernel API itself refuses them with the two ways out.
     from moefuse.kernels.codegen import load_activation
     from moefuse.kernels.moe import moe_forward
 

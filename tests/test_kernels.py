@@ -451,7 +451,7 @@ def test_errors_name_tensor_and_shapes():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The same cases through the op's other paths: the CPU torch plan, and the op with its generated epilogue
+# The same cases through the op's other paths: the CPU path, and the op with its generated epilogue
 # ---------------------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Verification probes what will run: the fused op through its own dispatch on the captured device (the Triton
-kernels under TRITON_INTERPRET=1 here, as on CUDA; the torch plan on other CPUs), forward and — for a region
-that needs gradients — backward. A region the kernels of that device would refuse or compute differently is
-never reported verified."""
+kernels under TRITON_INTERPRET=1 here, as on CUDA; the CPU path — generated C++ or torch plan — on other CPUs),
+forward and — for a region that needs gradients — backward. A region the kernels of that device would refuse or
+compute differently is never reported verified."""
 from __future__ import annotations
 
 import sys
