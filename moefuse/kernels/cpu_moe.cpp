@@ -622,22 +622,6 @@ static int64_t carve(const Layer& ly, char* base, int64_t T, int64_t S, int64_t 
 
 static inline Layer layer_of(const int64_t* d) { return Layer{d[0], d[1], d[2], d[3], d[4], d[5], d[6]}; }
 
-// What both entry points start with: the layer, the call's workspace, and the routing built in it.
-struct Call {
-  Layer ly;
-  Workspace ws;
-  Routing rt;
-  int64_t kept;  // pairs with an expert: rows [0, kept) of the expert-sorted order
-  Call(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_t K, const int64_t* ids, const int64_t* pair_token,
-       char* ws_base, bool backward)
-      : ly(layer_of(dims)) {
-    carve(ly, ws_base, T, S, E, backward, &ws);
-    rt = Routing{S, T, E, K, ids, pair_token, ws.order, ws.offsets, ws.tok_offsets, ws.tok_pairs, ws.row_of_pair};
-    rt.build();
-    kept = rt.offsets[E];
-  }
-};
-
 extern "C" {
 
 // Bytes of workspace `mf_forward` (backward = 0) or `mf_backward` needs for T tokens, S pairs, E experts.
@@ -660,16 +644,18 @@ int64_t mf_eval_act(int64_t n, const float* x0, const float* x1, float* a, float
 }
 
 // y[T, HID] (fp32 if out_f32, else elem). Returns the number of kept pairs; h rows past them are zeroed.
-int64_t mf_forward(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_t K, const elem* x,
-                   const int64_t* ids, const int64_t* pair_token, const float* pw, const elem* w1, int64_t w1_e,
-                   int64_t w1_r, int64_t w1_k, const elem* w3, int64_t w3_e, int64_t w3_r, int64_t w3_split,
-                   const elem* w2, int64_t w2_e, int64_t w2_r, int64_t w2_k, const float* b1, const float* b2, void* y,
-                   int64_t out_f32, elem* h, char* ws_base, int64_t threads) {
-  const Call call(dims, T, S, E, K, ids, pair_token, ws_base, false);
-  const Layer& ly = call.ly;
-  const Workspace& ws = call.ws;
-  const Routing& rt = call.rt;
-  const int64_t kept = call.kept, HID = ly.HID, INTER = ly.INTER, UPROWS = ly.UPROWS;
+int64_t mf_forward(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_t K, const elem* x, const int64_t* ids,
+                   const int64_t* pair_token, const float* pw, const elem* w1, int64_t w1_e, int64_t w1_r,
+                   int64_t w1_k, const elem* w3, int64_t w3_e, int64_t w3_r, int64_t w3_split, const elem* w2,
+                   int64_t w2_e, int64_t w2_r, int64_t w2_k, const float* b1, const float* b2, void* y, int64_t out_f32, elem* h, char* ws_base,
+                   int64_t threads) {
+  const Layer ly = layer_of(dims);
+  const int64_t HID = ly.HID, INTER = ly.INTER, UPROWS = ly.UPROWS;
+  Workspace ws;
+  carve(ly, ws_base, T, S, E, false, &ws);
+  Routing rt{S, T, E, K, ids, pair_token, ws.order, ws.offsets, ws.tok_offsets, ws.tok_pairs, ws.row_of_pair};
+  rt.build();
+  const int64_t kept = rt.offsets[E];
   Weights W1{w1, w1_e, w1_r, w3, w3_e, w3_r, w3_split, w1_k};
   Weights W2{w2, w2_e, w2_r, nullptr, 0, 0, 0, w2_k};
   const std::vector<int64_t> up = items(rt, cdiv(INTER, UP_COLS));
@@ -726,18 +712,19 @@ int64_t mf_forward(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_t
 // h and the weights are elem; h is the forward's (expert-sorted
 // rows); dw1 [E, rows of w1, HID], dw3 (with w3), dw2 [E, HID, INTER] contiguous elem; dpw [S], db1 [E, UPROWS],
 // db2 [E, HID] fp32 (db1/db2 may be null). Weights must have unit stride along `in` (w*_k == 1).
-int64_t mf_backward(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_t K, const float* dy, const float* x,
-                    const int64_t* ids, const int64_t* pair_token, const float* pw, const elem* w1, int64_t w1_e,
-                    int64_t w1_r, int64_t w1_k, const elem* w3, int64_t w3_e, int64_t w3_r, int64_t w3_split,
-                    const elem* w2, int64_t w2_e, int64_t w2_r, int64_t w2_k, const float* b2, const elem* h,
-                    elem* dx, float* dpw, elem* dw1, elem* dw3, elem* dw2, float* db1, float* db2, char* ws_base,
-                    int64_t threads) {
+int64_t mf_backward(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_t K, const float* dy, const float* x, const int64_t* ids,
+                    const int64_t* pair_token, const float* pw, const elem* w1, int64_t w1_e, int64_t w1_r,
+                    int64_t w1_k, const elem* w3, int64_t w3_e, int64_t w3_r, int64_t w3_split, const elem* w2,
+                    int64_t w2_e, int64_t w2_r, int64_t w2_k, const float* b2, const elem* h, elem* dx, float* dpw,
+                    elem* dw1, elem* dw3, elem* dw2, float* db1, float* db2, char* ws_base, int64_t threads) {
   if (w1_k != 1 || w2_k != 1) return -1;
-  const Call call(dims, T, S, E, K, ids, pair_token, ws_base, true);
-  const Layer& ly = call.ly;
-  const Workspace& ws = call.ws;
-  const Routing& rt = call.rt;
-  const int64_t kept = call.kept, HID = ly.HID, INTER = ly.INTER, UPROWS = ly.UPROWS;
+  const Layer ly = layer_of(dims);
+  const int64_t HID = ly.HID, INTER = ly.INTER, UPROWS = ly.UPROWS;
+  Workspace ws;
+  carve(ly, ws_base, T, S, E, true, &ws);
+  Routing rt{S, T, E, K, ids, pair_token, ws.order, ws.offsets, ws.tok_offsets, ws.tok_pairs, ws.row_of_pair};
+  rt.build();
+  const int64_t kept = rt.offsets[E];
   Weights W1{w1, w1_e, w1_r, w3, w3_e, w3_r, w3_split, 1};
   const int64_t split = w3 ? w3_split : UPROWS;
   // Phase 1 items: (expert, block of BM rows). Phase 2: (expert, block of BM output rows of dW2 then of dW1).
