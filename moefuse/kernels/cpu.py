@@ -1,8 +1,7 @@
-"""The CPU kernels: C++ generated from the layer's spec (`cpu_moe.cpp` completed with the activation printed by
-`codegen.c_source`, for x's dtype), compiled and cached by Inductor's `CppCodeCache` (the compiler and flags
-Inductor uses for its own CPU kernels, -march=native, OpenMP from torch's runtime) and called through ctypes
-with the layer's sizes and slices as arguments: one build per (activation, dtype), shared by every layer
-that has them.
+"""The CPU kernels: C++ generated per layer from its spec (`cpu_moe.cpp` plus the layer's constants and its
+activation printed by `codegen.c_source`), compiled and cached by Inductor's `CppCodeCache` (the compiler and
+flags Inductor uses for its own CPU kernels, -march=native, OpenMP from torch's runtime) and called through
+ctypes.
 
 `unavailable(spec, x, w1, w2, w3, out_dtype)` says why a call cannot take this path (None when it can); the
 runtime (`moefuse.runtime.cpu`) then runs its torch plan and the report says why. The kernels take fp32 or bf16
@@ -29,8 +28,7 @@ from moefuse.errors import InputError
 from moefuse.kernels.codegen import c_source
 from moefuse.spec import MoESpec
 
-__all__ = ["unavailable", "backward_unavailable", "describe", "layer_source", "library", "forward", "backward", "isa",
-           "eval_activation", "counters"]
+__all__ = ["unavailable", "backward_unavailable", "describe", "layer_source", "library", "forward", "backward", "isa"]
 
 _SOURCE = Path(__file__).with_name("cpu_moe.cpp")
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -45,17 +43,22 @@ class _Unbuildable(RuntimeError):
     """The C++ could not be compiled or loaded here (no compiler, or it failed)."""
 
 
-def layer_source(expr: str, num_inputs: int, dtype: torch.dtype, portable: bool = False) -> str:
-    """The complete C++ of the kernels for an activation `expr` of `num_inputs` slices and x and weights of
-    `dtype`. The layer's sizes and slices are arguments of each call, so one build serves every layer with this
-    activation and dtype. `portable` builds the GCC-vector code even where AVX-512 exists (tests run both)."""
+def layer_source(spec: MoESpec, dtype: torch.dtype, portable: bool = False) -> str:
+    """The complete C++ of `spec`'s kernels for x and weights of `dtype`; `portable` builds the GCC-vector
+    code even where AVX-512 exists (tests run both)."""
+    (off0, step0), *rest = spec.activation.slices
+    off1, step1 = rest[0] if rest else (0, 0)
     layer = "\n".join([
-        f"// Activation {expr} of {num_inputs} input(s), {dtype}",
+        f"// Layer: hidden {spec.hidden}, intermediate {spec.intermediate}, up rows {spec.up_rows}, {dtype}",
         *(["#define MOEFUSE_PORTABLE 1"] if portable else []),
         f"#define MF_BF16 {int(dtype == torch.bfloat16)}",
-        f"static constexpr int NV = {num_inputs};",
+        f"static constexpr int64_t HID = {spec.hidden};",
+        f"static constexpr int64_t INTER = {spec.intermediate};",
+        f"static constexpr int64_t UPROWS = {spec.up_rows};",
+        f"static constexpr int NV = {spec.activation.num_inputs};",
         f"static constexpr int DOT_ROWS = {DOT_ROWS};",
-        c_source(expr, num_inputs),
+        f"static constexpr int64_t OFF0 = {off0}, STEP0 = {step0}, OFF1 = {off1}, STEP1 = {step1};",
+        c_source(spec.activation.expr, spec.activation.num_inputs),
     ])
     text = _SOURCE.read_text()
     if portable:  # the ISA switch is read before the layer's block: define it first
@@ -65,12 +68,12 @@ def layer_source(expr: str, num_inputs: int, dtype: torch.dtype, portable: bool 
 
 _I, _P = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
-    "mf_workspace_bytes": [_P, _I, _I, _I, _I],
+    "mf_workspace_bytes": [_I, _I, _I, _I],
     "mf_isa": [],
     "mf_eval_act": [_I, _P, _P, _P, _P, _P],
-    "mf_forward": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P, _I, _P,
+    "mf_forward": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P, _I, _P,
                    _P, _I],
-    "mf_backward": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P,
+    "mf_backward": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P,
                     _P, _P, _P, _P, _P, _P, _P, _I],
 }
 
@@ -93,27 +96,25 @@ def _load(source: str):
 def library(spec: MoESpec, dtype: torch.dtype, portable: bool = False):
     """The loaded kernels of `spec` for `dtype` (compiled on first use, then from Inductor's cache; printing the
     source is memoised too, so a warm call costs a dictionary look-up)."""
-    lib = _library(spec.activation.expr, spec.activation.num_inputs, dtype, portable)
+    a = spec.activation
+    lib = _library(spec.hidden, spec.intermediate, spec.up_rows, a.expr, a.slices, dtype, portable)
     if isinstance(lib, _Unbuildable):
         raise lib
     return lib
 
 
 @functools.lru_cache(maxsize=None)
-def _library(expr: str, num_inputs: int, dtype: torch.dtype, portable: bool):
+def _library(hidden, intermediate, up_rows, expr, slices, dtype, portable):
     """The library, or the `_Unbuildable` error its build raised: a failure is remembered too, so a machine
-    without a compiler pays for one failed build per activation, not one per call."""
+    without a compiler pays for one failed build per layer, not one per call."""
+    from moefuse.spec import Activation
+
+    layer = MoESpec(num_experts=1, top_k=1, hidden=hidden, intermediate=intermediate, up_rows=up_rows,
+                    activation=Activation(expr, slices), dtype=str(dtype).removeprefix("torch."), out_dtype="float32")
     try:
-        return _load(layer_source(expr, num_inputs, dtype, portable))
+        return _load(layer_source(layer, dtype, portable))
     except _Unbuildable as e:
         return e
-
-
-def _dims(spec: MoESpec):
-    """The layer's sizes and slices as the kernels' `Layer` lists them (a ctypes int64 array)."""
-    (off0, step0), *rest = spec.activation.slices
-    off1, step1 = rest[0] if rest else (0, 0)
-    return (ctypes.c_int64 * 7)(spec.hidden, spec.intermediate, spec.up_rows, off0, step0, off1, step1)
 
 
 def isa(spec: MoESpec, dtype: torch.dtype) -> str:
@@ -229,11 +230,10 @@ def forward(spec: MoESpec, x: torch.Tensor, expert: torch.Tensor, weight: torch.
     b1, b2 = _bias(b1), _bias(b2)
     y = torch.empty((T, spec.hidden), dtype=out_dtype)
     h = torch.empty((S, spec.up_rows), dtype=x.dtype) if save_h else None
-    dims = _dims(spec)
-    ws = _workspace(lib.mf_workspace_bytes(dims, T, S, E, 0))
+    ws = _workspace(lib.mf_workspace_bytes(T, S, E, 0))
     counters["forward"] += 1
     lib.mf_forward(
-        dims, T, S, E, top_k, x.data_ptr(), expert.data_ptr(), _ptr(token), weight.data_ptr(),
+        T, S, E, top_k, x.data_ptr(), expert.data_ptr(), _ptr(token), weight.data_ptr(),
         w1.data_ptr(), w1.stride(0), w1.stride(1), _in_stride(w1),
         _ptr(w3), w3.stride(0) if w3 is not None else 0, w3.stride(1) if w3 is not None else 0,
         w1.shape[1] if w3 is not None else spec.up_rows,
@@ -279,11 +279,10 @@ def backward(spec: MoESpec, dy: torch.Tensor, x: torch.Tensor, expert: torch.Ten
     db1 = torch.empty((E, spec.up_rows), dtype=torch.float32) if b1 is not None else None
     db2 = torch.empty((E, spec.hidden), dtype=torch.float32) if b2 is not None else None
     b2 = _bias(b2)
-    dims = _dims(spec)
-    ws = _workspace(lib.mf_workspace_bytes(dims, T, S, E, 1))
+    ws = _workspace(lib.mf_workspace_bytes(T, S, E, 1))
     counters["backward"] += 1
     status = lib.mf_backward(
-        dims, T, S, E, top_k, dy.data_ptr(), x.data_ptr(), expert.data_ptr(), _ptr(token), weight.data_ptr(),
+        T, S, E, top_k, dy.data_ptr(), x.data_ptr(), expert.data_ptr(), _ptr(token), weight.data_ptr(),
         w1.data_ptr(), w1.stride(0), w1.stride(1), _in_stride(w1),
         _ptr(w3), w3.stride(0) if w3 is not None else 0, w3.stride(1) if w3 is not None else 0, split,
         w2.data_ptr(), w2.stride(0), w2.stride(1), _in_stride(w2),

@@ -1,8 +1,7 @@
-// moefuse's CPU kernels for the MoE layers of one activation. `moefuse.kernels.cpu` completes this file with the
-// activation (`mf_act`, `mf_act_grad`, printed from the spec's sympy expression), its number of inputs NV and
-// the element type (MF_BF16), then compiles it the way Inductor compiles its CPU kernels (its compiler, -O3
-// -march=native, OpenMP from torch's runtime). The layer's sizes and slices (`Layer`) are arguments of each
-// call, so every layer with that activation and dtype shares one build.
+// moefuse's CPU kernels for one MoE layer. `moefuse.kernels.cpu` prepends the layer's constants (HID, INTER,
+// UPROWS, NV, OFF0/STEP0/OFF1/STEP1, MF_BF16) and its activation (`mf_act`, `mf_act_grad`), printed from the
+// spec's sympy expression, then compiles this file the way Inductor compiles its CPU kernels (its compiler,
+// -O3 -march=native, OpenMP from torch's runtime).
 //
 // Forward, one OpenMP region (see `mf_forward`):
 //   1. routing: stable counting sort of the pairs p by expert (ids outside [0, E) belong to no expert), and
@@ -38,8 +37,7 @@
 #include <vector>
 #include <omp.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
-    !defined(MOEFUSE_PORTABLE)  // masked 16-bit loads need BW+VL, 256-bit extracts DQ
+#if defined(__AVX512F__) && !defined(MOEFUSE_PORTABLE)
 #include <immintrin.h>
 #define MF_AVX512 1
 #if defined(__AVX512BF16__)
@@ -120,18 +118,11 @@ typedef bf16 elem;
 typedef float elem;
 #endif
 
-static constexpr int MR = 12;  // rows of the packed form's register tile
+static constexpr int MR = 12;
 #ifndef DOT_R
 #define DOT_R 6  // rows of the dot form's register tile (× 4 weight rows; 6 measured 5 % faster than 4 at T=64)
-#endif
-
-// The layer's sizes, given at each call (one build serves every layer with the same activation and dtype):
-// hidden HID, expert width INTER, up-projection rows UPROWS, and the activation's slices — variable j reads
-// up-projection row OFFj + STEPj · n for output column n.
-struct Layer {
-  int64_t HID, INTER, UPROWS, OFF0, STEP0, OFF1, STEP1;
-  inline int64_t var_row(int j, int64_t n) const { return j == 0 ? OFF0 + STEP0 * n : OFF1 + STEP1 * n; }
-};
+#endif       // rows of the packed form's register tile
+static constexpr int64_t LMAX = (HID > UPROWS ? HID : UPROWS) + 64;
 
 static inline float to_f(float v) { return v; }
 static inline float to_f(bf16 v) {
@@ -202,9 +193,8 @@ template <typename T> static inline vf v_loadn(const T* p, int n) {
 
 static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// A row of zeros (max(HID, UPROWS) + 64 long, in the call's workspace) that padded tile rows / columns read;
-// each thread of a call's parallel region points here first.
-static thread_local const elem* ZERO_ROW = nullptr;
+// A row of zeros that padded tile rows / columns read (never written).
+alignas(64) static const elem ZERO_ROW[LMAX] = {};
 
 // ---- Dot-product form: out[r][w] = Σ_k a[r][k] · b[w][k] ---------------------------------------------------
 // One step of DOT_STEP elements: fp32 FMAs, or vdpbf16ps on bf16 pairs (32 elements per step).
@@ -502,6 +492,7 @@ struct Weights {  // [E, rows, L] with strides (e, r, k), the same k stride for 
   }
 };
 
+static inline int64_t var_row(int j, int64_t n) { return j == 0 ? OFF0 + STEP0 * n : OFF1 + STEP1 * n; }
 
 // Work items (expert, column block) of experts with rows.
 static std::vector<int64_t> items(const Routing& rt, int64_t blocks) {
@@ -517,15 +508,14 @@ static constexpr int UP_G = NV == 1 ? 2 : 1;
 static constexpr int UP_NVEC = UP_G * NV;
 static constexpr int64_t UP_COLS = 16 * UP_G;
 
-static void up_item(const Layer& ly, const Routing& rt, int64_t e, int64_t n0, const elem* x, const Weights& w1,
-                    const float* b1, elem* h, elem* A, float* scratch) {
-  const int64_t HID = ly.HID, INTER = ly.INTER, UPROWS = ly.UPROWS;
+static void up_item(const Routing& rt, int64_t e, int64_t n0, const elem* x, const Weights& w1, const float* b1,
+                    elem* h, elem* A, float* scratch) {
   const int64_t r0 = rt.offsets[e], rows = rt.offsets[e + 1] - r0;
   const elem* wrow[16 * UP_NVEC];
   for (int v = 0; v < UP_NVEC; ++v)
     for (int i = 0; i < 16; ++i) {
       int64_t n = n0 + (v / NV) * 16 + i;
-      wrow[v * 16 + i] = n < INTER ? w1.row(e, ly.var_row(v % NV, n)) : ZERO_ROW;
+      wrow[v * 16 + i] = n < INTER ? w1.row(e, var_row(v % NV, n)) : ZERO_ROW;
     }
   constexpr int64_t ld = 16 * UP_NVEC;
   for (int64_t c0 = 0; c0 < rows; c0 += 256) {  // row chunks bound the scratch ([256][ld] floats)
@@ -545,9 +535,9 @@ static void up_item(const Layer& ly, const Routing& rt, int64_t e, int64_t n0, c
           for (int j = 0; j < NV; ++j) {
             float* vj = pre + (g * NV + j) * 16;
             if (b1)
-              for (int i = 0; i < lanes; ++i) vj[i] += b1[e * UPROWS + ly.var_row(j, nb + i)];
+              for (int i = 0; i < lanes; ++i) vj[i] += b1[e * UPROWS + var_row(j, nb + i)];
             if (h)
-              for (int i = 0; i < lanes; ++i) put(h + row * UPROWS + ly.var_row(j, nb + i), vj[i]);
+              for (int i = 0; i < lanes; ++i) put(h + row * UPROWS + var_row(j, nb + i), vj[i]);
           }
           float a[16];
 #pragma omp simd
@@ -565,9 +555,8 @@ static void up_item(const Layer& ly, const Routing& rt, int64_t e, int64_t n0, c
 
 static constexpr int64_t DN_COLS = 32;
 
-static void down_item(const Layer& ly, const Routing& rt, int64_t e, int64_t j0, const elem* A, const Weights& w2,
-                      const float* b2, float* ypair, float* scratch) {
-  const int64_t HID = ly.HID, INTER = ly.INTER;
+static void down_item(const Routing& rt, int64_t e, int64_t j0, const elem* A, const Weights& w2, const float* b2,
+                      float* ypair, float* scratch) {
   const int64_t r0 = rt.offsets[e], rows = rt.offsets[e + 1] - r0;
   const elem* wrow[DN_COLS];
   for (int i = 0; i < DN_COLS; ++i) wrow[i] = j0 + i < HID ? w2.row(e, j0 + i) : ZERO_ROW;
@@ -592,13 +581,11 @@ struct Workspace {
   elem* A;       // forward: A
   float* ypair;  // forward: Y in pair order; backward: dx per pair
   float *sA, *dH;  // backward: s·A and dH, fp32
-  elem* zero;    // ZERO_ROW
 };
 
 static inline int64_t align64(int64_t b) { return cdiv(b, 64) * 64; }
 
-static int64_t carve(const Layer& ly, char* base, int64_t T, int64_t S, int64_t E, bool backward, Workspace* ws) {
-  const int64_t HID = ly.HID, INTER = ly.INTER, UPROWS = ly.UPROWS;
+static int64_t carve(char* base, int64_t T, int64_t S, int64_t E, bool backward, Workspace* ws) {
   int64_t off = 0;
   auto take = [&](int64_t bytes) { char* p = base ? base + off : nullptr; off += align64(bytes); return p; };
   Workspace w;
@@ -611,23 +598,15 @@ static int64_t carve(const Layer& ly, char* base, int64_t T, int64_t S, int64_t 
   w.ypair = (float*)take(S * HID * 4);
   w.sA = backward ? (float*)take(S * INTER * 4) : nullptr;
   w.dH = backward ? (float*)take(S * UPROWS * 4) : nullptr;
-  const int64_t zero_len = std::max(HID, UPROWS) + 64;
-  w.zero = (elem*)take(zero_len * (int64_t)sizeof(elem));
-  if (ws) {
-    std::memset(w.zero, 0, zero_len * sizeof(elem));
-    *ws = w;
-  }
+  if (ws) *ws = w;
   return off;
 }
-
-static inline Layer layer_of(const int64_t* d) { return Layer{d[0], d[1], d[2], d[3], d[4], d[5], d[6]}; }
 
 extern "C" {
 
 // Bytes of workspace `mf_forward` (backward = 0) or `mf_backward` needs for T tokens, S pairs, E experts.
-// dims: the layer's sizes, as `Layer` lists them.
-int64_t mf_workspace_bytes(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_t backward) {
-  return carve(layer_of(dims), nullptr, T, S, E, backward != 0, nullptr);
+int64_t mf_workspace_bytes(int64_t T, int64_t S, int64_t E, int64_t backward) {
+  return carve(nullptr, T, S, E, backward != 0, nullptr);
 }
 
 // What this build runs: 1 = AVX-512, 2 = AVX-512 with vdpbf16ps, 0 = portable vector code.
@@ -644,15 +623,13 @@ int64_t mf_eval_act(int64_t n, const float* x0, const float* x1, float* a, float
 }
 
 // y[T, HID] (fp32 if out_f32, else elem). Returns the number of kept pairs; h rows past them are zeroed.
-int64_t mf_forward(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_t K, const elem* x, const int64_t* ids,
+int64_t mf_forward(int64_t T, int64_t S, int64_t E, int64_t K, const elem* x, const int64_t* ids,
                    const int64_t* pair_token, const float* pw, const elem* w1, int64_t w1_e, int64_t w1_r,
                    int64_t w1_k, const elem* w3, int64_t w3_e, int64_t w3_r, int64_t w3_split, const elem* w2,
                    int64_t w2_e, int64_t w2_r, int64_t w2_k, const float* b1, const float* b2, void* y, int64_t out_f32, elem* h, char* ws_base,
                    int64_t threads) {
-  const Layer ly = layer_of(dims);
-  const int64_t HID = ly.HID, INTER = ly.INTER, UPROWS = ly.UPROWS;
   Workspace ws;
-  carve(ly, ws_base, T, S, E, false, &ws);
+  carve(ws_base, T, S, E, false, &ws);
   Routing rt{S, T, E, K, ids, pair_token, ws.order, ws.offsets, ws.tok_offsets, ws.tok_pairs, ws.row_of_pair};
   rt.build();
   const int64_t kept = rt.offsets[E];
@@ -665,20 +642,19 @@ int64_t mf_forward(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_t
   if (h) {
     std::vector<char> read(UPROWS, 0);
     for (int j = 0; j < NV; ++j)
-      for (int64_t n = 0; n < INTER; ++n) read[ly.var_row(j, n)] = 1;
+      for (int64_t n = 0; n < INTER; ++n) read[var_row(j, n)] = 1;
     for (int64_t q = 0; q < UPROWS; ++q)
       if (!read[q]) unread.push_back(q);
   }
 #pragma omp parallel num_threads((int)threads)
   {
-    ZERO_ROW = ws.zero;
-    std::vector<float> scratch(256 * 64 + MR * 64), sum(HID);
+    std::vector<float> scratch(256 * 64 + MR * 64);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < (int64_t)up.size(); ++i)
-      up_item(ly, rt, up[i] / up_blocks, (up[i] % up_blocks) * UP_COLS, x, W1, b1, h, ws.A, scratch.data());
+      up_item(rt, up[i] / up_blocks, (up[i] % up_blocks) * UP_COLS, x, W1, b1, h, ws.A, scratch.data());
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < (int64_t)down.size(); ++i)
-      down_item(ly, rt, down[i] / dn_blocks, (down[i] % dn_blocks) * DN_COLS, ws.A, W2, b2, ws.ypair, scratch.data());
+      down_item(rt, down[i] / dn_blocks, (down[i] % dn_blocks) * DN_COLS, ws.A, W2, b2, ws.ypair, scratch.data());
     if (h) {  // rows of dropped pairs, and up-projection rows the activation never reads, are 0 in H
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < S; ++r) {
@@ -690,8 +666,8 @@ int64_t mf_forward(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_t
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
-      float* acc = sum.data();
-      std::fill(sum.begin(), sum.end(), 0.0f);
+      float acc[HID];
+      for (int64_t j = 0; j < HID; ++j) acc[j] = 0.0f;
       for (int32_t q = ws.tok_offsets[t]; q < ws.tok_offsets[t + 1]; ++q) {
         const int32_t p = ws.tok_pairs[q];
         const float s = pw[p];
@@ -712,16 +688,14 @@ int64_t mf_forward(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_t
 // h and the weights are elem; h is the forward's (expert-sorted
 // rows); dw1 [E, rows of w1, HID], dw3 (with w3), dw2 [E, HID, INTER] contiguous elem; dpw [S], db1 [E, UPROWS],
 // db2 [E, HID] fp32 (db1/db2 may be null). Weights must have unit stride along `in` (w*_k == 1).
-int64_t mf_backward(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_t K, const float* dy, const float* x, const int64_t* ids,
+int64_t mf_backward(int64_t T, int64_t S, int64_t E, int64_t K, const float* dy, const float* x, const int64_t* ids,
                     const int64_t* pair_token, const float* pw, const elem* w1, int64_t w1_e, int64_t w1_r,
                     int64_t w1_k, const elem* w3, int64_t w3_e, int64_t w3_r, int64_t w3_split, const elem* w2,
                     int64_t w2_e, int64_t w2_r, int64_t w2_k, const float* b2, const elem* h, elem* dx, float* dpw,
                     elem* dw1, elem* dw3, elem* dw2, float* db1, float* db2, char* ws_base, int64_t threads) {
   if (w1_k != 1 || w2_k != 1) return -1;
-  const Layer ly = layer_of(dims);
-  const int64_t HID = ly.HID, INTER = ly.INTER, UPROWS = ly.UPROWS;
   Workspace ws;
-  carve(ly, ws_base, T, S, E, true, &ws);
+  carve(ws_base, T, S, E, true, &ws);
   Routing rt{S, T, E, K, ids, pair_token, ws.order, ws.offsets, ws.tok_offsets, ws.tok_pairs, ws.row_of_pair};
   rt.build();
   const int64_t kept = rt.offsets[E];
@@ -738,11 +712,9 @@ int64_t mf_backward(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_
     if (!rt.kept(p)) dpw[p] = 0.0f;
 #pragma omp parallel num_threads((int)threads)
   {
-    ZERO_ROW = ws.zero;
-    std::vector<float> sum(HID);
     // Tiles are 16·BNV columns wide: rows of `tile` are padded to that (ld*), so a tile never spills into the next
     // row.
-    const int64_t TW = 16 * BNV, ldi = (INTER + TW - 1) / TW * TW, ldh = (HID + TW - 1) / TW * TW;
+    constexpr int64_t TW = 16 * BNV, ldi = (INTER + TW - 1) / TW * TW, ldh = (HID + TW - 1) / TW * TW;
     std::vector<float> tile(BM * ((HID > UPROWS ? HID : UPROWS) + TW));
     std::vector<const elem*> brow;
     std::vector<const float*> arow, frow;  // A rows; fp32 B rows (s·A or x)
@@ -768,8 +740,8 @@ int64_t mf_backward(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_
         auto columns = [&](const int64_t n0, const int lanes) {
           float v0[16] = {}, v1[16] = {}, a[16], d0[16], d1[16];
           for (int i = 0; i < lanes; ++i) {
-            v0[i] = to_f(hr[ly.var_row(0, n0 + i)]);
-            v1[i] = to_f(hr[ly.var_row(NV - 1, n0 + i)]);
+            v0[i] = to_f(hr[var_row(0, n0 + i)]);
+            v1[i] = to_f(hr[var_row(NV - 1, n0 + i)]);
           }
 #pragma omp simd
           for (int i = 0; i < 16; ++i) {
@@ -780,8 +752,8 @@ int64_t mf_backward(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_
           for (int i = 0; i < lanes; ++i) {
             part += da[n0 + i] * a[i];
             ws.sA[r * INTER + n0 + i] = s * a[i];
-            dh[ly.var_row(0, n0 + i)] += s * da[n0 + i] * d0[i];  // summed: two variables may read one row
-            if (NV == 2) dh[ly.var_row(1, n0 + i)] += s * da[n0 + i] * d1[i];
+            dh[var_row(0, n0 + i)] += s * da[n0 + i] * d0[i];  // summed: two variables may read one row
+            if (NV == 2) dh[var_row(1, n0 + i)] += s * da[n0 + i] * d1[i];
           }
           ds += part;
         };
@@ -849,8 +821,8 @@ int64_t mf_backward(const int64_t* dims, int64_t T, int64_t S, int64_t E, int64_
     // ---- Phase 4: dx[t] = Σ over t's kept pairs, in pair order ----
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
-      float* acc = sum.data();
-      std::fill(sum.begin(), sum.end(), 0.0f);
+      float acc[HID];
+      for (int64_t j = 0; j < HID; ++j) acc[j] = 0.0f;
       for (int32_t q = ws.tok_offsets[t]; q < ws.tok_offsets[t + 1]; ++q) {
         const float* xp = ws.ypair + (int64_t)ws.tok_pairs[q] * HID;
 #pragma omp simd
