@@ -37,7 +37,8 @@
 #include <vector>
 #include <omp.h>
 
-#if defined(__AVX512F__) && !defined(MOEFUSE_PORTABLE)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    !defined(MOEFUSE_PORTABLE)  // masked 16-bit loads need BW+VL, 256-bit extracts DQ
 #include <immintrin.h>
 #define MF_AVX512 1
 #if defined(__AVX512BF16__)
