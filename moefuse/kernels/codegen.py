@@ -108,6 +108,8 @@ _NAN_ALL = "propagate_nan=tl.PropagateNan.ALL"
 class _TritonPrinter(StrPrinter):
     """sympy -> Triton expression text. Records the helpers it used in `self.helpers`."""
 
+    HELPERS = frozenset(HELPERS)  # names a generated function may not take
+
     def __init__(self, expr_text: str, temps: Iterator[sympy.Symbol]):
         super().__init__()
         self.expr_text = expr_text
@@ -118,6 +120,11 @@ class _TritonPrinter(StrPrinter):
     def assign(self, name: str, e) -> None:
         rhs = self._print(e)  # may bind temps of its own first
         self.lines.append(f"    {name} = {rhs}")
+
+    def result(self, body) -> str:
+        """The printed value of an output; a constant becomes a tile, which is what the kernel stores."""
+        result = self._print(body)
+        return f"tl.zeros_like(x0) + {result}" if not body.free_symbols else result
 
     def _bind(self, e) -> str:
         name = str(next(self.temps))
@@ -419,17 +426,6 @@ class _CPrinter(_TritonPrinter):
             base, exp = expr.base, expr.exp
             return f"mf_pow({self._print(base)}, {self._print(exp)})"
         return text.replace("tl.sqrt_rn(", "std::sqrt(").replace("1.0/", "1.0f/")
-
-
-_TritonPrinter.HELPERS = frozenset(HELPERS)
-
-
-def _triton_result(self, body) -> str:
-    result = self._print(body)
-    return f"tl.zeros_like(x0) + {result}" if not body.free_symbols else result  # the kernel stores a tile
-
-
-_TritonPrinter.result = _triton_result
 
 
 def c_source(expr_str: str, n_inputs: int) -> str:

@@ -32,9 +32,10 @@ __all__ = ["unavailable", "backward_unavailable", "describe", "layer_source", "l
 
 _SOURCE = Path(__file__).with_name("cpu_moe.cpp")
 _DTYPES = (torch.float32, torch.bfloat16)
-# An expert with at most this many rows takes the dot-product form (weights streamed in place, read once per 4
-# rows from cache); more take the packed panel, whose packing pays off from about this many rows (measured
-# at the benchmarks/cpu.py shapes: 16 / 32 / 64 gave 11.7 / 11.0 / 11.0 ms at T=64 fp32, 8.2 / 7.6 / 8.1 ms bf16).
+# In fp32 an expert with at most this many rows takes the dot-product form (weights streamed in place, re-read
+# from cache per 6-row group); more take the packed panel, whose packing pays off from about this many rows
+# (measured at the benchmarks/cpu.py shapes: 16 / 32 / 64 gave 11.7 / 11.0 / 11.0 ms at T=64 fp32). bf16 with
+# vdpbf16ps keeps the dot form at any row count: it measured 15–20 % faster than its packed panel at prefill.
 DOT_ROWS = 32
 _ISA = {0: "portable vector code (no AVX-512)", 1: "AVX-512", 2: "AVX-512 with vdpbf16ps"}
 
@@ -50,7 +51,6 @@ def layer_source(spec: MoESpec, dtype: torch.dtype, portable: bool = False) -> s
     off1, step1 = rest[0] if rest else (0, 0)
     layer = "\n".join([
         f"// Layer: hidden {spec.hidden}, intermediate {spec.intermediate}, up rows {spec.up_rows}, {dtype}",
-        *(["#define MOEFUSE_PORTABLE 1"] if portable else []),
         f"#define MF_BF16 {int(dtype == torch.bfloat16)}",
         f"static constexpr int64_t HID = {spec.hidden};",
         f"static constexpr int64_t INTER = {spec.intermediate};",
@@ -133,8 +133,10 @@ def describe(spec: MoESpec) -> list[str]:
         return [f"cpu: torch plan (grouped_mm over the expert-sorted rows, fp32 activation and combine): {why}"]
     return [
         f"cpu: generated C++ ({isa(spec, dtype)}, OpenMP over (expert, column block) items)",
-        f"cpu up-projection: x rows gathered in the loads, weights streamed in place (≤ {DOT_ROWS} rows per expert) or "
-        f"through a packed panel, epilogue act = {spec.activation.expr} printed from the spec",
+        f"cpu up-projection: x rows gathered in the loads, weights streamed in place "
+        + ("" if isa(spec, dtype) == _ISA[2] and dtype == torch.bfloat16 else
+           f"(≤ {DOT_ROWS} rows per expert) or through a packed panel ")
+        + f"with the epilogue act = {spec.activation.expr} printed from the spec",
         "cpu down-projection into pair order, then a fixed-order fp32 combine per token (no atomics)",
     ]
 
@@ -209,6 +211,26 @@ def _bias(b: torch.Tensor | None) -> torch.Tensor | None:
     return b.detach().to(torch.float32).contiguous() if b is not None else None
 
 
+def _pair_tensors(expert: torch.Tensor, weight: torch.Tensor, token: torch.Tensor | None):
+    """expert [S] int64, weight [S] fp32 and token [S] int64 (or None: p // top_k), contiguous, as the kernels
+    read them."""
+    return (expert.reshape(-1).to(torch.int64).contiguous(), weight.detach().reshape(-1).to(torch.float32).contiguous(),
+            token.to(torch.int64).contiguous() if token is not None else None)
+
+
+def _split(spec: MoESpec, w1: torch.Tensor, w3: torch.Tensor | None) -> int:
+    """The row of the virtual up-projection [w1; w3] where w3 starts (all of them without w3)."""
+    return w1.shape[1] if w3 is not None else spec.up_rows
+
+
+def _weight_args(spec: MoESpec, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None) -> tuple:
+    """The weights as the kernels take them: each as (pointer, expert stride, row stride) with w1's and w2's `in`
+    stride (w3 shares w1's), and w3's first row in the virtual [w1; w3]."""
+    return (w1.data_ptr(), w1.stride(0), w1.stride(1), _in_stride(w1),
+            _ptr(w3), w3.stride(0) if w3 is not None else 0, w3.stride(1) if w3 is not None else 0,
+            _split(spec, w1, w3), w2.data_ptr(), w2.stride(0), w2.stride(1), _in_stride(w2))
+
+
 def forward(spec: MoESpec, x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, token: torch.Tensor | None,
             top_k: int, w1, w2, b1, b2, w3, save_h: bool, out_dtype: torch.dtype):
     """(y [T, H], h [S, N1] or None) of the layer on pairs p with expert[p], weight[p] and token token[p] (None:
@@ -216,17 +238,13 @@ def forward(spec: MoESpec, x: torch.Tensor, expert: torch.Tensor, weight: torch.
     lib = library(spec, x.dtype)
     T, S, E = x.shape[0], expert.numel(), spec.num_experts
     x = x.detach().contiguous()
-    expert = expert.reshape(-1).to(torch.int64).contiguous()
-    weight = weight.detach().reshape(-1).to(torch.float32).contiguous()
-    token = token.to(torch.int64).contiguous() if token is not None else None
+    expert, weight, token = _pair_tensors(expert, weight, token)
     if token is not None and S:  # the kernels index x with it: a bad token must not reach them
         bad = (expert >= 0) & (expert < E) & ((token < 0) | (token >= T))
         if bool(bad.any()):
             p = int(bad.nonzero()[0, 0])
             raise InputError(f"pair_token: pair {p} (expert {int(expert[p])}) names token {int(token[p])}, "
                              f"outside [0, {T})")
-    w1, w2 = w1.detach(), w2.detach()
-    w3 = w3.detach() if w3 is not None else None
     b1, b2 = _bias(b1), _bias(b2)
     y = torch.empty((T, spec.hidden), dtype=out_dtype)
     h = torch.empty((S, spec.up_rows), dtype=x.dtype) if save_h else None
@@ -234,11 +252,7 @@ def forward(spec: MoESpec, x: torch.Tensor, expert: torch.Tensor, weight: torch.
     counters["forward"] += 1
     lib.mf_forward(
         T, S, E, top_k, x.data_ptr(), expert.data_ptr(), _ptr(token), weight.data_ptr(),
-        w1.data_ptr(), w1.stride(0), w1.stride(1), _in_stride(w1),
-        _ptr(w3), w3.stride(0) if w3 is not None else 0, w3.stride(1) if w3 is not None else 0,
-        w1.shape[1] if w3 is not None else spec.up_rows,
-        w2.data_ptr(), w2.stride(0), w2.stride(1), _in_stride(w2),
-        _ptr(b1), _ptr(b2), y.data_ptr(), int(out_dtype == torch.float32), _ptr(h), ws.data_ptr(),
+        *_weight_args(spec, w1, w2, w3), _ptr(b1), _ptr(b2), y.data_ptr(), int(out_dtype == torch.float32), _ptr(h), ws.data_ptr(),
         torch.get_num_threads(),
     )
     return y, h
@@ -265,12 +279,8 @@ def backward(spec: MoESpec, dy: torch.Tensor, x: torch.Tensor, expert: torch.Ten
     x = x.detach().to(torch.float32).contiguous()
     dy = dy.detach().to(torch.float32).contiguous()
     h = h.detach().to(dtype).contiguous()
-    expert = expert.reshape(-1).to(torch.int64).contiguous()
-    weight = weight.detach().reshape(-1).to(torch.float32).contiguous()
-    token = token.to(torch.int64).contiguous() if token is not None else None
-    w1, w2 = w1.detach(), w2.detach()
-    w3 = w3.detach() if w3 is not None else None
-    split = w1.shape[1] if w3 is not None else spec.up_rows
+    expert, weight, token = _pair_tensors(expert, weight, token)
+    split = _split(spec, w1, w3)
     dx = torch.empty_like(x, dtype=dtype)
     dpw = torch.empty(S, dtype=torch.float32)
     dw1 = torch.empty((E, split, spec.hidden), dtype=dtype)
@@ -283,10 +293,7 @@ def backward(spec: MoESpec, dy: torch.Tensor, x: torch.Tensor, expert: torch.Ten
     counters["backward"] += 1
     status = lib.mf_backward(
         T, S, E, top_k, dy.data_ptr(), x.data_ptr(), expert.data_ptr(), _ptr(token), weight.data_ptr(),
-        w1.data_ptr(), w1.stride(0), w1.stride(1), _in_stride(w1),
-        _ptr(w3), w3.stride(0) if w3 is not None else 0, w3.stride(1) if w3 is not None else 0, split,
-        w2.data_ptr(), w2.stride(0), w2.stride(1), _in_stride(w2),
-        _ptr(b2), h.data_ptr(), dx.data_ptr(), dpw.data_ptr(), dw1.data_ptr(), _ptr(dw3), dw2.data_ptr(),
+        *_weight_args(spec, w1, w2, w3), _ptr(b2), h.data_ptr(), dx.data_ptr(), dpw.data_ptr(), dw1.data_ptr(), _ptr(dw3), dw2.data_ptr(),
         _ptr(db1), _ptr(db2), ws.data_ptr(), torch.get_num_threads(),
     )
     if status < 0:

@@ -456,7 +456,6 @@ struct Routing {
   int64_t* offsets;             // [E + 1] first row of each expert in `order`
   int32_t* tok_offsets;         // [T + 1] kept pairs of each token in `tok_pairs`
   int32_t* tok_pairs;           // [S] kept pairs sorted stably by token
-  int32_t* row_of_pair;         // [S] row of pair p in `order` (-1 if dropped)
 
   inline bool kept(int64_t p) const { return ids[p] >= 0 && ids[p] < E; }
   inline int64_t token(int64_t p) const { return pair_token ? pair_token[p] : p / K; }
@@ -471,7 +470,6 @@ struct Routing {
       int64_t e = kept(p) ? ids[p] : E;
       int64_t r = next[e]++;
       order[r] = (int32_t)p;
-      row_of_pair[p] = e < E ? (int32_t)r : -1;
     }
     for (int64_t t = 0; t <= T; ++t) tok_offsets[t] = 0;
     for (int64_t p = 0; p < S; ++p)
@@ -577,7 +575,7 @@ static void down_item(const Routing& rt, int64_t e, int64_t j0, const elem* A, c
 
 // ---- Workspace ---------------------------------------------------------------------------------------------
 struct Workspace {
-  int32_t *order, *tok_offsets, *tok_pairs, *row_of_pair;
+  int32_t *order, *tok_offsets, *tok_pairs;
   int64_t* offsets;
   elem* A;       // forward: A
   float* ypair;  // forward: Y in pair order; backward: dx per pair
@@ -591,7 +589,6 @@ static int64_t carve(char* base, int64_t T, int64_t S, int64_t E, bool backward,
   auto take = [&](int64_t bytes) { char* p = base ? base + off : nullptr; off += align64(bytes); return p; };
   Workspace w;
   w.order = (int32_t*)take(S * 4);
-  w.row_of_pair = (int32_t*)take(S * 4);
   w.tok_offsets = (int32_t*)take((T + 1) * 4);
   w.tok_pairs = (int32_t*)take(S * 4);
   w.offsets = (int64_t*)take((E + 1) * 8);
@@ -631,7 +628,7 @@ int64_t mf_forward(int64_t T, int64_t S, int64_t E, int64_t K, const elem* x, co
                    int64_t threads) {
   Workspace ws;
   carve(ws_base, T, S, E, false, &ws);
-  Routing rt{S, T, E, K, ids, pair_token, ws.order, ws.offsets, ws.tok_offsets, ws.tok_pairs, ws.row_of_pair};
+  Routing rt{S, T, E, K, ids, pair_token, ws.order, ws.offsets, ws.tok_offsets, ws.tok_pairs};
   rt.build();
   const int64_t kept = rt.offsets[E];
   Weights W1{w1, w1_e, w1_r, w3, w3_e, w3_r, w3_split, w1_k};
@@ -697,7 +694,7 @@ int64_t mf_backward(int64_t T, int64_t S, int64_t E, int64_t K, const float* dy,
   if (w1_k != 1 || w2_k != 1) return -1;
   Workspace ws;
   carve(ws_base, T, S, E, true, &ws);
-  Routing rt{S, T, E, K, ids, pair_token, ws.order, ws.offsets, ws.tok_offsets, ws.tok_pairs, ws.row_of_pair};
+  Routing rt{S, T, E, K, ids, pair_token, ws.order, ws.offsets, ws.tok_offsets, ws.tok_pairs};
   rt.build();
   const int64_t kept = rt.offsets[E];
   Weights W1{w1, w1_e, w1_r, w3, w3_e, w3_r, w3_split, 1};
